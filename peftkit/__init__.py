@@ -1,0 +1,38 @@
+"""peftkit: parameter-efficient fine-tuning, from adapter methods to multi-adapter serving.
+
+    import peftkit as pk
+    model = pk.adapt(base_model, pk.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
+"""
+
+from peftkit import errors
+from peftkit.core.io import load
+from peftkit.core.model import AdaptedModel, TrainableReport, adapt
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.registry import get_config, get_method, list_methods, register
+from peftkit.interop.peft_format import export_peft, import_peft
+from peftkit.methods.dora import DoRAConfig
+from peftkit.methods.full import FullConfig
+from peftkit.methods.lora import LoRAConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedModel",
+    "Adapter",
+    "AdapterConfig",
+    "DoRAConfig",
+    "FullConfig",
+    "LoRAConfig",
+    "LowRank",
+    "TrainableReport",
+    "__version__",
+    "adapt",
+    "errors",
+    "export_peft",
+    "get_config",
+    "get_method",
+    "import_peft",
+    "list_methods",
+    "load",
+    "register",
+]

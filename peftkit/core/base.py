@@ -1,0 +1,138 @@
+"""``BaseView``: how adapters see the frozen module they adapt.
+
+An adapter never touches the wrapped module directly. It reads the base weight in one canonical layout,
+``[out_features, in_features, *kernel]``, whatever the module stores, and it can run the base operation
+with a weight of its choice. Only the core writes through a view (merge / unmerge).
+
+Canonical layouts:
+
+* ``nn.Linear``: ``weight`` as stored, ``[out, in]``.
+* transformers' GPT-2 ``Conv1D``: stored ``[in, out]``; the view shows its transpose (this is PEFT's
+  ``fan_in_fan_out``; here no method needs to know about it).
+* ``nn.Embedding``: a lookup is a product with a one-hot vector, so ``in = num_embeddings`` and
+  ``out = embedding_dim``; the view shows ``weight.T`` (``[dim, vocab]``).
+* ``nn.Conv2d``: ``[out, in/groups, kh, kw]`` as stored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LayerKind = Literal["linear", "conv2d", "embedding"]
+
+
+def _hf_conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is optional at run time
+        return None
+    return Conv1D
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The kind of a module peftkit can wrap, or ``None`` if it cannot wrap it."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    conv1d = _hf_conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "linear"
+    return None
+
+
+class BaseView:
+    """Read access to a wrapped module's weight, shape and operation.
+
+    Args:
+        module: the frozen base module (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or HF ``Conv1D``).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        kind = layer_kind(module)
+        if kind is None:
+            raise TypeError(f"peftkit cannot wrap a {type(module).__name__}")
+        self.module = module
+        self.kind: LayerKind = kind
+        self.transposed = kind == "embedding" or (kind == "linear" and not isinstance(module, nn.Linear))
+        stored = module.weight
+        shape = tuple(stored.T.shape if self.transposed else stored.shape)
+        self.out_features: int = shape[0]
+        self.in_features: int = shape[1] if kind != "conv2d" else shape[1] * module.groups
+        self.weight_shape: tuple[int, ...] = shape
+
+    # ----------------------------------------------------------------------------------------------- reading
+    @property
+    def weight(self) -> Tensor:
+        """The frozen weight in canonical ``[out, in, *kernel]`` layout (a view, never a copy)."""
+        w = self.module.weight
+        return w.T if self.transposed else w
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.module.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.weight.device
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape[2:])
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The base module's own forward."""
+        return self.module(x)
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Run the base operation with ``weight`` (canonical layout) instead of the stored one.
+
+        For a convolution this keeps the base stride, padding, dilation and groups; for an embedding it
+        keeps ``padding_idx`` and ``max_norm`` semantics of the lookup (``x`` holds ids).
+        """
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        if self.kind == "conv2d":
+            m = self.module
+            if m.padding_mode != "zeros":
+                x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+                return F.conv2d(x, weight, bias, m.stride, 0, m.dilation, m.groups)
+            return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+        m = self.module
+        out = F.embedding(x, weight.T, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        return out if bias is None else out + bias
+
+    def conv_like(self, in_channels: int, out_channels: int, *, kernel: bool) -> nn.Conv2d:
+        """A fresh ``nn.Conv2d`` with the base geometry (``kernel=True``) or a 1x1 conv (``kernel=False``)."""
+        m = self.module
+        if kernel:
+            return nn.Conv2d(in_channels, out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                             bias=False, padding_mode=m.padding_mode)
+        return nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+    # ----------------------------------------------------------------------------------------------- writing
+    @torch.no_grad()
+    def add_to_weight(self, delta: Tensor, delta_bias: Tensor | None = None, *, sign: float = 1.0) -> None:
+        """``W += sign * delta`` (computed in float32, cast back). Only the core calls this, to (un)merge."""
+        w = self.module.weight
+        d = delta.T if self.transposed else delta
+        w.copy_((w.float() + sign * d.float()).to(w.dtype))
+        if delta_bias is not None:
+            b = self.module.bias
+            if b is None:
+                raise RuntimeError("cannot add a bias delta to a module without a bias")
+            b.copy_((b.float() + sign * delta_bias.float()).to(b.dtype))
+
+    def describe(self) -> dict[str, object]:
+        """Kind and shape, as recorded in a saved adapter's base-model fingerprint."""
+        return {"kind": self.kind, "type": type(self.module).__name__, "shape": list(self.weight_shape)}

@@ -1,0 +1,125 @@
+"""Finding target modules and swapping ``AdaptedLayer`` wrappers in (and out)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .base import BaseView, layer_kind
+from .errors import InvalidConfigError, TargetModuleNotFound, UnsupportedLayerError
+from .layer import AdaptedLayer, Routing
+from .protocol import Adapter, AdapterConfig
+
+# Output heads that "all-linear" leaves alone (PEFT leaves out the output embedding; we also leave out
+# the usual names of classification heads, which a task trains whole through ``modules_to_save``).
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "head", "output_head", "cls"})
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of the model as the user sees it: an ``AdaptedLayer`` counts as its base module."""
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        for name, child in reversed(list(module.named_children())):
+            path = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, AdaptedLayer):
+                yield path, child.base_layer
+            else:
+                yield path, child
+                stack.append((path, child))
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def _matches(patterns: list[str] | str, name: str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _is_output_head(model: nn.Module, name: str, module: nn.Module) -> bool:
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    return module is out_emb or name.rsplit(".", 1)[-1] in HEAD_NAMES
+
+
+def find_targets(model: nn.Module, config: AdapterConfig, method: type[Adapter]) -> list[str]:
+    """Names of the modules ``config`` targets, checked against what ``method`` supports.
+
+    Raises:
+        TargetModuleNotFound: a listed target (or the regex) matches nothing; the message lists close names.
+        UnsupportedLayerError: a target matches a module the method cannot adapt.
+    """
+    modules = dict(base_modules(model))
+    targets = config.targets
+    if targets == "all-linear":
+        found = [n for n, m in modules.items() if layer_kind(m) == "linear" and not _is_output_head(model, n, m)]
+        if not found:
+            raise TargetModuleNotFound("all-linear", modules)
+    elif isinstance(targets, str):
+        found = [n for n in modules if _matches(targets, n)]
+        if not found:
+            raise TargetModuleNotFound(targets, modules)
+    else:
+        found = []
+        for target in targets:
+            hits = [n for n in modules if _matches([target], n)]
+            if not hits:
+                raise TargetModuleNotFound(target, modules)
+            found += [n for n in hits if n not in found]
+    if config.exclude:
+        found = [n for n in found if not _matches(config.exclude, n)]
+    save = set(named_modules_to_save(model, config))
+    found = [n for n in found if n not in save]
+    for name in found:
+        if not method.supports(modules[name]):
+            raise UnsupportedLayerError(
+                f"method {method.method!r} cannot adapt {name!r} ({type(modules[name]).__name__}); "
+                "narrow `targets` or `exclude` it"
+            )
+    return found
+
+
+def named_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
+    modules = dict(base_modules(model))
+    names: list[str] = []
+    for target in config.modules_to_save:
+        hits = [n for n in modules if _matches([target], n) and layer_kind(modules[n]) is not None]
+        if not hits:
+            raise TargetModuleNotFound(target, modules)
+        names += hits
+    return names
+
+
+def wrap(model: nn.Module, path: str, routing: Routing) -> AdaptedLayer:
+    """The ``AdaptedLayer`` at ``path``, creating it (and swapping it in) if the module is not wrapped yet."""
+    module = model.get_submodule(path)
+    if isinstance(module, AdaptedLayer):
+        return module
+    layer = AdaptedLayer(module, routing)
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+    return layer
+
+
+def unwrap(model: nn.Module, path: str) -> None:
+    """Put the base module back in place of the ``AdaptedLayer`` at ``path``."""
+    layer = model.get_submodule(path)
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, layer.base_layer)
+
+
+def build_adapter(method: type[Adapter], base: BaseView, config: AdapterConfig, path: str) -> Adapter:
+    """Instantiate ``method`` for one base module, on the base's device and dtype."""
+    try:
+        adapter = method(base, config)
+    except InvalidConfigError as exc:
+        raise InvalidConfigError(f"{path}: {exc}") from None
+    dtype = base.dtype if base.dtype.is_floating_point else None
+    return adapter.to(device=base.device, dtype=dtype)

@@ -1,0 +1,177 @@
+"""Saving and loading adapters: ``adapter.json`` + ``adapter.safetensors``, never pickle.
+
+Writes are atomic: files go to a temporary folder beside the target, which then replaces the target in
+one rename, so a failed save leaves the previous save intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import inject
+from .errors import AdapterFileError, BaseModelMismatch, FormatVersionError, InvalidConfigError
+from .registry import get_method
+
+FORMAT = "peftkit-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+
+
+def fingerprint(model: Any, name: str) -> dict[str, dict[str, Any]]:
+    """Names, kinds and shapes of the modules one adapter adapts (what a compatible base must have)."""
+    return {path: model.model.get_submodule(path).base.describe() for path in model.layer_paths[name]}
+
+
+def atomic_write_dir(target: Path, files: dict[str, bytes | dict[str, Tensor]], metadata: dict[str, str]) -> None:
+    """Write ``files`` (name -> JSON bytes or tensors for safetensors) into ``target`` atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for fname, content in files.items():
+            if isinstance(content, bytes):
+                (tmp / fname).write_bytes(content)
+            else:
+                save_file(content, str(tmp / fname), metadata=metadata)
+            with open(tmp / fname, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_adapter(model: Any, path: str | Path, name: str) -> Path:
+    """Save adapter ``name`` of an ``AdaptedModel`` to folder ``path``."""
+    from peftkit import __version__
+
+    model._require(name)
+    config = model.configs[name]
+    tensors = {k: t.detach().contiguous().cpu() for k, t in model.adapter_state_dict(name).items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "peftkit_version": __version__,
+        "name": name,
+        "method": type(config).method,
+        "config": config.to_dict(),
+        "base_fingerprint": fingerprint(model, name),
+        "num_tensors": len(tensors),
+        "num_elements": sum(t.numel() for t in tensors.values()),
+    }
+    target = Path(path)
+    files: dict[str, bytes | dict[str, Tensor]] = {
+        CONFIG_FILE: json.dumps(meta, indent=2).encode(),
+        WEIGHTS_FILE: tensors,
+    }
+    atomic_write_dir(target, files, {"format": FORMAT, "method": meta["method"]})
+    return target
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Read and check ``adapter.json`` of a saved adapter."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise AdapterFileError(f"{path} is not a saved peftkit adapter: {CONFIG_FILE} is missing")
+    try:
+        meta = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{file} is not a peftkit adapter config (format field is missing or wrong)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise FormatVersionError(f"{file} has format_version {version!r}; this peftkit reads versions 1..{FORMAT_VERSION}"
+                                 " (upgrade peftkit to read adapters written by a newer version)")
+    for key in ("method", "config", "base_fingerprint", "name"):
+        if key not in meta:
+            raise AdapterFileError(f"{file} lacks the field {key!r}")
+    return meta
+
+
+def read_tensors(path: str | Path) -> dict[str, Tensor]:
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise AdapterFileError(f"{path}: {WEIGHTS_FILE} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{file} is truncated or corrupted: {exc}") from None
+
+
+def check_fingerprint(model: nn.Module, expected: dict[str, dict[str, Any]]) -> None:
+    """Raise :class:`BaseModelMismatch` naming the first module that differs from the saved fingerprint."""
+    modules = dict(inject.base_modules(model))
+    from .base import BaseView, layer_kind
+
+    for path, want in expected.items():
+        module = modules.get(path)
+        if module is None:
+            raise BaseModelMismatch(f"the adapter was saved for a base model with a module {path!r}; this model has none")
+        got = BaseView(module).describe() if layer_kind(module) else {"type": type(module).__name__}
+        if got != want:
+            raise BaseModelMismatch(f"module {path!r} differs from the base the adapter was saved for: saved {want}, "
+                                    f"found {got}")
+
+
+def load_adapter(model: Any, path: str | Path, name: str | None = None, activate: bool | None = None) -> str:
+    """Load a saved adapter into an ``AdaptedModel``; returns the name it was loaded under."""
+    meta = read_meta(path)
+    check_fingerprint(model.model, meta["base_fingerprint"])
+    method = get_method(meta["method"])
+    try:
+        config = method.config_class.from_dict(meta["config"])
+    except (TypeError, InvalidConfigError) as exc:
+        raise AdapterFileError(f"{path}: the saved config does not fit method {meta['method']!r}: {exc}") from None
+    tensors = read_tensors(path)
+    name = name or meta["name"]
+    model.add_adapter(name, config, activate=activate)
+    try:
+        if sorted(model.layer_paths[name]) != sorted(meta["base_fingerprint"]):
+            raise BaseModelMismatch(f"on this model the adapter's targets select {len(model.layer_paths[name])} modules, "
+                                    f"but it was saved for {len(meta['base_fingerprint'])}")
+        _assign(model, name, tensors, path)
+    except BaseException:
+        model.delete_adapter(name)
+        raise
+    return name
+
+
+def _assign(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path) -> None:
+    expected = model.adapter_state_dict(name)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise AdapterFileError(f"{path}: tensors do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, want in expected.items():
+        if tensors[key].shape != want.shape:
+            raise AdapterFileError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                                   f"the config implies {tuple(want.shape)}")
+    for module_path, adapter in model.adapter_modules(name).items():
+        prefix = module_path + "."
+        adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def load(base_model: nn.Module, path: str | Path, name: str | None = None) -> Any:
+    """Wrap ``base_model`` and load the adapter saved at ``path`` (active); returns the ``AdaptedModel``."""
+    from .model import AdaptedModel
+
+    model = base_model if isinstance(base_model, AdaptedModel) else AdaptedModel(base_model)
+    model.load_adapter(path, name=name, activate=True)
+    return model

@@ -1,0 +1,168 @@
+"""``AdaptedLayer``: a frozen base module plus its bank of named adapters.
+
+The layer computes the base output once, then applies the adapters the owning model selected: one
+active adapter, several (their changes are summed), or one per batch row (``adapter_ids``; ``-1`` runs the
+row through the base alone). Layers never nest: adding a second adapter to a wrapped module adds it to the
+same bank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .base import BaseView
+from .errors import AdapterIdsError, NotMergeableError
+from .protocol import Adapter
+
+
+@dataclass
+class Routing:
+    """Which adapters run. One instance is shared by every layer of an ``AdaptedModel``.
+
+    Attributes:
+        order: adapter names in the order they were added; position ``i`` is adapter id ``i``.
+        active: names applied to every row when no ``adapter_ids`` are given.
+        enabled: ``False`` runs the bare base model.
+        adapter_ids: per-row adapter ids of the forward call in flight (set only for the duration of a call).
+    """
+
+    order: list[str] = field(default_factory=list)
+    active: tuple[str, ...] = ()
+    enabled: bool = True
+    adapter_ids: Tensor | None = None
+
+
+class AdaptedLayer(nn.Module):
+    """Wraps one base module; holds ``adapters[name]`` for every adapter that targets it."""
+
+    def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.base = BaseView(base_layer)
+        self.routing = routing
+        # name -> (ΔW, Δb) folded into the base weight; kept so unmerge subtracts exactly what was added.
+        self.merged: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self._bank_key: tuple | None = None
+        self._bank: tuple[Tensor, Tensor, dict[str, int]] | None = None
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, merged={list(self.merged)}"
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        base_out = self.base_layer(x, *args, **kwargs)
+        routing = self.routing
+        if not routing.enabled:
+            return base_out
+        if routing.adapter_ids is not None:
+            return self._forward_mixed(x, base_out, routing.adapter_ids)
+        active = [n for n in routing.active if n in self.adapters and n not in self.merged]
+        if not active:
+            return base_out
+        if len(active) == 1:
+            return self.adapters[active[0]](x, base_out, self.base)
+        out = base_out
+        for name in active:  # several active adapters: their changes to the base output add up
+            out = out + (self.adapters[name](x, base_out, self.base) - base_out)
+        return out
+
+    def _forward_mixed(self, x: Tensor, base_out: Tensor, ids: Tensor) -> Tensor:
+        if self.merged:
+            raise AdapterIdsError(f"adapters {list(self.merged)} are merged into the weights; unmerge them "
+                                  "before running a mixed batch with adapter_ids")
+        if x.shape[0] != ids.shape[0]:
+            raise AdapterIdsError(f"adapter_ids has {ids.shape[0]} entries but the batch has {x.shape[0]} rows")
+        names = [n for n in self.routing.order if n in self.adapters]
+        if not names:
+            return base_out
+        if not self.training and self.base.kind == "linear":
+            bank = self._lowrank_bank(names)
+            if bank is not None:
+                return self._forward_bank(x, base_out, ids, bank)
+        out = base_out
+        for i in ids.unique().tolist():
+            if i < 0 or self.routing.order[i] not in self.adapters:
+                continue
+            rows = (ids == i).nonzero().flatten()
+            adapted = self.adapters[self.routing.order[i]](x[rows], base_out[rows], self.base)
+            out = out.index_copy(0, rows, adapted)
+        return out
+
+    def _lowrank_bank(self, names: list[str]) -> tuple[Tensor, Tensor, dict[str, int]] | None:
+        """Stack every low-rank adapter into ``down [N+1, R, in]`` and ``up·scale [N+1, out, R]`` (zero-padded
+        to the largest rank; the last slot is all zeros and serves base-only rows)."""
+        forms = [self.adapters[n].lowrank(self.base) for n in names]
+        if any(f is None for f in forms):
+            return None
+        key = tuple((f.down.data_ptr(), f.down._version, f.up.data_ptr(), f.up._version, f.scale) for f in forms)
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and key == self._bank_key and self._bank is not None:
+            return self._bank
+        rank = max(f.down.shape[0] for f in forms)
+        n, dtype, device = len(forms), base_dtype(self.base), self.base.device
+        down = torch.zeros(n + 1, rank, self.base.in_features, dtype=dtype, device=device)
+        up = torch.zeros(n + 1, self.base.out_features, rank, dtype=dtype, device=device)
+        for i, f in enumerate(forms):
+            down[i, : f.down.shape[0]] = f.down
+            up[i, :, : f.up.shape[1]] = f.up * f.scale
+        bank = (down, up, {name: i for i, name in enumerate(names)})
+        if cacheable:
+            self._bank_key, self._bank = key, bank
+        return bank
+
+    def _forward_bank(self, x: Tensor, base_out: Tensor, ids: Tensor, bank: tuple) -> Tensor:
+        down, up, slot_of = bank
+        base_slot = down.shape[0] - 1
+        slot_by_id = torch.tensor(
+            [slot_of.get(name, base_slot) for name in self.routing.order] + [base_slot], device=ids.device
+        )
+        slots = slot_by_id[ids]  # id -1 picks the trailing base slot
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        hidden = torch.bmm(rows, down[slots].transpose(1, 2))
+        delta = torch.bmm(hidden, up[slots].transpose(1, 2))
+        return base_out + delta.view(base_out.shape)
+
+    # ----------------------------------------------------------------------------------------------- adapters
+    def add(self, name: str, adapter: Adapter) -> None:
+        self.adapters[name] = adapter
+        self._bank_key = self._bank = None
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge(name)
+        del self.adapters[name]
+        self._bank_key = self._bank = None
+
+    # ------------------------------------------------------------------------------------------------ merging
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter ``name`` into the base weight (``W += ΔW`` in float32)."""
+        if name in self.merged:
+            return
+        adapter = self.adapters[name]
+        delta = adapter.delta_weight(self.base)
+        if delta is None:
+            raise NotMergeableError(f"method {adapter.method!r} (adapter {name!r}) has no weight-space "
+                                    "equivalent and cannot be merged")
+        delta = delta.detach().clone()
+        delta_bias = adapter.delta_bias(self.base)
+        if delta_bias is not None:
+            delta_bias = delta_bias.detach().clone()
+            if self.base.bias is None:
+                raise NotMergeableError(f"adapter {name!r} changes the bias but the base module has none")
+        self.base.add_to_weight(delta, delta_bias)
+        self.merged[name] = (delta, delta_bias)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        """Subtract exactly what :meth:`merge` added."""
+        delta, delta_bias = self.merged.pop(name)
+        self.base.add_to_weight(delta, delta_bias, sign=-1.0)
+
+
+def base_dtype(base: BaseView) -> torch.dtype:
+    return base.dtype if base.dtype.is_floating_point else torch.float32

@@ -1,0 +1,314 @@
+"""``AdaptedModel``: a base model with named adapters.
+
+    model = pk.adapt(base, pk.LoRAConfig(r=8, targets=["query", "value"]))
+    model.add_adapter("b", pk.get_config("dora", r=4))
+    out = model(**batch, adapter_ids=torch.tensor([0, 1, -1, 0]))    # one adapter per row
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import types
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import inject
+from .base import BaseView
+from .errors import AdapterExistsError, AdapterIdsError, AdapterNameError, AdapterNotFoundError
+from .layer import AdaptedLayer, Routing
+from .protocol import Adapter, AdapterConfig
+from .registry import get_method, method_of
+
+DEFAULT_ADAPTER = "default"
+_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+# The method that trains ``modules_to_save`` whole (a dense ΔW starting at zero).
+DENSE_METHOD = "full"
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """Trainable and total parameter counts of an adapted model."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable: {self.percent:.4f}%"
+
+
+class AdaptedModel(nn.Module):
+    """A base model whose target modules carry named adapters.
+
+    Attribute access falls through to the base model (``model.config``, ``model.generate`` ...), and
+    ``forward`` accepts everything the base model's forward accepts plus ``adapter_ids``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if isinstance(model, AdaptedModel):
+            raise TypeError("the model is already an AdaptedModel; use add_adapter() to add another adapter")
+        self.model = model
+        self.routing = Routing()
+        self.configs: dict[str, AdapterConfig] = {}
+        self.layer_paths: dict[str, list[str]] = {}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._expose_base_signature()
+
+    # ------------------------------------------------------------------------------------------- attributes
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def _expose_base_signature(self) -> None:
+        """Make ``inspect.signature(model.forward)`` show the base model's arguments (plus ``adapter_ids``),
+        so tools that filter inputs by the forward signature (HF ``Trainer``) see the real argument names."""
+        try:
+            base = inspect.signature(self.model.forward)
+            params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
+            var_kw = [p for p in base.parameters.values() if p.kind is p.VAR_KEYWORD]
+            ids = inspect.Parameter("adapter_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+            this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            sig = inspect.Signature([this, *params, ids, *var_kw])
+        except (TypeError, ValueError):
+            return
+        fn = AdaptedModel.forward
+        copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        copy.__kwdefaults__ = fn.__kwdefaults__
+        copy.__signature__ = sig  # type: ignore[attr-defined]
+        self.__dict__["forward"] = types.MethodType(copy, self)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, *args: Any, adapter_ids: Tensor | Sequence[int | str] | None = None, **kwargs: Any) -> Any:
+        """Run the base model. ``adapter_ids``: one entry per batch row, an adapter index (position in
+        :attr:`adapter_names`), an adapter name, or ``-1`` / ``None`` for the base model alone."""
+        if adapter_ids is None:
+            return self.model(*args, **kwargs)
+        self.routing.adapter_ids = self._check_ids(adapter_ids, args, kwargs)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.routing.adapter_ids = None
+
+    def _check_ids(self, ids: Tensor | Sequence[int | str], args: tuple, kwargs: dict) -> Tensor:
+        order = self.routing.order
+        if not isinstance(ids, Tensor):
+            ids = torch.tensor([self._id_of(i) for i in ids], dtype=torch.long)
+        if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            raise AdapterIdsError(f"adapter_ids must be an integer tensor, got dtype {ids.dtype}")
+        if ids.dim() != 1:
+            raise AdapterIdsError(f"adapter_ids must be 1-D (one id per batch row), got shape {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(order)):
+            raise AdapterIdsError(f"adapter_ids must lie in [-1, {len(order) - 1}] (the model holds {order}), "
+                                  f"got values in [{int(ids.min())}, {int(ids.max())}]")
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if first is not None and first.dim() > 0 and first.shape[0] != ids.shape[0]:
+            raise AdapterIdsError(f"adapter_ids has {ids.shape[0]} entries but the batch has {first.shape[0]} rows")
+        return ids.long()
+
+    def _id_of(self, item: int | str | None) -> int:
+        if item is None:
+            return -1
+        if isinstance(item, str):
+            self._require(item)
+            return self.routing.order.index(item)
+        return int(item)
+
+    # ---------------------------------------------------------------------------------------------- adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters, in the order they were added (position = id in ``adapter_ids``)."""
+        return list(self.routing.order)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.routing.active)
+
+    def add_adapter(self, name: str, config: AdapterConfig, *, activate: bool | None = None) -> None:
+        """Inject a new adapter. The first adapter becomes active (and trainable); later ones only when
+        ``activate=True``."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
+        if name in self.configs:
+            raise AdapterExistsError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        method = method_of(config)
+        paths = inject.find_targets(self.model, config, method)
+        save_paths = inject.named_modules_to_save(self.model, config)
+        if not paths and not save_paths:
+            raise inject.TargetModuleNotFound(str(config.targets), dict(inject.base_modules(self.model)))
+        dense = get_method(DENSE_METHOD)
+        built: list[tuple[str, Adapter]] = []
+        with _seeded(config.seed):  # build everything first: a failure leaves the model untouched
+            for path, cls in [(p, method) for p in paths] + [(p, dense) for p in save_paths]:
+                module = self.model.get_submodule(path)
+                base = module.base if isinstance(module, AdaptedLayer) else BaseView(module)
+                built.append((path, inject.build_adapter(cls, base, config, path)))
+        for path, adapter in built:
+            inject.wrap(self.model, path, self.routing).add(name, adapter)
+        self.configs[name] = config
+        self.layer_paths[name] = [p for p, _ in built]
+        self.routing.order.append(name)
+        if activate or (activate is None and not self.routing.active):
+            self.set_adapter(name)
+        else:
+            self._set_trainable()
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the active adapter(s); only active adapters train."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._require(n)
+        self.routing.active = tuple(names)
+        self._set_trainable()
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter (unmerging it first if it was merged)."""
+        self._require(name)
+        for path in self.layer_paths.pop(name):
+            layer = self.model.get_submodule(path)
+            layer.remove(name)
+            if not layer.adapters:
+                inject.unwrap(self.model, path)
+        del self.configs[name]
+        self.routing.order.remove(name)
+        self.routing.active = tuple(n for n in self.routing.active if n != name)
+        self._set_trainable()
+
+    def disable_adapters(self) -> None:
+        """Run the bare base model. Merged adapters are unmerged first, so outputs are the base's."""
+        self.unmerge()
+        self.routing.enabled = False
+
+    def enable_adapters(self) -> None:
+        self.routing.enabled = True
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """``with model.adapters_disabled(): ...`` runs the base model inside the block."""
+        was = self.routing.enabled
+        self.disable_adapters()
+        try:
+            yield
+        finally:
+            self.routing.enabled = was
+
+    def _require(self, name: str) -> None:
+        if name not in self.configs:
+            raise AdapterNotFoundError(name, self.configs)
+
+    def _set_trainable(self) -> None:
+        active = set(self.routing.active)
+        for layer in self.layers():
+            for name, adapter in layer.adapters.items():
+                for p in adapter.parameters():
+                    p.requires_grad_(name in active)
+
+    def layers(self) -> Iterator[AdaptedLayer]:
+        for _, layer in inject.adapted_layers(self.model):
+            yield layer
+
+    def adapter_modules(self, name: str) -> dict[str, Adapter]:
+        """``{module path: Adapter}`` of one adapter."""
+        self._require(name)
+        return {p: self.model.get_submodule(p).adapters[name] for p in self.layer_paths[name]}
+
+    # ----------------------------------------------------------------------------------------------- merging
+    def merge(self, adapters: str | Sequence[str] | None = None, *, unload: bool = True) -> nn.Module:
+        """Fold adapters (default: the active ones) into the base weights.
+
+        With ``unload=True`` (default) the wrappers are removed and the plain base module is returned: no
+        peftkit class is left in it. With ``unload=False`` the merge is in place and :meth:`unmerge` undoes it.
+        """
+        names = list(self.routing.active) if adapters is None else [adapters] if isinstance(adapters, str) else list(adapters)
+        for name in names:
+            self._require(name)
+            for path in self.layer_paths[name]:
+                self.model.get_submodule(path).merge(name)
+        if not unload:
+            return self
+        return self._unwrap_all(keep_merged=True)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weights (exactly what merge added)."""
+        for layer in self.layers():
+            for name in list(layer.merged)[::-1]:
+                layer.unmerge(name)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter and return the untouched base model."""
+        self.unmerge()
+        return self._unwrap_all(keep_merged=False)
+
+    def _unwrap_all(self, keep_merged: bool) -> nn.Module:
+        for path, _ in list(inject.adapted_layers(self.model)):
+            inject.unwrap(self.model, path)
+        self.configs.clear()
+        self.layer_paths.clear()
+        self.routing.order.clear()
+        self.routing.active = ()
+        return self.model
+
+    # ------------------------------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, adapter: str | None = None) -> Path:
+        """Save one adapter (default: the single active one) as ``adapter.json`` + ``adapter.safetensors``."""
+        from .io import save_adapter
+
+        return save_adapter(self, path, adapter or self._single_active())
+
+    def load_adapter(self, path: str | Path, name: str | None = None, *, activate: bool | None = None) -> str:
+        """Load a saved adapter into this model under ``name`` (default: the name it was saved with)."""
+        from .io import load_adapter
+
+        return load_adapter(self, path, name=name, activate=activate)
+
+    def _single_active(self) -> str:
+        if len(self.routing.active) != 1:
+            raise AdapterNameError(f"name the adapter to use: {len(self.routing.active)} adapters are active")
+        return self.routing.active[0]
+
+    def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
+        """The tensors one adapter saves, keyed ``<module path>.<tensor name>``."""
+        return {f"{path}.{key}": t for path, a in self.adapter_modules(name).items() for key, t in a.state_dict().items()}
+
+    # -------------------------------------------------------------------------------------------- reporting
+    def trainable_parameters(self) -> TrainableReport:
+        params = {id(p): p for p in self.parameters()}.values()
+        return TrainableReport(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_parameters())
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_ADAPTER) -> AdaptedModel:
+    """Wrap ``model`` and inject one adapter (active and trainable). The base parameters are frozen."""
+    adapted = AdaptedModel(model)
+    adapted.add_adapter(name, config)
+    return adapted

@@ -1,0 +1,153 @@
+"""The one contract between the core and every method.
+
+A method is an :class:`AdapterConfig` subclass (plain, JSON-serialisable settings) and an :class:`Adapter`
+subclass (one instance per adapted base module, holding only its own tensors). The core calls nothing else:
+injection, merging, saving, several adapters, mixed batches, serving and export all go through this class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+from torch import Tensor, nn
+
+from .base import BaseView
+from .errors import InvalidConfigError
+
+Targets = typing.Union[list[str], str]
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Settings shared by every method.
+
+    Attributes:
+        targets: which modules to adapt: a list of module-name suffixes (``["query", "value"]`` matches
+            ``encoder.layer.0.attention.self.query``), a regular expression matched against the full module
+            name (any string other than ``"all-linear"``), or ``"all-linear"`` (every Linear / GPT-2 Conv1D
+            except the output head).
+        exclude: module-name suffixes (or a regex) never adapted, even when ``targets`` matches them.
+        modules_to_save: module-name suffixes whose *whole* weight trains with this adapter (a new task head,
+            say). They are adapted with a dense delta that starts at zero, so they save, merge, disable and
+            mix in batches like every other adapter.
+        seed: if set, the adapter's random initialisation is drawn from this seed (reproducible adapters).
+    """
+
+    method: ClassVar[str] = ""
+
+    targets: Targets = "all-linear"
+    exclude: Targets | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if isinstance(self.targets, list) and not self.targets:
+            raise InvalidConfigError("targets is empty: name at least one module, a regex or 'all-linear'")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            try:
+                re.compile(self.targets)
+            except re.error as exc:
+                raise InvalidConfigError(f"targets {self.targets!r} is not a valid regular expression: {exc}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Check method-specific fields; raise :class:`InvalidConfigError` naming the bad field."""
+
+    @classmethod
+    def tiny(cls) -> AdapterConfig:
+        """Small settings the conformance suite uses for this method (targets are filled in by the suite)."""
+        return cls()
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        """Every variant the conformance suite should check (defaults to ``[tiny()]``)."""
+        return [cls.tiny()]
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InvalidConfigError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(names)}")
+        return cls(**data)
+
+
+class LowRank(NamedTuple):
+    """A low-rank form of an adapter's effect: ``Δy = scale · (x @ down.T) @ up.T``.
+
+    ``down`` is ``[r, in]`` and ``up`` is ``[out, r]`` (canonical layout). Serving and mixed batches stack these
+    into banks and run grouped matmuls.
+    """
+
+    down: Tensor
+    up: Tensor
+    scale: float
+
+
+class Adapter(nn.Module):
+    """One method's adaptation of one base module.
+
+    Subclasses implement ``__init__`` (build tensors shaped from ``base``), :meth:`forward` and, where the
+    method has one, :meth:`delta_weight`. Everything else has a default.
+
+    Trainable tensors are ``nn.Parameter``; frozen tensors the method needs and must save are persistent
+    buffers; tensors rebuilt from a seed are non-persistent buffers (never saved).
+
+    Conformance declarations (class attributes) say which generic properties the spec exempts, each with the
+    reason quoted from the spec, e.g. ``exempt = {"identity_at_init": "spec: FourierFT init is random"}``.
+    """
+
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    method: ClassVar[str] = ""
+    exempt: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base: BaseView, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    # ----------------------------------------------------------------------------------------------- contract
+    @classmethod
+    def supports(cls, base: nn.Module) -> bool:
+        """Whether this method can adapt ``base`` (by default: Linear and GPT-2 Conv1D)."""
+        from .base import layer_kind
+
+        return layer_kind(base) == "linear"
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        """The adapted output of the layer, given its input ``x`` and the frozen base output ``base_out``."""
+        raise NotImplementedError
+
+    def delta_weight(self, base: BaseView) -> Tensor | None:
+        """``ΔW`` (canonical layout) such that the base op with ``W + ΔW`` equals :meth:`forward`; ``None`` if
+        the method has no weight-space equivalent (then it cannot be merged)."""
+        return None
+
+    def delta_bias(self, base: BaseView) -> Tensor | None:
+        """The bias change that goes with :meth:`delta_weight`, if the method changes the bias."""
+        return None
+
+    def lowrank(self, base: BaseView) -> LowRank | None:
+        """The adapter as a low-rank product, for serving banks and grouped mixed batches; ``None`` if it is
+        not one (then it runs through :meth:`forward`)."""
+        return None
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: AdapterConfig) -> int:
+        """The number of trainable parameters the spec's formula gives for this base module."""
+        raise NotImplementedError
+
+    def step(self, global_step: int) -> None:
+        """Called once per optimizer step by the trainer (rank schedules and the like); default: nothing."""

@@ -1,0 +1,9 @@
+"""Placeholder filled in below."""
+
+
+def export_peft(*a, **k):
+    raise NotImplementedError
+
+
+def import_peft(*a, **k):
+    raise NotImplementedError

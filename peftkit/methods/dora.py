@@ -1,0 +1,96 @@
+"""DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation").
+
+The adapted weight is split into a magnitude and a direction: ``W' = m ⊙ (W + s·BA) / ||W + s·BA||_row``,
+with ``m [out]`` trainable and the LoRA pair ``A, B`` as in :mod:`peftkit.methods.lora` (rsLoRA scale works
+too). The row norm (per output row, over every input dim, spec decision) is detached from the graph, as
+in the paper (§4.3). At init ``m = ||W||_row`` and ``B = 0``, so DoRA starts as the identity.
+
+Forward, as PEFT computes it (the bias is not rescaled):
+``y = b + g ⊙ (x Wᵀ + s·(drop(x) Aᵀ) Bᵀ)`` with ``g = m / ||W + s·BA||_row``. When dropout is active in
+training, PEFT's code computes the base term ``x Wᵀ`` from the *dropped* input; we follow the code (the spec
+text says the undropped input) so that training matches PEFT step for step.
+
+Supported: ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d`` (groups=1). Merge: ``ΔW = W' − W`` (exact).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView, layer_kind
+from peftkit.core.errors import InvalidConfigError
+from peftkit.core.registry import register
+
+from .lora import LoRA, LoRAConfig
+
+
+@dataclass(kw_only=True)
+class DoRAConfig(LoRAConfig):
+    """LoRA settings (``r``, ``alpha``, ``dropout``, ``rslora``, ``init``); ``bias`` is not supported."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.bias:
+            raise InvalidConfigError("DoRA does not support bias=True (PEFT's use_dora excludes lora_bias too)")
+
+    @classmethod
+    def tiny_variants(cls) -> list:
+        t = cls.tiny()
+        return [t, t.replace(rslora=True, dropout=0.1)]
+
+
+@register("dora", DoRAConfig)
+class DoRA(LoRA):
+    """Magnitude vector ``m`` + LoRA direction update; see the module docstring."""
+
+    @classmethod
+    def supports(cls, base: nn.Module) -> bool:
+        return layer_kind(base) == "linear" or (layer_kind(base) == "conv2d" and base.groups == 1)
+
+    def __init__(self, base: BaseView, config: DoRAConfig) -> None:
+        super().__init__(base, config)
+        self.magnitude = nn.Parameter(self.weight_norm(base))
+
+    @torch.no_grad()
+    def weight_norm(self, base: BaseView) -> Tensor:
+        """``||W + s·BA||`` per output row, detached (paper §4.3)."""
+        adapted = base.weight + self.delta_lora(base)
+        return adapted.reshape(adapted.shape[0], -1).norm(dim=1)
+
+    def delta_lora(self, base: BaseView) -> Tensor:
+        return super().delta_weight(base)
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        gain = self.magnitude / self.weight_norm(base)
+        bias = base.bias
+        if self.kind == "conv2d":
+            gain = gain[:, None, None]
+            bias = None if bias is None else bias[:, None, None]
+        dropped = self.training and isinstance(self.dropout, nn.Dropout)
+        if dropped:
+            x = self.dropout(x)
+            base_term = base.apply(x, base.weight)
+        else:
+            base_term = base_out if bias is None else base_out - bias
+        hidden = base.apply(x, self.A)  # x is already dropped where dropout applies
+        if self.kind == "conv2d":
+            inner = base_term + self.scale * torch.nn.functional.conv2d(hidden, self.B[:, :, None, None])
+        else:
+            inner = torch.addmm(base_term.reshape(-1, base_term.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                                self.B.T, alpha=self.scale).view(base_term.shape)
+        return inner * gain if bias is None else torch.addcmul(bias, inner, gain)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        adapted = base.weight + self.delta_lora(base)
+        gain = self.magnitude / self.weight_norm(base)
+        return gain.view(-1, *([1] * (adapted.dim() - 1))) * adapted - base.weight
+
+    def lowrank(self, base: BaseView) -> None:
+        return None  # the magnitude rescales whole rows of W: not a low-rank change
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: DoRAConfig) -> int:
+        return super().expected_trainable(base, config) + base.out_features

@@ -1,0 +1,49 @@
+"""Full fine-tuning of a module, as an adapter: a dense ``ΔW`` (and ``Δb``) that starts at zero.
+
+This is what ``modules_to_save`` uses (a new task head trains whole and is saved with the adapter), and it
+is the "full fine-tuning" reference for a single layer: ``y = base_op(x, W + ΔW, b + Δb)``.
+Identity at init; merge is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView, layer_kind
+from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.registry import register
+
+
+@dataclass(kw_only=True)
+class FullConfig(AdapterConfig):
+    """No settings besides the targets: every weight (and bias) entry of the targeted modules trains."""
+
+
+@register("full", FullConfig)
+class Full(Adapter):
+    """Dense delta on the whole weight and bias."""
+
+    @classmethod
+    def supports(cls, base: nn.Module) -> bool:
+        return layer_kind(base) is not None
+
+    def __init__(self, base: BaseView, config: FullConfig) -> None:
+        super().__init__(base, config)
+        self.weight_delta = nn.Parameter(torch.zeros(base.weight_shape))
+        self.bias_delta = nn.Parameter(torch.zeros(base.out_features)) if base.bias is not None else None
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        return base_out + base.apply(x, self.weight_delta, self.bias_delta)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        return self.weight_delta
+
+    def delta_bias(self, base: BaseView) -> Tensor | None:
+        return self.bias_delta
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: FullConfig) -> int:
+        return int(torch.Size(base.weight_shape).numel()) + (base.out_features if base.bias is not None else 0)
