@@ -1,7 +1,7 @@
 """peftkit: parameter-efficient fine-tuning, from adapter methods to multi-adapter serving.
 
-    import peftkit as pk
-    model = pk.adapt(base_model, pk.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
+import peftkit as pk
+model = pk.adapt(base_model, pk.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
 """
 
 from peftkit import errors

@@ -116,8 +116,16 @@ class BaseView:
         """A fresh ``nn.Conv2d`` with the base geometry (``kernel=True``) or a 1x1 conv (``kernel=False``)."""
         m = self.module
         if kernel:
-            return nn.Conv2d(in_channels, out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                             bias=False, padding_mode=m.padding_mode)
+            return nn.Conv2d(
+                in_channels,
+                out_channels,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                bias=False,
+                padding_mode=m.padding_mode,
+            )
         return nn.Conv2d(in_channels, out_channels, 1, bias=False)
 
     # ----------------------------------------------------------------------------------------------- writing

@@ -9,7 +9,22 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["AdapterExistsError", "AdapterFileError", "AdapterIdsError", "AdapterNameError", "AdapterNotFoundError", "BaseModelMismatch", "FormatVersionError", "InvalidConfigError", "NotMergeableError", "PeftkitError", "TargetModuleError", "TargetModuleNotFound", "UnknownMethodError", "UnsupportedLayerError"]
+__all__ = [
+    "AdapterExistsError",
+    "AdapterFileError",
+    "AdapterIdsError",
+    "AdapterNameError",
+    "AdapterNotFoundError",
+    "BaseModelMismatch",
+    "FormatVersionError",
+    "InvalidConfigError",
+    "NotMergeableError",
+    "PeftkitError",
+    "TargetModuleError",
+    "TargetModuleNotFound",
+    "UnknownMethodError",
+    "UnsupportedLayerError",
+]
 
 
 class PeftkitError(Exception):

@@ -97,8 +97,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise AdapterFileError(f"{file} is not a peftkit adapter config (format field is missing or wrong)")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise FormatVersionError(f"{file} has format_version {version!r}; this peftkit reads versions 1..{FORMAT_VERSION}"
-                                 " (upgrade peftkit to read adapters written by a newer version)")
+        raise FormatVersionError(
+            f"{file} has format_version {version!r}; this peftkit reads versions 1..{FORMAT_VERSION}"
+            " (upgrade peftkit to read adapters written by a newer version)"
+        )
     for key in ("method", "config", "base_fingerprint", "name"):
         if key not in meta:
             raise AdapterFileError(f"{file} lacks the field {key!r}")
@@ -123,11 +125,14 @@ def check_fingerprint(model: nn.Module, expected: dict[str, dict[str, Any]]) -> 
     for path, want in expected.items():
         module = modules.get(path)
         if module is None:
-            raise BaseModelMismatch(f"the adapter was saved for a base model with a module {path!r}; this model has none")
+            raise BaseModelMismatch(
+                f"the adapter was saved for a base model with a module {path!r}; this model has none"
+            )
         got = BaseView(module).describe() if layer_kind(module) else {"type": type(module).__name__}
         if got != want:
-            raise BaseModelMismatch(f"module {path!r} differs from the base the adapter was saved for: saved {want}, "
-                                    f"found {got}")
+            raise BaseModelMismatch(
+                f"module {path!r} differs from the base the adapter was saved for: saved {want}, found {got}"
+            )
 
 
 def load_adapter(model: Any, path: str | Path, name: str | None = None, activate: bool | None = None) -> str:
@@ -144,8 +149,10 @@ def load_adapter(model: Any, path: str | Path, name: str | None = None, activate
     model.add_adapter(name, config, activate=activate)
     try:
         if sorted(model.layer_paths[name]) != sorted(meta["base_fingerprint"]):
-            raise BaseModelMismatch(f"on this model the adapter's targets select {len(model.layer_paths[name])} modules, "
-                                    f"but it was saved for {len(meta['base_fingerprint'])}")
+            raise BaseModelMismatch(
+                f"on this model the adapter's targets select {len(model.layer_paths[name])} modules, "
+                f"but it was saved for {len(meta['base_fingerprint'])}"
+            )
         _assign(model, name, tensors, path)
     except BaseException:
         model.delete_adapter(name)
@@ -158,14 +165,17 @@ def _assign(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise AdapterFileError(f"{path}: tensors do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise AdapterFileError(
+            f"{path}: tensors do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for key, want in expected.items():
         if tensors[key].shape != want.shape:
-            raise AdapterFileError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                                   f"the config implies {tuple(want.shape)}")
+            raise AdapterFileError(
+                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the config implies {tuple(want.shape)}"
+            )
     for module_path, adapter in model.adapter_modules(name).items():
         prefix = module_path + "."
-        adapter.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        adapter.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
 
 
 def load(base_model: nn.Module, path: str | Path, name: str | None = None) -> Any:

@@ -72,8 +72,10 @@ class AdaptedLayer(nn.Module):
 
     def _forward_mixed(self, x: Tensor, base_out: Tensor, ids: Tensor) -> Tensor:
         if self.merged:
-            raise AdapterIdsError(f"adapters {list(self.merged)} are merged into the weights; unmerge them "
-                                  "before running a mixed batch with adapter_ids")
+            raise AdapterIdsError(
+                f"adapters {list(self.merged)} are merged into the weights; unmerge them "
+                "before running a mixed batch with adapter_ids"
+            )
         if x.shape[0] != ids.shape[0]:
             raise AdapterIdsError(f"adapter_ids has {ids.shape[0]} entries but the batch has {x.shape[0]} rows")
         names = [n for n in self.routing.order if n in self.adapters]
@@ -146,8 +148,9 @@ class AdaptedLayer(nn.Module):
         adapter = self.adapters[name]
         delta = adapter.delta_weight(self.base)
         if delta is None:
-            raise NotMergeableError(f"method {adapter.method!r} (adapter {name!r}) has no weight-space "
-                                    "equivalent and cannot be merged")
+            raise NotMergeableError(
+                f"method {adapter.method!r} (adapter {name!r}) has no weight-space equivalent and cannot be merged"
+            )
         delta = delta.detach().clone()
         delta_bias = adapter.delta_bias(self.base)
         if delta_bias is not None:

@@ -1,8 +1,8 @@
 """``AdaptedModel``: a base model with named adapters.
 
-    model = pk.adapt(base, pk.LoRAConfig(r=8, targets=["query", "value"]))
-    model.add_adapter("b", pk.get_config("dora", r=4))
-    out = model(**batch, adapter_ids=torch.tensor([0, 1, -1, 0]))    # one adapter per row
+model = pk.adapt(base, pk.LoRAConfig(r=8, targets=["query", "value"]))
+model.add_adapter("b", pk.get_config("dora", r=4))
+out = model(**batch, adapter_ids=torch.tensor([0, 1, -1, 0]))    # one adapter per row
 """
 
 from __future__ import annotations
@@ -114,8 +114,10 @@ class AdaptedModel(nn.Module):
         if ids.dim() != 1:
             raise AdapterIdsError(f"adapter_ids must be 1-D (one id per batch row), got shape {tuple(ids.shape)}")
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(order)):
-            raise AdapterIdsError(f"adapter_ids must lie in [-1, {len(order) - 1}] (the model holds {order}), "
-                                  f"got values in [{int(ids.min())}, {int(ids.max())}]")
+            raise AdapterIdsError(
+                f"adapter_ids must lie in [-1, {len(order) - 1}] (the model holds {order}), "
+                f"got values in [{int(ids.min())}, {int(ids.max())}]"
+            )
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if first is not None and first.dim() > 0 and first.shape[0] != ids.shape[0]:
             raise AdapterIdsError(f"adapter_ids has {ids.shape[0]} entries but the batch has {first.shape[0]} rows")
@@ -234,7 +236,13 @@ class AdaptedModel(nn.Module):
         With ``unload=True`` (default) the wrappers are removed and the plain base module is returned: no
         peftkit class is left in it. With ``unload=False`` the merge is in place and :meth:`unmerge` undoes it.
         """
-        names = list(self.routing.active) if adapters is None else [adapters] if isinstance(adapters, str) else list(adapters)
+        names = (
+            list(self.routing.active)
+            if adapters is None
+            else [adapters]
+            if isinstance(adapters, str)
+            else list(adapters)
+        )
         for name in names:
             self._require(name)
             for path in self.layer_paths[name]:
@@ -283,7 +291,9 @@ class AdaptedModel(nn.Module):
 
     def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
         """The tensors one adapter saves, keyed ``<module path>.<tensor name>``."""
-        return {f"{path}.{key}": t for path, a in self.adapter_modules(name).items() for key, t in a.state_dict().items()}
+        return {
+            f"{path}.{key}": t for path, a in self.adapter_modules(name).items() for key, t in a.state_dict().items()
+        }
 
     # -------------------------------------------------------------------------------------------- reporting
     def trainable_parameters(self) -> TrainableReport:

@@ -53,7 +53,7 @@ class AdapterConfig:
             try:
                 re.compile(self.targets)
             except re.error as exc:
-                raise InvalidConfigError(f"targets {self.targets!r} is not a valid regular expression: {exc}")
+                raise InvalidConfigError(f"targets {self.targets!r} is not a valid regular expression: {exc}") from None
         self.validate()
 
     def validate(self) -> None:

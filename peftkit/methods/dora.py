@@ -79,8 +79,12 @@ class DoRA(LoRA):
         if self.kind == "conv2d":
             inner = base_term + self.scale * torch.nn.functional.conv2d(hidden, self.B[:, :, None, None])
         else:
-            inner = torch.addmm(base_term.reshape(-1, base_term.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
-                                self.B.T, alpha=self.scale).view(base_term.shape)
+            inner = torch.addmm(
+                base_term.reshape(-1, base_term.shape[-1]),
+                hidden.reshape(-1, hidden.shape[-1]),
+                self.B.T,
+                alpha=self.scale,
+            ).view(base_term.shape)
         return inner * gain if bias is None else torch.addcmul(bias, inner, gain)
 
     def delta_weight(self, base: BaseView) -> Tensor:

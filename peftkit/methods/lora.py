@@ -90,8 +90,10 @@ class LoRA(Adapter):
         super().__init__(base, config)
         r = config.r
         if r > max_rank(base):
-            raise InvalidConfigError(f"r={r} is larger than this {base.kind} layer allows "
-                                     f"(at most {max_rank(base)} for shape {base.weight_shape})")
+            raise InvalidConfigError(
+                f"r={r} is larger than this {base.kind} layer allows "
+                f"(at most {max_rank(base)} for shape {base.weight_shape})"
+            )
         self.kind = base.kind
         self.scale = config.scale
         # A has the base weight's layout with r outputs, so base.apply(x, A) is the down-projection for
@@ -130,8 +132,9 @@ class LoRA(Adapter):
             return base_out + self.scale * delta
         # Linear / embedding: one fused addmm, so no [tokens, out] temporary besides the result.
         hidden = base.apply(self.dropout(x), self.A)
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
-                          self.B.T, alpha=self.scale)
+        out = torch.addmm(
+            base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), self.B.T, alpha=self.scale
+        )
         return out.view(base_out.shape)
 
     # ------------------------------------------------------------------------------------------- weights
