@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models built in code (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class TinyNet(nn.Module):
+    """Embedding -> two Linear -> Conv2d over a reshaped map -> head. Covers every wrappable layer kind
+    except GPT-2's Conv1D (see ``tiny_gpt2``)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc1 = nn.Linear(dim, 32)
+        self.fc2 = nn.Linear(32, dim)
+        self.conv = nn.Conv2d(4, 6, kernel_size=3, padding=1)
+        self.head = nn.Linear(6 * 4, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)  # [B, T, dim]
+        h = self.fc2(torch.relu(self.fc1(h)))  # [B, T, dim]
+        grid = h.mean(1).view(-1, 4, 2, 2)  # [B, 4, 2, 2]
+        c = torch.relu(self.conv(grid)).flatten(1)
+        return self.head(c)
+
+
+def make_tiny_net(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def tiny_bert(seed: int = 0, num_labels: int | None = None) -> nn.Module:
+    """A 2-layer BERT with random weights (real architecture)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=num_labels or 2,
+    )
+    model = BertForSequenceClassification(cfg) if num_labels else BertModel(cfg)
+    return model.eval()
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """A 2-layer GPT-2 LM with random weights (uses transformers' Conv1D)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    return make_tiny_net()
+
+
+@pytest.fixture
+def token_batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 40, (4, 5), generator=g)
