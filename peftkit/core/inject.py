@@ -17,18 +17,15 @@ from .protocol import Adapter, AdapterConfig
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "head", "output_head", "cls"})
 
 
-def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of the model as the user sees it: an ``AdaptedLayer`` counts as its base module."""
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        prefix, module = stack.pop()
-        for name, child in reversed(list(module.named_children())):
-            path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, AdaptedLayer):
-                yield path, child.base_layer
-            else:
-                yield path, child
-                stack.append((path, child))
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, AdaptedLayer):
+            yield path, child.base_layer
+        else:
+            yield path, child
+            yield from base_modules(child, path)
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
