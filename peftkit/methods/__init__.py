@@ -1,5 +1,8 @@
-"""Every method file registers itself on import; this package imports them all."""
+"""Every module in this package is a method file that registers itself on import; all are imported here,
+so adding a method is adding a file."""
 
-from . import dora, full, lora
+import importlib
+import pkgutil
 
-__all__ = ["dora", "full", "lora"]
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
