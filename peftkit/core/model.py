@@ -229,6 +229,12 @@ class AdaptedModel(nn.Module):
         self._require(name)
         return {p: self.model.get_submodule(p).adapters[name] for p in self.layer_paths[name]}
 
+    def step_adapters(self, global_step: int) -> None:
+        """Call :meth:`Adapter.step` on every module of the active adapters (trainers: once per optimizer step)."""
+        for name in self.routing.active:
+            for adapter in self.adapter_modules(name).values():
+                adapter.step(global_step)
+
     # ----------------------------------------------------------------------------------------------- merging
     def merge(self, adapters: str | Sequence[str] | None = None, *, unload: bool = True) -> nn.Module:
         """Fold adapters (default: the active ones) into the base weights.
