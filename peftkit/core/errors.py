@@ -16,6 +16,7 @@ __all__ = [
     "AdapterNameError",
     "AdapterNotFoundError",
     "BaseModelMismatch",
+    "ExportError",
     "FormatVersionError",
     "InvalidConfigError",
     "NotMergeableError",
@@ -23,6 +24,7 @@ __all__ = [
     "TargetModuleError",
     "TargetModuleNotFound",
     "UnknownMethodError",
+    "UnsupportedAdapterError",
     "UnsupportedLayerError",
 ]
 
@@ -100,8 +102,17 @@ class FormatVersionError(AdapterFileError):
     """A saved adapter written in a newer or unknown format version."""
 
 
+class UnsupportedAdapterError(AdapterFileError):
+    """A foreign adapter folder (e.g. Hugging Face PEFT) that is readable but uses a method or an option
+    peftkit cannot express exactly."""
+
+
 class NotMergeableError(PeftkitError, TypeError):
     """Merging an adapter whose method has no weight-space equivalent."""
+
+
+class ExportError(PeftkitError, ValueError):
+    """An adapter that a foreign format (e.g. Hugging Face PEFT) cannot express."""
 
 
 def _close(name: str, known: Iterable[str]) -> str:
