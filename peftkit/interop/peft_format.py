@@ -1,9 +1,508 @@
-"""Placeholder filled in below."""
+"""Hugging Face PEFT folders: export and import (the format only; the ``peft`` library is not needed).
+
+A PEFT LoRA folder holds ``adapter_config.json`` (a ``LoraConfig``) and ``adapter_model.safetensors`` with
+keys ``base_model.model.<module path>.<suffix>``. Which of our tensors becomes which PEFT key is data, in
+:data:`TENSOR_NAMES` (per method and base-layer kind) and :data:`CONFIG_FIELDS`; nothing here special-cases
+a method beyond those tables.
+
+Mapping (peftkit -> PEFT):
+
+* LoRA / rsLoRA (``lora``): ``A -> lora_A.weight``, ``B -> lora_B.weight``, ``bias -> lora_B.bias``
+  (``lora_bias=True``); on embeddings ``A -> lora_embedding_A``, ``B -> lora_embedding_B``. Conv2d: PEFT
+  keeps ``B`` as a 1x1 conv weight ``[out, r, 1, 1]``.
+* DoRA (``dora``, ``use_dora=True``): LoRA's tensors plus ``magnitude -> lora_magnitude_vector`` (``[out]``;
+  ``[1, out, 1, 1]`` on Conv2d).
+* ``modules_to_save`` (our dense ``full`` adapter): PEFT stores the whole trained module, so the export
+  writes ``W + ΔW`` and ``b + Δb`` in the module's own layout, and the import takes ``W_saved − W``.
+
+Design decisions:
+
+* GPT-2 ``Conv1D``: PEFT's ``lora_A``/``lora_B`` are ``[r, in]``/``[out, r]`` for Conv1D too (they are
+  ``nn.Linear`` modules); ``fan_in_fan_out`` only tells PEFT to transpose ``W`` when merging and in DoRA's
+  norm. So no tensor is transposed. PEFT's flag is global, but PEFT corrects it per layer when it builds the
+  layers (``True`` for Conv1D, ``False`` for ``nn.Linear``, with a warning), so an adapter mixing Linear and
+  Conv1D targets loads correctly: we write ``fan_in_fan_out=True`` whenever a Conv1D is targeted.
+* Targets are written as the explicit list of module paths, and on import the adapted modules are read from
+  the tensor keys, not re-derived from ``target_modules``. PEFT's ``layers_to_transform``, ``layers_pattern``
+  and ``exclude_modules`` therefore import correctly (the keys already say which layers were adapted).
+* ``rank_pattern`` / ``alpha_pattern`` import when they give every adapted module the same rank and alpha
+  (one peftkit config per adapter); otherwise :class:`UnsupportedAdapterError`.
+* Refused with a clear error: other ``peft_type`` s, ``bias != "none"``, initialisations that rewrite the
+  base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: convert them to plain LoRA in PEFT first), LoRA variants
+  with their own forward (aLoRA, QALoRA, BD-LoRA, Arrow, MonteCLoRA, VeLoRA, KaSA), ``target_parameters``,
+  ``trainable_token_indices``, ``layer_replication``, dilated or non-zero-padded Conv2d (PEFT's LoRA conv
+  ignores dilation and padding mode), pickle-only folders (``adapter_model.bin``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from peftkit.core import inject
+from peftkit.core.base import BaseView, layer_kind
+from peftkit.core.errors import (
+    AdapterFileError,
+    BaseModelMismatch,
+    ExportError,
+    InvalidConfigError,
+    TargetModuleError,
+    UnsupportedAdapterError,
+)
+from peftkit.core.io import atomic_write_dir
+from peftkit.core.model import DENSE_METHOD, AdaptedModel
+from peftkit.core.registry import get_method
+
+__all__ = ["CONFIG_FIELDS", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "TENSOR_NAMES", "export_peft", "import_peft"]
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# ------------------------------------------------------------------------------------------------ the tables
+_LORA_NAMES = {
+    "linear": {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias"},
+    "conv2d": {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias"},
+    "embedding": {"A": "lora_embedding_A", "B": "lora_embedding_B"},
+}
+#: method -> base-layer kind -> our tensor name -> PEFT key suffix. A kind missing here is not expressible.
+TENSOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
+    "lora": _LORA_NAMES,
+    "dora": {kind: {**names, "magnitude": "lora_magnitude_vector"} for kind, names in _LORA_NAMES.items()},
+}
+#: PEFT's shape of one of our tensors, where it differs (same numbers, extra singleton dims).
+_PEFT_SHAPE: dict[tuple[str, str], Callable[[tuple[int, ...]], tuple[int, ...]]] = {
+    ("conv2d", "B"): lambda s: (*s, 1, 1),
+    ("conv2d", "magnitude"): lambda s: (1, *s, 1, 1),
+}
+#: Key suffixes older PEFT versions wrote, and the suffix they mean.
+_ALIASES = {"lora_magnitude_vector.weight": "lora_magnitude_vector"}
+#: method -> PEFT's ``use_dora``.
+_USE_DORA = {"lora": False, "dora": True}
+#: our config field -> PEFT ``LoraConfig`` field (same meaning, same value).
+CONFIG_FIELDS = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "rslora": "use_rslora",
+    "bias": "lora_bias",
+}
+# Our fields that need no PEFT counterpart (written another way, or irrelevant to a trained adapter).
+_OTHER_FIELDS = {"targets", "exclude", "modules_to_save", "seed", "init"}
+# Our dense adapter's tensors -> the module's own parameter names (PEFT saves the whole module).
+_DENSE_NAMES = {"weight_delta": "weight", "bias_delta": "bias"}
+
+# PEFT initialisations after which the saved tensors are a plain LoRA of the untouched base.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# LoraConfig options that change the forward or the base and have no peftkit equivalent: field -> why.
+_REFUSED_OPTIONS = {
+    "layer_replication": "it duplicates base layers",
+    "target_parameters": "it adapts raw nn.Parameters",
+    "trainable_token_indices": "it trains embedding rows (TrainableTokens)",
+    "alora_invocation_tokens": "aLoRA activates the adapter per token",
+    "use_qalora": "QALoRA pools the input",
+    "use_bdlora": "BD-LoRA uses block-diagonal factors",
+    "arrow_config": "Arrow routes between adapters",
+    "monteclora_config": "MonteCLoRA samples its factors",
+    "velora_config": "VeLoRA changes the backward pass",
+    "kasa_config": "KaSA changes the forward",
+    "megatron_config": "Megatron parallel layers are not supported",
+}
 
 
-def export_peft(*a, **k):
-    raise NotImplementedError
+# ---------------------------------------------------------------------------------------------------- export
+def export_peft(
+    model: AdaptedModel, path: str | Path, adapter: str | None = None, *, task_type: str | None = None
+) -> Path:
+    """Write one adapter as a Hugging Face PEFT LoRA folder that ``peft.PeftModel.from_pretrained`` loads.
+
+    Args:
+        model: the adapted model.
+        path: the folder to write (replaced atomically if it exists).
+        adapter: the adapter to export (default: the single active one).
+        task_type: PEFT ``task_type`` to record (e.g. ``"SEQ_CLS"``); ``None`` loads as a plain ``PeftModel``.
+
+    Returns:
+        The folder written.
+
+    Raises:
+        ExportError: the method (or one of its settings, or a targeted layer) has no PEFT equivalent, or the
+            adapter's layers are merged (unmerge first: PEFT applies the adapter to the unmerged base).
+    """
+    name = adapter or model._single_active()
+    model._require(name)
+    config = model.configs[name]
+    method = type(config).method
+    if method not in TENSOR_NAMES:
+        raise ExportError(
+            f"adapter {name!r} uses method {method!r}, which has no Hugging Face PEFT equivalent; "
+            f"PEFT folders hold {sorted(TENSOR_NAMES)} adapters (plus modules_to_save)"
+        )
+    _check_fields(config)
+    tensors: dict[str, Tensor] = {}
+    targets: list[str] = []
+    saved: list[str] = []
+    conv1d = False
+    for module_path, module in model.adapter_modules(name).items():
+        layer = model.model.get_submodule(module_path)
+        if layer.merged:
+            raise ExportError(
+                f"{module_path!r} has merged adapters {list(layer.merged)}; call model.unmerge() before exporting"
+            )
+        base = layer.base
+        if module.method == DENSE_METHOD:
+            tensors.update(_dense_to_peft(module_path, base, module.state_dict()))
+            saved.append(module_path)
+            continue
+        names = TENSOR_NAMES[method].get(base.kind)
+        if names is None or module.method != method:
+            raise ExportError(f"{module_path!r}: PEFT has no {method!r} adapter for a {base.describe()['type']}")
+        _check_peft_conv(base, module_path, ExportError)
+        for ours, t in module.state_dict().items():
+            if ours not in names:
+                raise ExportError(f"{module_path!r}: tensor {ours!r} of method {method!r} has no PEFT equivalent")
+            shape = _PEFT_SHAPE.get((base.kind, ours), tuple)(tuple(t.shape))
+            tensors[f"{PREFIX}{module_path}.{names[ours]}"] = t.detach().reshape(shape).contiguous().cpu()
+        targets.append(module_path)
+        conv1d |= base.kind == "linear" and base.transposed
+    if not targets:
+        raise ExportError(f"adapter {name!r} adapts no module with {method!r} (only modules_to_save): PEFT needs one")
+    fields = {peft: getattr(config, ours) for ours, peft in CONFIG_FIELDS.items()}
+    alpha = fields["lora_alpha"]
+    fields["lora_alpha"] = int(alpha) if float(alpha).is_integer() else float(alpha)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": getattr(getattr(model.model, "config", None), "name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        **fields,
+        "use_dora": _USE_DORA[method],
+        "bias": "none",
+        "fan_in_fan_out": conv1d,
+        "target_modules": sorted(targets),
+        "exclude_modules": None,
+        "modules_to_save": sorted(saved) or None,
+        "init_lora_weights": "gaussian" if getattr(config, "init", "kaiming") == "gaussian" else True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    from peftkit import __version__
+
+    target = Path(path)
+    files: dict[str, bytes | dict[str, Tensor]] = {
+        PEFT_CONFIG_FILE: json.dumps(peft_config, indent=2, sort_keys=True).encode(),
+        PEFT_WEIGHTS_FILE: tensors,
+    }
+    atomic_write_dir(target, files, {"format": "pt", "exported_by": f"peftkit {__version__}"})
+    return target
 
 
-def import_peft(*a, **k):
-    raise NotImplementedError
+def _check_fields(config: Any) -> None:
+    """Refuse config fields the PEFT format cannot carry (a future variant's extra setting, say)."""
+    for f in dataclasses.fields(config):
+        if f.name in CONFIG_FIELDS or f.name in _OTHER_FIELDS:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if getattr(config, f.name) != default:
+            raise ExportError(f"config field {f.name}={getattr(config, f.name)!r} has no PEFT equivalent")
+
+
+def _check_peft_conv(base: BaseView, module_path: str, error: type[Exception]) -> None:
+    """PEFT's LoRA conv uses the base kernel, stride and padding but not dilation or padding mode."""
+    if base.kind != "conv2d":
+        return
+    m = base.module
+    if any(d != 1 for d in m.dilation) or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise error(
+            f"{module_path!r}: PEFT's LoRA for Conv2d ignores dilation={m.dilation}, padding={m.padding!r} and "
+            f"padding_mode={m.padding_mode!r}, so it would compute something else"
+        )
+
+
+def _stored(base: BaseView, canonical: Tensor) -> Tensor:
+    return canonical.T if base.transposed else canonical
+
+
+def _dense_to_peft(module_path: str, base: BaseView, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The whole module as PEFT's ``modules_to_save`` holds it: ``W + ΔW`` (module layout) and ``b + Δb``."""
+    with torch.no_grad():
+        out = {f"{PREFIX}{module_path}.weight": _stored(base, base.weight + state["weight_delta"].to(base.dtype))}
+        if base.bias is not None:
+            delta = state.get("bias_delta")
+            out[f"{PREFIX}{module_path}.bias"] = base.bias if delta is None else base.bias + delta.to(base.bias.dtype)
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- import
+def import_peft(base_model: nn.Module, path: str | Path, name: str = "default") -> AdaptedModel:
+    """Load a Hugging Face PEFT LoRA / rsLoRA / DoRA folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``) as a peftkit adapter, with PEFT's outputs.
+
+    Args:
+        base_model: the base model the adapter was trained on, or an ``AdaptedModel`` to add it to.
+        path: the PEFT adapter folder.
+        name: the adapter name to use (it becomes the active adapter).
+
+    Returns:
+        The ``AdaptedModel`` holding the adapter.
+
+    Raises:
+        AdapterFileError: a missing, unreadable or inconsistent file.
+        UnsupportedAdapterError: a ``peft_type`` or option peftkit cannot express (see the module docstring).
+        BaseModelMismatch: the adapter names a module this model lacks, or a tensor of the wrong shape.
+    """
+    folder = Path(path)
+    raw = _read_peft_config(folder)
+    method = _check_options(raw, folder)
+    tensors = _read_peft_tensors(folder)
+    model = base_model if isinstance(base_model, AdaptedModel) else None
+    net = model.model if model is not None else base_model
+    modules = dict(inject.base_modules(net))
+    lora, dense, base_weights = _split_keys(tensors, folder)
+    r, alpha = _rank_and_alpha(raw, lora, folder)
+    for module_path in [*lora, *dense]:
+        module = modules.get(module_path)
+        if module is None:
+            raise BaseModelMismatch(f"the PEFT adapter at {folder} adapts {module_path!r}; this model has none")
+        if layer_kind(module) is None:
+            raise UnsupportedAdapterError(f"{module_path!r} is a {type(module).__name__}, which peftkit cannot wrap")
+    _check_base_weights(base_weights, lora, modules, folder)
+    cls = get_method(method)
+    for module_path in lora:
+        base = BaseView(modules[module_path])
+        if not cls.supports(modules[module_path]) or base.kind not in TENSOR_NAMES[method]:
+            kind = base.describe()["type"]
+            raise UnsupportedAdapterError(f"{module_path!r}: peftkit's {method!r} cannot adapt a {kind}")
+        _check_peft_conv(base, module_path, UnsupportedAdapterError)
+    fields = {ours: raw[peft] for ours, peft in CONFIG_FIELDS.items() if peft in raw}
+    fields.update(r=r, alpha=float(alpha), bias=bool(raw.get("lora_bias", False)))
+    fields["dropout"] = float(fields.get("dropout") or 0.0)
+    fields["rslora"] = bool(fields.get("rslora", False))
+    try:
+        config = cls.config_class(
+            targets=_exact_targets(sorted(lora), modules),
+            modules_to_save=sorted(dense),
+            init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
+            **fields,
+        )
+    except (InvalidConfigError, TypeError) as exc:
+        raise UnsupportedAdapterError(f"{folder}: the config has no peftkit {method!r} equivalent: {exc}") from None
+    model = model if model is not None else AdaptedModel(base_model)
+    try:
+        model.add_adapter(name, config, activate=True)
+    except TargetModuleError as exc:
+        raise UnsupportedAdapterError(f"{folder}: {exc}") from None
+    try:
+        if set(model.layer_paths[name]) != set(lora) | set(dense):
+            raise BaseModelMismatch(
+                f"{folder}: the adapter's modules {sorted(set(lora) | set(dense))} select "
+                f"{sorted(model.layer_paths[name])} on this model"
+            )
+        for module_path, module in model.adapter_modules(name).items():
+            if module_path in dense:
+                state = _dense_from_peft(module_path, module.state_dict(), dense[module_path], modules, folder)
+            else:
+                state = _lora_from_peft(module_path, module.state_dict(), lora[module_path], method, folder)
+            module.load_state_dict(state)
+    except BaseException:
+        model.delete_adapter(name)
+        raise
+    return model
+
+
+def _read_peft_config(folder: Path) -> dict[str, Any]:
+    file = folder / PEFT_CONFIG_FILE
+    if not file.is_file():
+        raise AdapterFileError(f"{folder} is not a PEFT adapter folder: {PEFT_CONFIG_FILE} is missing")
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{file} does not hold a JSON object")
+    return raw
+
+
+def _read_peft_tensors(folder: Path) -> dict[str, Tensor]:
+    file = folder / PEFT_WEIGHTS_FILE
+    if not file.is_file():
+        pickled = " (only adapter_model.bin is there: peftkit does not read pickle files)"
+        extra = pickled if (folder / "adapter_model.bin").is_file() else ""
+        raise AdapterFileError(f"{folder}: {PEFT_WEIGHTS_FILE} is missing{extra}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{file} is truncated or corrupted: {exc}") from None
+
+
+def _check_options(raw: dict[str, Any], folder: Path) -> str:
+    """Refuse what peftkit cannot express; return the peftkit method name."""
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise UnsupportedAdapterError(
+            f"{folder}: peft_type {peft_type!r} is not supported; peftkit imports LORA adapters "
+            "(LoRA, rsLoRA, DoRA, lora_bias)"
+        )
+    for option, why in _REFUSED_OPTIONS.items():
+        if raw.get(option) not in (None, False, [], {}):
+            raise UnsupportedAdapterError(f"{folder}: PEFT option {option}={raw[option]!r} is not supported: {why}")
+    if raw.get("bias", "none") != "none":
+        raise UnsupportedAdapterError(
+            f"{folder}: bias={raw['bias']!r} (trained base biases) is not supported; only bias='none' is"
+        )
+    init = raw.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise UnsupportedAdapterError(
+            f"{folder}: init_lora_weights={init!r} rewrites the base weights, so the saved tensors do not apply to "
+            "the untouched base; convert it to plain LoRA in PEFT (path_initial_model_for_weight_conversion)"
+        )
+    return "dora" if raw.get("use_dora") else "lora"
+
+
+def _split_keys(
+    tensors: dict[str, Tensor], folder: Path
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]]]:
+    """``{module path: {PEFT suffix: tensor}}`` for LoRA modules, whole saved modules (``modules_to_save``)
+    and base weights of adapted modules (PEFT's ``save_embedding_layers`` writes ``<path>.base_layer.*``)."""
+    suffixes = {s for kinds in TENSOR_NAMES.values() for names in kinds.values() for s in names.values()}
+    suffixes |= set(_ALIASES)
+    lora: dict[str, dict[str, Tensor]] = {}
+    dense: dict[str, dict[str, Tensor]] = {}
+    base_weights: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        rest = key.removeprefix(PREFIX)
+        suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+        if suffix is not None:
+            lora.setdefault(rest[: -len(suffix) - 1], {})[_ALIASES.get(suffix, suffix)] = t
+            continue
+        module_path, _, param = rest.rpartition(".")
+        if param not in _DENSE_NAMES.values() or not module_path:
+            raise AdapterFileError(f"{folder}: tensor {key!r} is neither a LoRA tensor nor a saved module's weight")
+        if module_path.endswith(".base_layer"):
+            base_weights.setdefault(module_path.removesuffix(".base_layer"), {})[param] = t
+        else:
+            dense.setdefault(module_path, {})[param] = t
+    if not lora:
+        raise AdapterFileError(f"{folder}: {PEFT_WEIGHTS_FILE} holds no LoRA tensors")
+    return lora, dense, base_weights
+
+
+def _check_base_weights(
+    saved: dict[str, dict[str, Tensor]], lora: dict[str, Any], modules: dict[str, nn.Module], folder: Path
+) -> None:
+    """PEFT saves the base weights of targeted embedding / output layers too: accept them when they are this
+    model's weights (the usual case), refuse them when they differ (a resized or trained embedding)."""
+    for module_path, params in saved.items():
+        module = modules.get(module_path)
+        if module_path not in lora or module is None:
+            raise AdapterFileError(f"{folder}: base weights of {module_path!r}, which the adapter does not adapt")
+        for param, t in params.items():
+            own = getattr(module, param, None)
+            if not isinstance(own, Tensor) or own.shape != t.shape or not torch.equal(own.detach(), t.to(own)):
+                raise UnsupportedAdapterError(
+                    f"{folder}: the adapter carries its own base {param} for {module_path!r} (a resized or trained "
+                    "embedding); peftkit adapters apply to the untouched base weights"
+                )
+
+
+def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first pattern whose regex matches the end of the module path."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return default
+
+
+def _rank_and_alpha(raw: dict[str, Any], lora: dict[str, dict[str, Tensor]], folder: Path) -> tuple[int, float]:
+    """The one (rank, alpha) of every adapted module; refuse patterns that give modules different ones."""
+    rank_pattern = raw.get("rank_pattern") or {}
+    alpha_pattern = raw.get("alpha_pattern") or {}
+    pairs = {}
+    for module_path, parts in lora.items():
+        down = parts.get("lora_A.weight", parts.get("lora_embedding_A"))
+        if down is None:
+            raise AdapterFileError(f"{folder}: {module_path!r} has no lora_A tensor")
+        r = _pattern_value(rank_pattern, module_path, raw.get("r", 8))
+        if down.shape[0] != r:
+            raise AdapterFileError(f"{folder}: {module_path!r} has rank {down.shape[0]} but the config says {r}")
+        pairs[module_path] = (r, _pattern_value(alpha_pattern, module_path, raw.get("lora_alpha", 8)))
+    distinct = sorted(set(pairs.values()))
+    if len(distinct) > 1:
+        raise UnsupportedAdapterError(
+            f"{folder}: rank_pattern/alpha_pattern give the modules different (r, alpha) {distinct}; a peftkit "
+            "adapter has one rank and alpha (import each group as its own adapter)"
+        )
+    r, alpha = distinct[0]
+    if not isinstance(r, int) or isinstance(r, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise AdapterFileError(f"{folder}: invalid r={r!r} or lora_alpha={alpha!r}")
+    return r, float(alpha)
+
+
+def _exact_targets(paths: list[str], modules: dict[str, nn.Module]) -> list[str] | str:
+    """The paths as suffix targets, or an exact regex where a path is also the suffix of another module."""
+    clash = any(m != p and m.endswith("." + p) for p in paths for m in modules)
+    return "|".join(re.escape(p) for p in paths) if clash else paths
+
+
+def _lora_from_peft(
+    module_path: str, ours: dict[str, Tensor], parts: dict[str, Tensor], method: str, folder: Path
+) -> dict[str, Tensor]:
+    kind = _kind_of_state(ours, parts)
+    names = {k: v for k, v in TENSOR_NAMES[method][kind].items() if k in ours}
+    missing = sorted(set(names.values()) - set(parts))
+    unexpected = sorted(set(parts) - set(names.values()))
+    if missing or unexpected:
+        raise AdapterFileError(f"{folder}: {module_path!r}: missing PEFT tensors {missing}, unexpected {unexpected}")
+    state = {}
+    for name, suffix in names.items():
+        want = tuple(ours[name].shape)
+        peft_shape = _PEFT_SHAPE.get((kind, name), tuple)(want)
+        got = parts[suffix]
+        if tuple(got.shape) != peft_shape:
+            raise BaseModelMismatch(
+                f"{folder}: {module_path}.{suffix} has shape {tuple(got.shape)}; this model needs {peft_shape}"
+            )
+        state[name] = got.reshape(want)
+    return state
+
+
+def _kind_of_state(ours: dict[str, Tensor], parts: dict[str, Tensor]) -> str:
+    if "lora_embedding_A" in parts:
+        return "embedding"
+    return "conv2d" if ours["A"].dim() == 4 else "linear"
+
+
+def _dense_from_peft(
+    module_path: str, ours: dict[str, Tensor], parts: dict[str, Tensor], modules: dict[str, nn.Module], folder: Path
+) -> dict[str, Tensor]:
+    base = BaseView(modules[module_path])
+    expected = {_DENSE_NAMES[k] for k in ours}
+    if set(parts) != expected:
+        raise AdapterFileError(
+            f"{folder}: saved module {module_path!r} has tensors {sorted(parts)}; this model's has {sorted(expected)}"
+        )
+    weight = parts["weight"]
+    if tuple(weight.shape) != tuple(base.module.weight.shape):
+        raise BaseModelMismatch(
+            f"{folder}: {module_path}.weight has shape {tuple(weight.shape)}; this model's is "
+            f"{tuple(base.module.weight.shape)}"
+        )
+    with torch.no_grad():
+        canonical = weight.T if base.transposed else weight
+        state = {"weight_delta": canonical.float() - base.weight.float()}
+        if "bias" in parts:
+            state["bias_delta"] = parts["bias"].float() - base.bias.float()
+    return state
