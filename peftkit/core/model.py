@@ -161,7 +161,9 @@ class AdaptedModel(nn.Module):
                 base = module.base if isinstance(module, AdaptedLayer) else BaseView(module)
                 built.append((path, inject.build_adapter(cls, base, config, path)))
         for path, adapter in built:
-            inject.wrap(self.model, path, self.routing).add(name, adapter)
+            layer = inject.wrap(self.model, path, self.routing)
+            layer.add(name, adapter)
+            layer.train(layer.base_layer.training)  # a new adapter follows the model's train/eval mode
         self.configs[name] = config
         self.layer_paths[name] = [p for p, _ in built]
         self.routing.order.append(name)
