@@ -28,6 +28,14 @@ def register(name: str, config_class: type[AdapterConfig]) -> Callable[[A], A]:
     return wrap
 
 
+def unregister(name: str) -> None:
+    """Remove method ``name`` from the registry (for tests and plugins that register a method temporarily)."""
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise UnknownMethodError(name, _METHODS)
+    del _METHODS[name]
+
+
 def get_method(name: str) -> type[Adapter]:
     """The Adapter class registered under ``name``; raises :class:`UnknownMethodError` naming close matches."""
     _load_builtin_methods()
