@@ -116,7 +116,7 @@ def build_adapter(method: type[Adapter], base: BaseView, config: AdapterConfig, 
     """Instantiate ``method`` for one base module, on the base's device and dtype."""
     try:
         adapter = method(base, config)
-    except InvalidConfigError as exc:
-        raise InvalidConfigError(f"{path}: {exc}") from None
+    except (InvalidConfigError, UnsupportedLayerError) as exc:
+        raise type(exc)(f"{path}: {exc}") from None
     dtype = base.dtype if base.dtype.is_floating_point else None
     return adapter.to(device=base.device, dtype=dtype)

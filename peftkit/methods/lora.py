@@ -8,7 +8,8 @@ Supported layers: ``nn.Linear`` and GPT-2 ``Conv1D`` (``A`` acts on the input fe
 (``A`` is a conv with the base kernel, stride, padding and dilation; ``B`` a 1x1 conv), ``nn.Embedding``
 (``A [r, vocab]`` is looked up by id, as in PEFT). Init as PEFT: ``A`` Kaiming-uniform (``a=√5``) or
 Gaussian ``N(0, 1/r²)``, ``B = 0``; for embeddings ``A = 0`` and ``B ~ N(0, 1)``. Identity at init.
-``ΔW = s · B A`` (exact merge). With ``bias=True`` (PEFT ``lora_bias``) ``B`` carries a bias, scaled by ``s``.
+``ΔW = s · B A`` (exact merge). With ``bias=True`` (PEFT ``lora_bias``) ``B`` carries a bias, scaled by ``s``
+(not on embeddings, which have no bias to merge it into; PEFT refuses it there too).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
+from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
 from peftkit.core.registry import register
 
@@ -93,6 +94,11 @@ class LoRA(Adapter):
             raise InvalidConfigError(
                 f"r={r} is larger than this {base.kind} layer allows "
                 f"(at most {max_rank(base)} for shape {base.weight_shape})"
+            )
+        if config.bias and base.kind == "embedding":
+            raise UnsupportedLayerError(
+                "bias=True is not supported on an Embedding: nn.Embedding has no bias to merge it into "
+                "(PEFT refuses lora_bias there too)"
             )
         self.kind = base.kind
         self.scale = config.scale
