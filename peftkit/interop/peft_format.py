@@ -193,7 +193,8 @@ def export_peft(
         "target_modules": sorted(targets),
         "exclude_modules": None,
         "modules_to_save": sorted(saved) or None,
-        "init_lora_weights": "gaussian" if getattr(config, "init", "kaiming") == "gaussian" else True,
+        # the init is only a record here (the tensors are trained); PEFT refuses "gaussian" with lora_bias
+        "init_lora_weights": "gaussian" if config.init == "gaussian" and not config.bias else True,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
