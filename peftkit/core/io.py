@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -161,7 +162,13 @@ def load_adapter(model: Any, path: str | Path, name: str | None = None, activate
 
 
 def _assign(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path) -> None:
-    expected = model.adapter_state_dict(name)
+    # One pass over the adapter's modules; tensors are copied straight into the parameters and buffers that
+    # ``state_dict`` names (what ``save`` wrote), which is ``load_state_dict`` without its per-module overhead.
+    expected = {
+        f"{module_path}.{key}": t
+        for module_path, adapter in model.adapter_modules(name).items()
+        for key, t in adapter.state_dict(keep_vars=True).items()
+    }
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -173,9 +180,9 @@ def _assign(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path)
             raise AdapterFileError(
                 f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the config implies {tuple(want.shape)}"
             )
-    for module_path, adapter in model.adapter_modules(name).items():
-        prefix = module_path + "."
-        adapter.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    with torch.no_grad():
+        for key, want in expected.items():
+            want.copy_(tensors[key])
 
 
 def load(base_model: nn.Module, path: str | Path, name: str | None = None) -> Any:

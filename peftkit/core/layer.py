@@ -9,6 +9,7 @@ same bank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,19 @@ class Routing:
     adapter_ids: Tensor | None = None
 
 
+class _Bank(NamedTuple):
+    """A layer's stacked low-rank adapters, valid while ``order`` and the ``sources`` versions are unchanged."""
+
+    order: tuple[str, ...]
+    sources: list[tuple[Tensor, int]]
+    down: Tensor | None
+    up: Tensor | None
+    slot_by_id: Tensor | None
+
+    def fresh(self) -> bool:
+        return all(t._version == v for t, v in self.sources)
+
+
 class AdaptedLayer(nn.Module):
     """Wraps one base module; holds ``adapters[name]`` for every adapter that targets it."""
 
@@ -46,8 +60,7 @@ class AdaptedLayer(nn.Module):
         self.routing = routing
         # name -> (ΔW, Δb) folded into the base weight; kept so unmerge subtracts exactly what was added.
         self.merged: dict[str, tuple[Tensor, Tensor | None]] = {}
-        self._bank_key: tuple | None = None
-        self._bank: tuple[Tensor, Tensor, dict[str, int]] | None = None
+        self._bank: _Bank | None = None  # cached stacked low-rank bank for mixed batches (see _lowrank_bank)
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, merged={list(self.merged)}"
@@ -78,11 +91,10 @@ class AdaptedLayer(nn.Module):
             )
         if x.shape[0] != ids.shape[0]:
             raise AdapterIdsError(f"adapter_ids has {ids.shape[0]} entries but the batch has {x.shape[0]} rows")
-        names = [n for n in self.routing.order if n in self.adapters]
-        if not names:
+        if not self.adapters:
             return base_out
         if not self.training and self.base.kind == "linear":
-            bank = self._lowrank_bank(names)
+            bank = self._lowrank_bank()
             if bank is not None:
                 return self._forward_bank(x, base_out, ids, bank)
         out = base_out
@@ -94,16 +106,29 @@ class AdaptedLayer(nn.Module):
             out = out.index_copy(0, rows, adapted)
         return out
 
-    def _lowrank_bank(self, names: list[str]) -> tuple[Tensor, Tensor, dict[str, int]] | None:
+    def _lowrank_bank(self) -> _Bank | None:
         """Stack every low-rank adapter into ``down [N+1, R, in]`` and ``up·scale [N+1, out, R]`` (zero-padded
-        to the largest rank; the last slot is all zeros and serves base-only rows)."""
-        forms = [self.adapters[n].lowrank(self.base) for n in names]
-        if any(f is None for f in forms):
-            return None
-        key = tuple((f.down.data_ptr(), f.down._version, f.up.data_ptr(), f.up._version, f.scale) for f in forms)
+        to the largest rank; the last slot is all zeros and serves base-only rows); ``None`` when an adapter
+        has no low-rank form.
+
+        Under ``no_grad`` the bank (or the answer ``None``) is cached. It is rebuilt when the adapters or their
+        order change or when any parameter or buffer of an adapter is changed in place (its ``_version``);
+        so the per-forward cost is a few attribute reads per adapter, not a rebuild.
+        """
+        order = tuple(self.routing.order)
         cacheable = not torch.is_grad_enabled()
-        if cacheable and key == self._bank_key and self._bank is not None:
-            return self._bank
+        cached = self._bank
+        if cacheable and cached is not None and cached.order == order and cached.fresh():
+            return cached if cached.down is not None else None
+        names = [n for n in order if n in self.adapters]
+        forms = [self.adapters[n].lowrank(self.base) for n in names]
+        sources = [
+            (t, t._version) for n in names for t in (*self.adapters[n].parameters(), *self.adapters[n].buffers())
+        ]
+        if any(f is None for f in forms):
+            if cacheable:
+                self._bank = _Bank(order, sources, None, None, None)
+            return None
         rank = max(f.down.shape[0] for f in forms)
         n, dtype, device = len(forms), base_dtype(self.base), self.base.device
         down = torch.zeros(n + 1, rank, self.base.in_features, dtype=dtype, device=device)
@@ -111,33 +136,30 @@ class AdaptedLayer(nn.Module):
         for i, f in enumerate(forms):
             down[i, : f.down.shape[0]] = f.down
             up[i, :, : f.up.shape[1]] = f.up * f.scale
-        bank = (down, up, {name: i for i, name in enumerate(names)})
-        if cacheable:
-            self._bank_key, self._bank = key, bank
+        slot_of = {name: i for i, name in enumerate(names)}
+        slot_by_id = torch.tensor([slot_of.get(name, n) for name in order] + [n], device=device)
+        bank = _Bank(order, sources, down, up, slot_by_id)
+        self._bank = bank if cacheable else None
         return bank
 
-    def _forward_bank(self, x: Tensor, base_out: Tensor, ids: Tensor, bank: tuple) -> Tensor:
-        down, up, slot_of = bank
-        base_slot = down.shape[0] - 1
-        slot_by_id = torch.tensor(
-            [slot_of.get(name, base_slot) for name in self.routing.order] + [base_slot], device=ids.device
-        )
-        slots = slot_by_id[ids]  # id -1 picks the trailing base slot
+    def _forward_bank(self, x: Tensor, base_out: Tensor, ids: Tensor, bank: _Bank) -> Tensor:
+        assert bank.down is not None and bank.up is not None and bank.slot_by_id is not None
+        slots = bank.slot_by_id[ids.to(bank.slot_by_id.device)]  # id -1 picks the trailing base slot
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        hidden = torch.bmm(rows, down[slots].transpose(1, 2))
-        delta = torch.bmm(hidden, up[slots].transpose(1, 2))
+        hidden = torch.bmm(rows, bank.down[slots].transpose(1, 2))
+        delta = torch.bmm(hidden, bank.up[slots].transpose(1, 2))
         return base_out + delta.view(base_out.shape)
 
     # ----------------------------------------------------------------------------------------------- adapters
     def add(self, name: str, adapter: Adapter) -> None:
         self.adapters[name] = adapter
-        self._bank_key = self._bank = None
+        self._bank = None
 
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge(name)
         del self.adapters[name]
-        self._bank_key = self._bank = None
+        self._bank = None
 
     # ------------------------------------------------------------------------------------------------ merging
     @torch.no_grad()

@@ -150,7 +150,7 @@ class AdaptedModel(nn.Module):
             raise AdapterExistsError(f"an adapter named {name!r} already exists; delete it first or pick another name")
         method = method_of(config)
         paths = inject.find_targets(self.model, config, method)
-        save_paths = inject.named_modules_to_save(self.model, config)
+        save_paths = inject.named_modules_to_save(self.model, config) if config.modules_to_save else []
         if not paths and not save_paths:
             raise inject.TargetModuleNotFound(str(config.targets), dict(inject.base_modules(self.model)))
         dense = get_method(DENSE_METHOD)
@@ -163,14 +163,15 @@ class AdaptedModel(nn.Module):
         for path, adapter in built:
             layer = inject.wrap(self.model, path, self.routing)
             layer.add(name, adapter)
-            layer.train(layer.base_layer.training)  # a new adapter follows the model's train/eval mode
+            layer.training = layer.base_layer.training  # a new adapter follows the model's train/eval mode
+            adapter.train(layer.training)  # (only the new one: adding stays O(1) in the number of adapters)
         self.configs[name] = config
         self.layer_paths[name] = [p for p, _ in built]
         self.routing.order.append(name)
         if activate or (activate is None and not self.routing.active):
             self.set_adapter(name)
         else:
-            self._set_trainable()
+            self._set_trainable([name])
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapter(s); only active adapters train."""
@@ -215,10 +216,11 @@ class AdaptedModel(nn.Module):
         if name not in self.configs:
             raise AdapterNotFoundError(name, self.configs)
 
-    def _set_trainable(self) -> None:
+    def _set_trainable(self, names: Sequence[str] | None = None) -> None:
+        """Make the parameters of adapters ``names`` (default: all) trainable iff the adapter is active."""
         active = set(self.routing.active)
-        for layer in self.layers():
-            for name, adapter in layer.adapters.items():
+        for name in self.configs if names is None else names:
+            for adapter in self.adapter_modules(name).values():
                 for p in adapter.parameters():
                     p.requires_grad_(name in active)
 
