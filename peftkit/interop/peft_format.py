@@ -301,27 +301,46 @@ def import_peft(base_model: nn.Module, path: str | Path, name: str = "default") 
         )
     except (InvalidConfigError, TypeError) as exc:
         raise UnsupportedAdapterError(f"{folder}: the config has no peftkit {method!r} equivalent: {exc}") from None
+    trainable = {p: p.requires_grad for p in base_model.parameters()} if model is None else {}
     model = model if model is not None else AdaptedModel(base_model)
     try:
-        model.add_adapter(name, config, activate=True)
-    except TargetModuleError as exc:
-        raise UnsupportedAdapterError(f"{folder}: {exc}") from None
-    try:
-        if set(model.layer_paths[name]) != set(lora) | set(dense):
-            raise BaseModelMismatch(
-                f"{folder}: the adapter's modules {sorted(set(lora) | set(dense))} select "
-                f"{sorted(model.layer_paths[name])} on this model"
-            )
-        for module_path, module in model.adapter_modules(name).items():
-            if module_path in dense:
-                state = _dense_from_peft(module_path, module.state_dict(), dense[module_path], modules, folder)
-            else:
-                state = _lora_from_peft(module_path, module.state_dict(), lora[module_path], method, folder)
-            module.load_state_dict(state)
+        try:
+            model.add_adapter(name, config, activate=True)
+        except TargetModuleError as exc:
+            raise UnsupportedAdapterError(f"{folder}: {exc}") from None
+        try:
+            _load_peft_tensors(model, name, lora, dense, modules, method, folder)
+        except BaseException:
+            model.delete_adapter(name)
+            raise
     except BaseException:
-        model.delete_adapter(name)
+        for p, flag in trainable.items():  # the wrapper froze the base: leave the caller's model as it was
+            p.requires_grad_(flag)
         raise
     return model
+
+
+def _load_peft_tensors(
+    model: AdaptedModel,
+    name: str,
+    lora: dict[str, dict[str, Tensor]],
+    dense: dict[str, dict[str, Tensor]],
+    modules: dict[str, nn.Module],
+    method: str,
+    folder: Path,
+) -> None:
+    if set(model.layer_paths[name]) != set(lora) | set(dense):
+        raise BaseModelMismatch(
+            f"{folder}: the adapter's modules {sorted(set(lora) | set(dense))} select "
+            f"{sorted(model.layer_paths[name])} on this model"
+        )
+    for module_path, module in model.adapter_modules(name).items():
+        if module_path in dense:
+            state = _dense_from_peft(module_path, module.state_dict(), dense[module_path], modules, folder)
+        else:
+            kind = model.model.get_submodule(module_path).base.kind
+            state = _lora_from_peft(module_path, kind, module.state_dict(), lora[module_path], method, folder)
+        module.load_state_dict(state)
 
 
 def _read_peft_config(folder: Path) -> dict[str, Any]:
@@ -459,9 +478,8 @@ def _exact_targets(paths: list[str], modules: dict[str, nn.Module]) -> list[str]
 
 
 def _lora_from_peft(
-    module_path: str, ours: dict[str, Tensor], parts: dict[str, Tensor], method: str, folder: Path
+    module_path: str, kind: str, ours: dict[str, Tensor], parts: dict[str, Tensor], method: str, folder: Path
 ) -> dict[str, Tensor]:
-    kind = _kind_of_state(ours, parts)
     names = {k: v for k, v in TENSOR_NAMES[method][kind].items() if k in ours}
     missing = sorted(set(names.values()) - set(parts))
     unexpected = sorted(set(parts) - set(names.values()))
@@ -478,12 +496,6 @@ def _lora_from_peft(
             )
         state[name] = got.reshape(want)
     return state
-
-
-def _kind_of_state(ours: dict[str, Tensor], parts: dict[str, Tensor]) -> str:
-    if "lora_embedding_A" in parts:
-        return "embedding"
-    return "conv2d" if ours["A"].dim() == 4 else "linear"
 
 
 def _dense_from_peft(

@@ -446,3 +446,25 @@ def test_interop_does_not_import_peft() -> None:
         "assert 'peft' not in [n.split('.')[0] for n in sys.modules if sys.modules[n] is not None]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_failed_import_leaves_the_base_untouched(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base, _, folder = peft_case("net-lora", tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["base_model.model.fc1.lora_B.weight"] = torch.zeros(31, 2)
+    save_file(tensors, weights)
+    target = copy.deepcopy(base)
+    with pytest.raises(BaseModelMismatch, match=r"fc1\.lora_B\.weight has shape \(31, 2\)"):
+        pk.import_peft(target, folder)
+    assert all(p.requires_grad for p in target.parameters())
+    assert type(target.fc1) is nn.Linear
+    torch.testing.assert_close(run(target, ids()), run(base, ids()), atol=0, rtol=0)
+    # a lora_B.bias that the config does not announce
+    tensors["base_model.model.fc1.lora_B.weight"] = torch.zeros(32, 2)
+    tensors["base_model.model.fc1.lora_B.bias"] = torch.zeros(32)
+    save_file(tensors, weights)
+    with pytest.raises(AdapterFileError, match="unexpected"):
+        pk.import_peft(target, folder)
