@@ -15,6 +15,7 @@ __all__ = [
     "AdapterIdsError",
     "AdapterNameError",
     "AdapterNotFoundError",
+    "AlreadyAdaptedError",
     "BaseModelMismatch",
     "ExportError",
     "FormatVersionError",
@@ -84,6 +85,10 @@ class AdapterNotFoundError(AdapterNameError):
     def __init__(self, name: str, known: Iterable[str]) -> None:
         known = sorted(known)
         super().__init__(f"no adapter named {name!r}{_close(name, known)}; the model holds: {known or 'none'}")
+
+
+class AlreadyAdaptedError(PeftkitError, TypeError):
+    """Wrapping a model that is already an ``AdaptedModel`` (add another adapter with ``add_adapter``)."""
 
 
 class AdapterIdsError(PeftkitError, ValueError):

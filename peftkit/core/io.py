@@ -187,8 +187,9 @@ def _assign(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path)
 
 def load(base_model: nn.Module, path: str | Path, name: str | None = None) -> Any:
     """Wrap ``base_model`` and load the adapter saved at ``path`` (active); returns the ``AdaptedModel``."""
-    from .model import AdaptedModel
+    from .model import AdaptedModel, restore_grad_flags_on_error
 
-    model = base_model if isinstance(base_model, AdaptedModel) else AdaptedModel(base_model)
-    model.load_adapter(path, name=name, activate=True)
+    with restore_grad_flags_on_error(base_model):
+        model = base_model if isinstance(base_model, AdaptedModel) else AdaptedModel(base_model)
+        model.load_adapter(path, name=name, activate=True)
     return model

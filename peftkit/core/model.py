@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import inject
 from .base import BaseView
-from .errors import AdapterExistsError, AdapterIdsError, AdapterNameError, AdapterNotFoundError
+from .errors import AdapterExistsError, AdapterIdsError, AdapterNameError, AdapterNotFoundError, AlreadyAdaptedError
 from .layer import AdaptedLayer, Routing
 from .protocol import Adapter, AdapterConfig
 from .registry import get_method, method_of
@@ -57,7 +57,7 @@ class AdaptedModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if isinstance(model, AdaptedModel):
-            raise TypeError("the model is already an AdaptedModel; use add_adapter() to add another adapter")
+            raise AlreadyAdaptedError("the model is already an AdaptedModel; use add_adapter() to add another adapter")
         self.model = model
         self.routing = Routing()
         self.configs: dict[str, AdapterConfig] = {}
@@ -329,6 +329,20 @@ def _seeded(seed: int | None) -> Iterator[None]:
 
 def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_ADAPTER) -> AdaptedModel:
     """Wrap ``model`` and inject one adapter (active and trainable). The base parameters are frozen."""
-    adapted = AdaptedModel(model)
-    adapted.add_adapter(name, config)
+    with restore_grad_flags_on_error(model):
+        adapted = AdaptedModel(model)
+        adapted.add_adapter(name, config)
     return adapted
+
+
+@contextlib.contextmanager
+def restore_grad_flags_on_error(model: nn.Module) -> Iterator[None]:
+    """Wrapping freezes the base; if adding the first adapter then fails, unfreeze it again, so a failed
+    ``adapt`` / ``load`` leaves the user's model as it was."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
