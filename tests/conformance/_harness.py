@@ -319,7 +319,24 @@ def _mixed(c: Combo, train: bool) -> None:
                 if isinstance(m, nn.Dropout):
                     m.eval()
     ids = torch.tensor([0, 1, -1, 0])
+    calls: list[str] = []  # adapters whose own forward ran
+    hooks = [
+        a.register_forward_hook(lambda m, i, o, p=path: calls.append(p))
+        for name in ("a", "b")
+        for path, a in model.adapter_modules(name).items()
+    ]
     mixed = c.run(model, adapter_ids=ids)
+    for h in hooks:
+        h.remove()
+    if not train:  # eval: linear layers whose adapters are all low-rank run as one grouped bank matmul
+        grouped = [
+            path
+            for path, layer in model.model.named_modules()
+            if isinstance(layer, AdaptedLayer)
+            and layer.base.kind == "linear"
+            and all(a.lowrank(layer.base) is not None for a in layer.adapters.values())
+        ]
+        assert not set(grouped) & set(calls), f"low-rank adapters ran one by one in eval: {sorted(calls)}"
     model.set_adapter("a")
     rows = {0: c.run(model)}
     model.set_adapter("b")
