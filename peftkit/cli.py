@@ -139,16 +139,19 @@ def train(
     from peftkit.train.tasks import TextCollator, accuracy
 
     start = time.perf_counter()
-    split = rotten_tomatoes(seed=seed, max_train=max_train_samples, max_held_out=max_eval_samples)
-    base, tokenizer = _load_base(model, head_seed=seed)
-    config_class = pk.get_method(method).config_class
-    names = {f.name for f in dataclasses.fields(config_class)}
-    fields: dict[str, Any] = {
-        "targets": targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    }
-    fields.update({k: v for k, v in {"r": r, "alpha": alpha}.items() if k in names})
-    config = config_class(**fields, modules_to_save=["head"], seed=seed)
-    adapted = pk.adapt(base, config)
+    try:
+        config_class = pk.get_method(method).config_class
+        names = {f.name for f in dataclasses.fields(config_class)}
+        fields: dict[str, Any] = {
+            "targets": targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        }
+        fields.update({k: v for k, v in {"r": r, "alpha": alpha}.items() if k in names})
+        config = config_class(**fields, modules_to_save=["head"], seed=seed)
+        split = rotten_tomatoes(seed=seed, max_train=max_train_samples, max_held_out=max_eval_samples)
+        base, tokenizer = _load_base(model, head_seed=seed)
+        adapted = pk.adapt(base, config)
+    except pk.errors.PeftkitError as exc:
+        raise typer.BadParameter(str(exc)) from None
     typer.echo(f"{method}: {adapted.trainable_parameters()}")
 
     collate = TextCollator(tokenizer, max_length=max_length)

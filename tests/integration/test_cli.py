@@ -122,3 +122,9 @@ def test_bad_run_folder_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code != 0
     assert "neither a run folder" in result.output
+
+
+def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--method", "nope", "--output-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "nope" in result.output
