@@ -255,8 +255,18 @@ class AdaptedModel(nn.Module):
         )
         for name in names:
             self._require(name)
-            for path in self.layer_paths[name]:
-                self.model.get_submodule(path).merge(name)
+        done: list[tuple[AdaptedLayer, str]] = []
+        try:
+            for name in names:
+                for path in self.layer_paths[name]:
+                    layer = self.model.get_submodule(path)
+                    if name not in layer.merged:
+                        layer.merge(name)
+                        done.append((layer, name))
+        except BaseException:  # all or nothing: a layer that cannot merge leaves no other layer merged
+            for layer, name in reversed(done):
+                layer.unmerge(name)
+            raise
         if not unload:
             return self
         return self._unwrap_all(keep_merged=True)
