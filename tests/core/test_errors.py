@@ -336,3 +336,40 @@ def test_failed_load_leaves_the_base_untouched(saved) -> None:
     with pytest.raises(BaseModelMismatch):
         pk.load(base, saved)
     assert_untouched(base, before)
+
+
+def test_lora_bias_on_a_layer_without_bias_cannot_merge() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False))
+    model = pk.adapt(net, pk.LoRAConfig(r=2, bias=True, targets=["0"]))
+    weight = net[0].base_layer.weight.detach().clone()
+    with pytest.raises(NotMergeableError, match=r"changes the bias but the base module has none"):
+        model.merge()
+    assert torch.equal(net[0].base_layer.weight, weight)  # as PEFT: "Impossible to merge ... no bias"
+
+
+def test_mixed_batch_while_merged(model: pk.AdaptedModel, token_batch) -> None:
+    model.merge(unload=False)
+    with pytest.raises(AdapterIdsError, match=r"merged into the weights; unmerge them"):
+        model(token_batch, adapter_ids=[0, 0, -1, 0])
+    assert model.routing.adapter_ids is None
+    model.unmerge()
+    model(token_batch, adapter_ids=[0, 0, -1, 0])
+
+
+def test_failed_merge_leaves_no_layer_merged() -> None:
+    """The first layer can merge, the second cannot: merge() must not leave the model half merged."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, bias=False))
+    model = pk.adapt(net, pk.LoRAConfig(r=2, bias=True, targets=["0", "1"]))
+    with torch.no_grad():
+        for a in model.adapter_modules("default").values():
+            a.B.normal_()
+            a.bias.normal_()
+    x = torch.randn(3, 4)
+    before, out = snapshot(net), model(x)
+    for unload in (True, False):
+        with pytest.raises(NotMergeableError):
+            model.merge(unload=unload)
+        assert all(not layer.merged for layer in model.layers())
+        for n, p in net.named_parameters():  # rolled back by unmerge: exact up to fp32 rounding (spec: 1e-6)
+            torch.testing.assert_close(p.detach(), before["params"][n][0], atol=1e-6, rtol=0, msg=n)
+        torch.testing.assert_close(model(x), out, atol=1e-5, rtol=0)
