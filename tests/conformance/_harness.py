@@ -23,6 +23,11 @@ from peftkit.core.base import BaseView
 from peftkit.core.layer import AdaptedLayer
 from peftkit.errors import NotMergeableError, UnsupportedLayerError
 
+# The properties a method's ``exempt`` dict may name (with the spec's reason):
+#   identity_at_init: the adapted model need not equal the base at init;
+#   mergeable: the method has no weight-space form; merge() must raise NotMergeableError and change nothing.
+EXEMPTIONS = frozenset({"identity_at_init", "mergeable"})
+
 MERGE_ATOL = 1e-5  # merged forward vs unmerged forward, fp32 (spec)
 RESTORE_ATOL = 1e-6  # unmerge(merge(W)) vs W (spec)
 MIXED_ATOL = 1e-5  # a mixed batch vs each row through its own adapter (grouped matmuls reorder the sums)

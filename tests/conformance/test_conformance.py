@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _harness import CHECKS, KINDS, Combo, combos
+from _harness import CHECKS, EXEMPTIONS, KINDS, Combo, combos
 from _throwaway_methods import THROWAWAY, registered
 
 import peftkit as pk
@@ -24,6 +24,14 @@ def test_every_method_is_covered() -> None:
     assert covered == set(pk.list_methods()), "a registered method supports none of the suite's layer kinds"
     for method in pk.list_methods():
         assert pk.get_method(method).config_class.tiny_variants(), f"{method}: tiny_variants() is empty"
+
+
+def test_exemptions_are_known_and_justified() -> None:
+    """``exempt`` keys must name a property the suite knows (a typo would silently exempt nothing)."""
+    for method in pk.list_methods():
+        for prop, reason in pk.get_method(method).exempt.items():
+            assert prop in EXEMPTIONS, f"{method}: unknown exemption {prop!r}; the suite knows {sorted(EXEMPTIONS)}"
+            assert isinstance(reason, str) and reason.strip(), f"{method}: exemption {prop!r} needs the spec's reason"
 
 
 def test_unsupported_kinds_are_skipped_by_supports() -> None:
