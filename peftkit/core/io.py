@@ -18,7 +18,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import inject
 from .errors import AdapterFileError, BaseModelMismatch, FormatVersionError, InvalidConfigError
 from .registry import get_method
 
@@ -118,13 +117,27 @@ def read_tensors(path: str | Path) -> dict[str, Tensor]:
         raise AdapterFileError(f"{file} is truncated or corrupted: {exc}") from None
 
 
+def _base_module(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` as the user sees it (an ``AdaptedLayer`` counts as its base module), found by
+    walking only that path (not the whole tree, so loading costs O(#adapted modules), not O(model))."""
+    from .layer import AdaptedLayer
+
+    module = model
+    for part in path.split(".") if path else []:
+        if isinstance(module, AdaptedLayer):
+            return None  # paths never lead inside a wrapper
+        module = module._modules.get(part)  # type: ignore[assignment]
+        if module is None:
+            return None
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
 def check_fingerprint(model: nn.Module, expected: dict[str, dict[str, Any]]) -> None:
     """Raise :class:`BaseModelMismatch` naming the first module that differs from the saved fingerprint."""
-    modules = dict(inject.base_modules(model))
     from .base import BaseView, layer_kind
 
     for path, want in expected.items():
-        module = modules.get(path)
+        module = _base_module(model, path)
         if module is None:
             raise BaseModelMismatch(
                 f"the adapter was saved for a base model with a module {path!r}; this model has none"
