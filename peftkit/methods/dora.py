@@ -56,9 +56,28 @@ class DoRA(LoRA):
 
     @torch.no_grad()
     def weight_norm(self, base: BaseView) -> Tensor:
-        """``||W + s·BA||`` per output row, detached (paper §4.3)."""
-        adapted = base.weight + self.delta_lora(base)
-        return adapted.reshape(adapted.shape[0], -1).norm(dim=1)
+        """``||W + s·BA||`` per output row, detached (paper §4.3).
+
+        Computed without materialising ``W + s·BA`` (in float32/float64):
+        ``||W_i||² + 2s·(W Aᵀ)_i·B_i + s²·(B A Aᵀ)_i·B_i``, with the frozen ``||W_i||²`` cached until the base
+        weight changes (merge/unmerge bump its version). Other dtypes take the direct route.
+        """
+        w = base.weight.reshape(base.out_features, -1)
+        if w.dtype not in (torch.float32, torch.float64):
+            adapted = base.weight + self.delta_lora(base)
+            return adapted.reshape(adapted.shape[0], -1).norm(dim=1)
+        stored = base.module.weight
+        key = (stored.data_ptr(), stored._version, stored.dtype, stored.device)
+        cache = self.__dict__.get("_w_sq")
+        if cache is None or cache[0] != key:
+            cache = (key, w.pow(2).sum(dim=1))
+            self.__dict__["_w_sq"] = cache
+        a = self.A.reshape(self.A.shape[0], -1)
+        s = self.scale
+        wa = w @ a.T  # [out, r]
+        ba = self.B @ (a @ a.T)  # [out, r]
+        sq = cache[1] + 2 * s * (wa * self.B).sum(dim=1) + (s * s) * (ba * self.B).sum(dim=1)
+        return sq.clamp_min(0).sqrt()
 
     def delta_lora(self, base: BaseView) -> Tensor:
         return super().delta_weight(base)
@@ -70,6 +89,14 @@ class DoRA(LoRA):
             gain = gain[:, None, None]
             bias = None if bias is None else bias[:, None, None]
         dropped = self.training and isinstance(self.dropout, nn.Dropout)
+        if self.kind != "conv2d" and not dropped:
+            # y = g⊙(x Wᵀ) + b + s·g⊙(h Bᵀ) = g⊙base_out + (1−g)⊙b + s·h (g⊙B)ᵀ: one elementwise pass, then
+            # the low-rank product accumulates in place (no base_out − b, no separate "inner" tensor).
+            out = base_out * gain if bias is None else torch.addcmul(bias * (1 - gain), base_out, gain)
+            hidden = base.apply(x, self.A)
+            out2d = out.view(-1, out.shape[-1])
+            out2d.addmm_(hidden.reshape(-1, hidden.shape[-1]), (self.B * gain[:, None]).T, alpha=self.scale)
+            return out
         if dropped:
             x = self.dropout(x)
             base_term = base.apply(x, base.weight)
