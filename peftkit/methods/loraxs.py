@@ -1,0 +1,128 @@
+"""LoRA-XS (Bałazy et al., 2024, "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters").
+
+The truncated SVD of the frozen weight, ``W ≈ U_r Σ_r V_rᵀ``, gives two *frozen* factors, ``B = U_r``
+(``[out, r]``) and ``A = Σ_r V_rᵀ`` (``[r, in]``, the singular values sit in ``A`` as in the official code);
+only a small ``R [r, r]`` trains:
+
+``y = x Wᵀ + b + s · B R A drop(x)``, ``s = alpha / r``, ``ΔW = s · B R A`` (exact merge).
+
+``R ~ N(0, (1e-5)²)`` at init, so the adapter is only *approximately* the identity (exempt from the exact
+identity check). ``A`` and ``B`` are persistent buffers: a saved adapter carries them, so it reloads onto the
+untouched base without recomputing the SVD. The official code uses sklearn's ``TruncatedSVD`` (randomised);
+the spec's decision, followed here, is an exact ``torch.linalg.svd`` in float64 with a deterministic sign
+convention: the largest-``|entry|`` of each column of ``U`` is positive (the matching row of ``Vᵀ`` flips
+with it). Supported layers: ``nn.Linear`` and GPT-2 ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.registry import register
+
+R_INIT_STD = 1e-5  # spec: R ~ N(0, (1e-5)²)
+
+
+@torch.no_grad()
+def svd_signed(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Full (thin) SVD ``W = U diag(S) Vh`` in float64 with a deterministic sign per singular pair.
+
+    The entry of largest magnitude in each column of ``U`` is made positive and the matching row of ``Vh`` is
+    flipped with it, so the factors do not depend on the LAPACK backend's sign choice.
+
+    Returns:
+        ``U [out, q]``, ``S [q]``, ``Vh [q, in]`` in float64, ``q = min(out, in)``.
+    """
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    idx = u.abs().argmax(dim=0)
+    sign = torch.sign(u[idx, torch.arange(u.shape[1], device=u.device)])
+    sign[sign == 0] = 1.0
+    return u * sign, s, vh * sign[:, None]
+
+
+@dataclass(kw_only=True)
+class LoRAXSConfig(AdapterConfig):
+    """Settings of LoRA-XS.
+
+    Attributes:
+        r: rank of the frozen SVD bases; ``R`` has ``r²`` trainable entries. At most ``min(in, out)``.
+        alpha: scale numerator, ``s = alpha / r``. Default ``alpha = r = 8`` (``s = 1``, the paper's
+            math/commonsense setting; its GLUE runs use ``alpha = 16``).
+        dropout: dropout probability on the adapter branch's input (off in eval mode).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    @classmethod
+    def tiny(cls) -> LoRAXSConfig:
+        return cls(r=2, alpha=4.0)
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        return [cls.tiny(), cls.tiny().replace(dropout=0.1)]
+
+
+@register("loraxs", LoRAXSConfig)
+class LoRAXS(Adapter):
+    """``y = base(x) + s · B R A drop(x)`` with frozen SVD factors ``A``, ``B``; see the module docstring."""
+
+    config: LoRAXSConfig
+    exempt: ClassVar[dict[str, str]] = {
+        "identity_at_init": "spec (LoRA-XS): R ~ N(0, (1e-5)^2), W is not modified; identity at init is only "
+        "approximate (delta ~ 1e-5 * sigma)"
+    }
+
+    def __init__(self, base: BaseView, config: LoRAXSConfig) -> None:
+        super().__init__(base, config)
+        r, q = config.r, min(base.in_features, base.out_features)
+        if r > q:
+            raise InvalidConfigError(f"r={r} is larger than this layer allows (at most {q} for {base.weight_shape})")
+        self.scale = config.scale
+        u, s, vh = svd_signed(base.weight)
+        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+        self.register_buffer("A", (s[:r, None] * vh[:r]).to(dtype))  # Σ_r V_rᵀ  [r, in]
+        self.register_buffer("B", u[:, :r].contiguous().to(dtype))  # U_r  [out, r]
+        self.R = nn.Parameter(torch.empty(r, r, dtype=dtype, device=base.device))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.R, std=R_INIT_STD)
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        hidden = self.dropout(x) @ self.A.T  # [.., r]
+        up = self.B @ self.R  # [out, r]
+        out = torch.addmm(
+            base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.T, alpha=self.scale
+        )
+        return out.view(base_out.shape)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        return self.scale * (self.B @ self.R @ self.A)
+
+    def lowrank(self, base: BaseView) -> LowRank:
+        return LowRank(self.A, self.B @ self.R, self.scale)
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: LoRAXSConfig) -> int:
+        return config.r * config.r
