@@ -1,0 +1,199 @@
+"""DyLoRA (Valipour et al., 2023, "DyLoRA: Parameter Efficient Tuning of Pre-trained Models using Dynamic
+Search-Free Low-Rank Adaptation").
+
+One LoRA pair of the largest rank ``r`` (``A [r, in]``, ``B [out, r]``) holds nested adapters of every rank
+``k ≤ r``: the rank-``k`` adapter uses the first ``k`` components,
+
+``y = x Wᵀ + b + (alpha / k) · B[:, :k] A[:k] drop(x)``, ``ΔW_k = (alpha / k) · B[:, :k] A[:k]``
+
+(the official code scales ``A_k`` and ``B_k`` by ``sqrt(r / k)`` each on top of ``alpha / r``: the same).
+Init as LoRA (``A`` Kaiming-uniform, ``B = 0``): identity at init.
+
+Training draws a rank index ``b ~ U{0, …, r−1}`` at every optimizer step, *one value for all layers*, and
+trains the rank ``k = b + 1`` adapter. In the default "frozen" mode (official; ``update_all_below=False``)
+the components ``< b`` are detached, so only component ``b`` (row ``A[b]``, column ``B[:, b]``) gets a gradient.
+
+State is explicit, per module: ``train_rank`` (used in training mode) and ``eval_rank`` (used in eval mode,
+by :meth:`delta_weight` / :meth:`lowrank`, hence by merging and mixed batches; default ``r`` or
+``config.eval_rank``). Two ways to draw the training rank, both with no global state:
+
+* :meth:`DyLoRA.step` (called by the trainer after each optimizer step): the rank for the next step is drawn
+  from a generator seeded by ``(config.seed or 0, global_step)``; every layer of the adapter shares the config,
+  so every layer draws the same rank (inferred: the official callback uses the global torch RNG).
+* :func:`sample_rank` with an explicit ``torch.Generator`` (set ``sample_in_step=False`` to use it alone).
+
+Supported layers: ``nn.Linear`` and GPT-2 ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.registry import register
+
+
+@dataclass(kw_only=True)
+class DyLoRAConfig(AdapterConfig):
+    """Settings of DyLoRA (defaults: the official GLUE scripts, RoBERTa-base).
+
+    Attributes:
+        r: the largest rank ``r_max``; every rank ``1..r`` is a valid adapter.
+        alpha: scale numerator; the rank-``k`` adapter is scaled by ``alpha / k``. Default 16.
+        dropout: dropout probability on the adapter branch's input (off in eval mode).
+        update_all_below: ``False`` (official "frozen" mode): in training only component ``b = k − 1`` gets a
+            gradient; ``True``: every component ``< k`` trains.
+        eval_rank: the rank used in eval mode and for merging (``None``: ``r``); change it with
+            :meth:`DyLoRA.set_rank` / :func:`set_rank`.
+        sample_in_step: draw the training rank in :meth:`DyLoRA.step` (once per optimizer step).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    update_all_below: bool = False
+    eval_rank: int | None = None
+    sample_in_step: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if self.eval_rank is not None and not 1 <= self.eval_rank <= self.r:
+            raise InvalidConfigError(f"eval_rank must lie in [1, r={self.r}], got {self.eval_rank!r}")
+
+    @classmethod
+    def tiny(cls) -> DyLoRAConfig:
+        return cls(r=3, alpha=6.0)
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        t = cls.tiny()
+        return [t, t.replace(eval_rank=2, dropout=0.1), t.replace(update_all_below=True, eval_rank=1)]
+
+
+@register("dylora", DyLoRAConfig)
+class DyLoRA(Adapter):
+    """Nested-rank LoRA; see the module docstring."""
+
+    config: DyLoRAConfig
+
+    def __init__(self, base: BaseView, config: DyLoRAConfig) -> None:
+        super().__init__(base, config)
+        r = config.r
+        if r > min(base.in_features, base.out_features):
+            raise InvalidConfigError(f"r={r} is larger than this layer allows ({base.weight_shape})")
+        self.alpha = config.alpha
+        self.A = nn.Parameter(torch.empty(r, base.in_features))
+        self.B = nn.Parameter(torch.empty(base.out_features, r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.train_rank = r
+        self.frozen = not config.update_all_below
+        k = config.eval_rank or r
+        # The eval rank is also a (non-persistent) buffer so that changing it bumps a tensor version: the
+        # core's cached mixed-batch bank is rebuilt then.
+        self.register_buffer("eval_rank", torch.tensor(k), persistent=False)
+        self._eval_k = k
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    # ------------------------------------------------------------------------------------------------ ranks
+    def _check(self, k: int) -> int:
+        if not 1 <= int(k) <= self.config.r:
+            raise ValueError(f"rank must lie in [1, {self.config.r}], got {k}")
+        return int(k)
+
+    def set_rank(self, k: int) -> None:
+        """Use the rank-``k`` adapter in eval mode, for merging and in mixed batches."""
+        self._eval_k = self._check(k)
+        self.eval_rank.fill_(self._eval_k)
+
+    def set_train_rank(self, k: int, frozen: bool | None = None) -> None:
+        """Train the rank-``k`` adapter (component ``b = k − 1``); ``frozen`` overrides the config's mode."""
+        self.train_rank = self._check(k)
+        if frozen is not None:
+            self.frozen = frozen
+
+    def step(self, global_step: int) -> None:
+        """Draw the training rank for the next optimizer step from ``(config.seed or 0, global_step)``."""
+        if self.config.sample_in_step:
+            g = torch.Generator().manual_seed((self.config.seed or 0) * 1_000_003 + int(global_step))
+            self.set_train_rank(int(torch.randint(self.config.r, (1,), generator=g)) + 1)
+
+    @property
+    def rank(self) -> int:
+        """The rank the next forward uses (``train_rank`` in training mode, else the eval rank)."""
+        return self.train_rank if self.training else self._eval_k
+
+    def factors(self, k: int, frozen: bool = False) -> tuple[Tensor, Tensor]:
+        """``A[:k]``, ``B[:, :k]``; with ``frozen`` the components ``< k − 1`` are detached."""
+        a, b = self.A[:k], self.B[:, :k]
+        if frozen and k > 1:
+            a = torch.cat([a[: k - 1].detach(), a[k - 1 :]], dim=0)
+            b = torch.cat([b[:, : k - 1].detach(), b[:, k - 1 :]], dim=1)
+        return a, b
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        k = self.rank
+        a, b = self.factors(k, frozen=self.training and self.frozen)
+        hidden = self.dropout(x) @ a.T
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, k), b.T, alpha=self.alpha / k)
+        return out.view(base_out.shape)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        k = self._eval_k
+        return (self.alpha / k) * (self.B[:, :k] @ self.A[:k])
+
+    def lowrank(self, base: BaseView) -> LowRank:
+        k = self._eval_k
+        return LowRank(self.A[:k], self.B[:, :k], self.alpha / k)
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: DyLoRAConfig) -> int:
+        return config.r * (base.in_features + base.out_features)
+
+
+def _modules(model: nn.Module) -> list[DyLoRA]:
+    found = [m for m in model.modules() if isinstance(m, DyLoRA)]
+    if not found:
+        raise ValueError("the model holds no DyLoRA adapter")
+    return found
+
+
+def sample_rank(model: nn.Module, generator: torch.Generator | None = None, *, trainable_only: bool = True) -> int:
+    """Draw one rank ``k = b + 1``, ``b ~ U{0, …, r−1}``, and make every DyLoRA module of ``model`` train it.
+
+    One draw is shared by all layers (the paper's rule). With ``trainable_only`` only modules whose parameters
+    train (the active adapter's) are set; they must share ``r``.
+
+    Returns:
+        the drawn rank ``k``.
+    """
+    modules = _modules(model)
+    if trainable_only:
+        modules = [m for m in modules if m.A.requires_grad] or modules
+    ranks = {m.config.r for m in modules}
+    if len(ranks) != 1:
+        raise ValueError(f"DyLoRA modules with different r {sorted(ranks)}: sample each adapter separately")
+    k = int(torch.randint(ranks.pop(), (1,), generator=generator)) + 1
+    for m in modules:
+        m.set_train_rank(k)
+    return k
+
+
+def set_rank(model: nn.Module, k: int) -> None:
+    """Set the eval rank ``k`` of every DyLoRA module of ``model``."""
+    for m in _modules(model):
+        m.set_rank(k)

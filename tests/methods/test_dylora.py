@@ -1,0 +1,117 @@
+"""DyLoRA spec properties: truncated forward == rank-k LoRA, frozen-mode gradients on component b only,
+merge per rank, one rank shared by all layers, mixed batches with per-adapter eval ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_net
+from torch import nn
+
+import peftkit as pk
+from peftkit.core.base import BaseView
+from peftkit.methods.dylora import DyLoRA, DyLoRAConfig, sample_rank, set_rank
+from peftkit.methods.lora import LoRA, LoRAConfig
+
+
+def _adapter(r: int = 4, **kw) -> tuple[DyLoRA, BaseView, nn.Linear]:
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 6)
+    base = BaseView(lin)
+    a = DyLoRA(base, DyLoRAConfig(r=r, alpha=8.0, **kw))
+    with torch.no_grad():
+        a.B.normal_()
+    return a, base, lin
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_truncated_equals_rank_k_lora(k: int) -> None:
+    a, base, lin = _adapter()
+    a.eval().set_rank(k)
+    lora = LoRA(base, LoRAConfig(r=k, alpha=8.0))
+    with torch.no_grad():
+        lora.A.copy_(a.A[:k])
+        lora.B.copy_(a.B[:, :k])
+    x = torch.randn(3, 5, 10)
+    torch.testing.assert_close(a(x, lin(x), base), lora(x, lin(x), base), atol=1e-6, rtol=0)
+    merged = nn.functional.linear(x, lin.weight + a.delta_weight(base), lin.bias)
+    torch.testing.assert_close(merged, a(x, lin(x), base), atol=1e-5, rtol=0)
+    lr = a.lowrank(base)
+    assert lr.down.shape[0] == k and lr.scale == 8.0 / k
+
+
+def test_identity_at_init() -> None:
+    lin = nn.Linear(10, 6)
+    base = BaseView(lin)
+    a = DyLoRA(base, DyLoRAConfig(r=4))
+    x = torch.randn(2, 10)
+    for k in range(1, 5):
+        a.set_rank(k)
+        assert torch.equal(a(x, lin(x), base), lin(x))
+
+
+def test_frozen_mode_gradient_only_on_component_b() -> None:
+    a, base, lin = _adapter(r=4)
+    a.train().set_train_rank(3)  # b = 2
+    x = torch.randn(4, 10)
+    a(x, lin(x), base).pow(2).sum().backward()
+    assert (a.A.grad[:2] == 0).all() and (a.A.grad[3:] == 0).all() and (a.A.grad[2] != 0).any()
+    assert (a.B.grad[:, :2] == 0).all() and (a.B.grad[:, 3:] == 0).all() and (a.B.grad[:, 2] != 0).any()
+
+
+def test_update_all_below_trains_every_component_below_k() -> None:
+    a, base, lin = _adapter(r=4, update_all_below=True)
+    a.train().set_train_rank(3)
+    x = torch.randn(4, 10)
+    a(x, lin(x), base).pow(2).sum().backward()
+    assert (a.A.grad[:3].abs().sum(1) > 0).all() and (a.A.grad[3:] == 0).all()
+
+
+def test_train_and_eval_ranks_are_separate() -> None:
+    a, base, lin = _adapter(r=4)
+    a.set_train_rank(1)
+    a.set_rank(4)
+    x = torch.randn(2, 10)
+    a.train()
+    y_train = a(x, lin(x), base)
+    a.eval()
+    assert a.rank == 4 and not torch.allclose(y_train, a(x, lin(x), base))
+    with pytest.raises(ValueError):
+        a.set_rank(5)
+    with pytest.raises(pk.errors.InvalidConfigError):
+        DyLoRAConfig(r=4, eval_rank=0)
+
+
+def test_one_rank_shared_by_all_layers() -> None:
+    model = pk.adapt(make_tiny_net(), DyLoRAConfig(r=4, targets=["fc1", "fc2"], seed=3))
+    mods = list(model.adapter_modules("default").values())
+    seen = set()
+    for step in range(1, 30):
+        model.step_adapters(step)
+        assert len({m.train_rank for m in mods}) == 1
+        seen.add(mods[0].train_rank)
+    assert seen == {1, 2, 3, 4}
+    g = torch.Generator().manual_seed(0)
+    k = sample_rank(model, g)
+    assert all(m.train_rank == k for m in mods)
+    assert k == int(torch.randint(4, (1,), generator=torch.Generator().manual_seed(0))) + 1
+    set_rank(model, 2)
+    assert all(m.lowrank(None).down.shape[0] == 2 for m in mods)
+
+
+def test_mixed_batch_uses_each_adapters_eval_rank() -> None:
+    model = pk.adapt(make_tiny_net(), DyLoRAConfig(r=4, targets=["fc1", "fc2"], seed=0), name="a").eval()
+    model.add_adapter("b", DyLoRAConfig(r=4, targets=["fc1", "fc2"], seed=1))
+    with torch.no_grad():
+        for name in "ab":
+            for m in model.adapter_modules(name).values():
+                m.B.normal_()
+    ids = torch.randint(0, 40, (3, 5))
+    with torch.no_grad():
+        model(input_ids=ids, adapter_ids=torch.tensor([0, 1, -1]))  # build and cache the bank
+        for m in model.adapter_modules("b").values():
+            m.set_rank(1)  # must invalidate the cached bank
+        mixed = model(input_ids=ids, adapter_ids=torch.tensor([0, 1, -1]))
+        model.set_adapter("b")
+        only_b = model(input_ids=ids)
+    torch.testing.assert_close(mixed[1], only_b[1], atol=1e-5, rtol=0)
