@@ -94,22 +94,33 @@ def named_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
     return names
 
 
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` without its per-step checks (a hot path when adding and loading adapters)."""
+    module = model
+    for part in path.split(".") if path else ():
+        child = module._modules.get(part)
+        if child is None:
+            return model.get_submodule(path)  # raises the usual AttributeError
+        module = child
+    return module
+
+
 def wrap(model: nn.Module, path: str, routing: Routing) -> AdaptedLayer:
     """The ``AdaptedLayer`` at ``path``, creating it (and swapping it in) if the module is not wrapped yet."""
-    module = model.get_submodule(path)
+    module = submodule(model, path)
     if isinstance(module, AdaptedLayer):
         return module
     layer = AdaptedLayer(module, routing)
     parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+    setattr(submodule(model, parent_path) if parent_path else model, child, layer)
     return layer
 
 
 def unwrap(model: nn.Module, path: str) -> None:
     """Put the base module back in place of the ``AdaptedLayer`` at ``path``."""
-    layer = model.get_submodule(path)
+    layer = submodule(model, path)
     parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, layer.base_layer)
+    setattr(submodule(model, parent_path) if parent_path else model, child, layer.base_layer)
 
 
 def build_adapter(method: type[Adapter], base: BaseView, config: AdapterConfig, path: str) -> Adapter:

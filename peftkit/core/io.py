@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import inject
 from .errors import AdapterFileError, BaseModelMismatch, FormatVersionError, InvalidConfigError
 from .registry import get_method
 
@@ -29,7 +30,7 @@ WEIGHTS_FILE = "adapter.safetensors"
 
 def fingerprint(model: Any, name: str) -> dict[str, dict[str, Any]]:
     """Names, kinds and shapes of the modules one adapter adapts (what a compatible base must have)."""
-    return {path: model.model.get_submodule(path).base.describe() for path in model.layer_paths[name]}
+    return {path: inject.submodule(model.model, path).base.describe() for path in model.layer_paths[name]}
 
 
 def atomic_write_dir(target: Path, files: dict[str, bytes | dict[str, Tensor]], metadata: dict[str, str]) -> None:

@@ -157,7 +157,7 @@ class AdaptedModel(nn.Module):
         built: list[tuple[str, Adapter]] = []
         with _seeded(config.seed):  # build everything first: a failure leaves the model untouched
             for path, cls in [(p, method) for p in paths] + [(p, dense) for p in save_paths]:
-                module = self.model.get_submodule(path)
+                module = inject.submodule(self.model, path)
                 base = module.base if isinstance(module, AdaptedLayer) else BaseView(module)
                 built.append((path, inject.build_adapter(cls, base, config, path)))
         for path, adapter in built:
@@ -185,7 +185,7 @@ class AdaptedModel(nn.Module):
         """Remove an adapter (unmerging it first if it was merged)."""
         self._require(name)
         for path in self.layer_paths.pop(name):
-            layer = self.model.get_submodule(path)
+            layer = inject.submodule(self.model, path)
             layer.remove(name)
             if not layer.adapters:
                 inject.unwrap(self.model, path)
@@ -231,7 +231,7 @@ class AdaptedModel(nn.Module):
     def adapter_modules(self, name: str) -> dict[str, Adapter]:
         """``{module path: Adapter}`` of one adapter."""
         self._require(name)
-        return {p: self.model.get_submodule(p).adapters[name] for p in self.layer_paths[name]}
+        return {p: inject.submodule(self.model, p).adapters[name] for p in self.layer_paths[name]}
 
     def step_adapters(self, global_step: int) -> None:
         """Call :meth:`Adapter.step` on every module of the active adapters (trainers: once per optimizer step)."""
@@ -259,7 +259,7 @@ class AdaptedModel(nn.Module):
         try:
             for name in names:
                 for path in self.layer_paths[name]:
-                    layer = self.model.get_submodule(path)
+                    layer = inject.submodule(self.model, path)
                     if name not in layer.merged:
                         layer.merge(name)
                         done.append((layer, name))
