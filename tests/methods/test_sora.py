@@ -1,0 +1,100 @@
+"""SoRA spec properties: identity at init, proximal step to all-zero gates, pruned LoRA == gated forward,
+nonzero gates non-increasing under pure proximal steps, L1 term."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_tiny_net
+from torch import nn
+
+import peftkit as pk
+from peftkit.core.base import BaseView
+from peftkit.methods.sora import SoRA, SoRAConfig, prune_to_lora, sora_l1_penalty, sora_proximal_step
+
+
+def _adapted(**kw) -> pk.AdaptedModel:
+    model = pk.adapt(make_tiny_net(), SoRAConfig(r=4, targets=["fc1", "fc2"], seed=0, **kw)).eval()
+    with torch.no_grad():
+        for m in model.adapter_modules("default").values():
+            m.B.normal_()
+    return model
+
+
+IDS = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(0))
+
+
+def test_identity_at_init_and_gaussian_gates() -> None:
+    lin = nn.Linear(12, 8)
+    a = SoRA(BaseView(lin), SoRAConfig(r=4))
+    x = torch.randn(2, 12)
+    assert torch.equal(a(x, lin(x), BaseView(lin)), lin(x))
+    assert (a.gate != 0).all() and a.gate.shape == (4,)
+    assert SoRA.expected_trainable(BaseView(lin), SoRAConfig(r=4)) == 4 * (12 + 8) + 4
+
+
+def test_proximal_with_large_threshold_zeroes_all_gates() -> None:
+    model = _adapted()
+    base = make_tiny_net()
+    gmax = max(m.gate.abs().max().item() for m in model.adapter_modules("default").values())
+    assert sora_proximal_step(model, gmax) == 0
+    for m in model.adapter_modules("default").values():
+        assert torch.equal(m.gate, torch.zeros(4))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS), base(input_ids=IDS))
+
+
+def test_nonzero_gates_non_increasing_under_proximal_steps() -> None:
+    model = _adapted()
+    counts = [sora_proximal_step(model, 0.15) for _ in range(12)]
+    assert counts == sorted(counts, reverse=True)
+    assert counts[-1] < 8
+
+
+def test_pruned_lora_equals_gated_forward() -> None:
+    lin = nn.Linear(12, 8)
+    base = BaseView(lin)
+    a = SoRA(base, SoRAConfig(r=4, alpha=8.0))
+    with torch.no_grad():
+        a.B.normal_()
+        a.gate.copy_(torch.tensor([0.7, 0.0, -1.3, 0.0]))
+    lora = a.prune(base)
+    assert lora.config.r == 2
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(lora(x, lin(x), base), a(x, lin(x), base), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lora.delta_weight(base), a.delta_weight(base), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        a.gate.zero_()
+    assert a.prune(base) is None
+
+
+def test_prune_to_lora_whole_adapter() -> None:
+    model = _adapted()
+    sora_proximal_step(model, 0.5)
+    with torch.no_grad():
+        want = model(input_ids=IDS)
+    config = prune_to_lora(model, "default", "pruned")
+    assert config.r <= 4 and model.configs["pruned"] is config
+    model.set_adapter("pruned")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS), want, atol=1e-6, rtol=0)
+
+
+def test_l1_penalty_and_step_hook() -> None:
+    model = _adapted(prox_lambda=0.1)
+    gates = torch.cat([m.gate for m in model.adapter_modules("default").values()])
+    pen = sora_l1_penalty(model)
+    torch.testing.assert_close(pen, 10.0 * gates.abs().mean())
+    pen.backward()
+    g = model.adapter_modules("default")["fc1"].gate
+    torch.testing.assert_close(g.grad, 10.0 * torch.sign(g.detach()) / 8)
+    before = g.detach().abs().clone()
+    model.step_adapters(1)  # proximal step in the per-step hook
+    torch.testing.assert_close(g.detach().abs(), (before - 0.1).clamp_min(0))
+
+
+def test_merge_exact() -> None:
+    model = _adapted()
+    with torch.no_grad():
+        want = model(input_ids=IDS)
+        plain = model.merge()
+        torch.testing.assert_close(plain(input_ids=IDS), want, atol=1e-5, rtol=0)
