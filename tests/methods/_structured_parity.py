@@ -84,6 +84,7 @@ def assert_grad_parity(
     atol: float = 1e-4,
     name: str = "a",
     skip: frozenset[str] = frozenset(),
+    rename: Callable[[str], str] = lambda n: n,
 ) -> None:
     """The loss gradients of every copied tensor (except those named in ``skip``) agree."""
     for m in (pm, ours):
@@ -93,7 +94,7 @@ def assert_grad_parity(
     checked = 0
     for path, adapter in ours.adapter_modules(name).items():
         for n, p in adapter.named_parameters():
-            key = f"base_model.model.{path}.{prefix}{n}.default"
+            key = f"base_model.model.{path}.{prefix}{rename(n)}.default"
             if key in grads_p and n not in skip:
                 torch.testing.assert_close(p.grad, grads_p[key], atol=atol, rtol=1e-4)
                 checked += 1
