@@ -55,20 +55,21 @@ def test_merge_exact_including_bias() -> None:
 
 def test_merge_in_model_and_unmerge() -> None:
     net = make_tiny_net()
+    fc1 = net.fc1
     model = pk.adapt(net, HydraConfig(r=2, targets=["fc1", "fc2"], learnable_scale=True)).eval()
     with torch.no_grad():
         for m in model.adapter_modules("default").values():
             for p in m.parameters():
                 p.add_(torch.randn_like(p) * 0.2)
     ids = torch.randint(0, 40, (3, 5))
-    bias_before = net.fc1.bias.clone()
+    bias_before = fc1.bias.clone()
     with torch.no_grad():
         want = model(input_ids=ids)
         model.merge(unload=False)
-        assert not torch.equal(net.fc1.bias, bias_before)
+        assert not torch.equal(fc1.bias, bias_before)
         torch.testing.assert_close(model(input_ids=ids), want, atol=1e-5, rtol=0)
         model.unmerge()
-    torch.testing.assert_close(net.fc1.bias, bias_before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fc1.bias, bias_before, atol=1e-6, rtol=0)
 
 
 def test_bias_less_base_cannot_merge() -> None:
