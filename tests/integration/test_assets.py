@@ -5,7 +5,6 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import time
 
 import pytest
 import torch
@@ -56,7 +55,6 @@ def test_minilm_lora_trains_a_few_steps_and_reloads(tmp_path) -> None:
     from peftkit.train import TrainConfig, Trainer
     from peftkit.train.tasks import SentenceClassifier, TextCollator, predict
 
-    start = time.perf_counter()
     split = assets.rotten_tomatoes(seed=0, max_train=64, max_held_out=32)
     encoder, tokenizer = assets.load_minilm()
     assert type(encoder).__name__ == "BertModel" and encoder.config.hidden_size == 384
@@ -71,4 +69,3 @@ def test_minilm_lora_trains_a_few_steps_and_reloads(tmp_path) -> None:
     fresh, _ = assets.load_minilm()
     reloaded = pk.load(SentenceClassifier(fresh, head_seed=0), tmp_path / "adapter")
     assert torch.equal(predict(model, split.held_out, collate), predict(reloaded, split.held_out, collate))
-    assert time.perf_counter() - start < 60
