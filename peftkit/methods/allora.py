@@ -1,0 +1,125 @@
+"""ALLoRA (Huang & Balestriero, 2024, "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws").
+
+LoRA without dropout and without scaling (``s = 1``): ``y = x Wᵀ + b + B A x``, ``ΔW = B A`` (exact merge).
+Init as LoRA (``A`` Kaiming-uniform, ``B = 0``): identity at init.
+
+The method's training change (*inferred* from the abstract; no official code) rescales each gradient row by
+the inverse of its parameter row's norm before the optimizer step:
+
+``grad_p ← grad_p / sqrt(||p||² + eps)`` for every row ``p`` of ``A`` (``[in]``) and of ``B`` (``[r]``),
+
+so a zero row's gradient is multiplied by ``1/sqrt(eps)`` (fast escape from ``B = 0``) and large rows take
+smaller steps. Spec decision: per-row norm, ``eps = 1/η² = 1e-3`` (factor ≈ 31.6 at zero).
+
+Implementation: the forward passes ``A`` and ``B`` through an identity autograd function whose backward applies
+the factor (from the weights at forward time, which the optimizer has not yet changed). So the rescaling is
+part of the graph: it survives ``deepcopy`` / reloading (unlike tensor hooks), and with gradient accumulation
+each micro-batch's gradient is scaled before it is summed, as a pre-step rescale of the sum would be.
+Supported: ``nn.Linear`` and GPT-2 ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.registry import register
+
+
+def allora_grad_factor(p: Tensor, eps: float) -> Tensor:
+    """The per-row gradient factor ``1 / sqrt(||p_row||² + eps)``, shape ``[rows, 1]``."""
+    return torch.rsqrt(p.detach().pow(2).sum(dim=-1, keepdim=True) + eps)
+
+
+class _RowGradScale(torch.autograd.Function):
+    """Identity in the forward pass; the backward multiplies each row's gradient by ``allora_grad_factor``."""
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(p)
+        ctx.eps = eps
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        return grad * allora_grad_factor(p, ctx.eps), None
+
+
+@dataclass(kw_only=True)
+class ALLoRAConfig(AdapterConfig):
+    """Settings of ALLoRA (no ``alpha`` and no ``dropout``: the method drops both).
+
+    Attributes:
+        r: rank of the update.
+        eps: ``1/η²`` in the gradient factor ``1 / sqrt(||p||² + eps)``. Default 1e-3 (spec decision, inferred).
+        grad_scaling: apply the row-wise gradient rescaling (``False``: plain LoRA with ``s = 1``, no dropout).
+    """
+
+    r: int = 8
+    eps: float = 1e-3
+    grad_scaling: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not self.eps > 0:
+            raise InvalidConfigError(f"eps must be positive, got {self.eps!r}")
+
+    @classmethod
+    def tiny(cls) -> ALLoRAConfig:
+        return cls(r=2)
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        return [cls.tiny(), cls.tiny().replace(grad_scaling=False)]
+
+
+@register("allora", ALLoRAConfig)
+class ALLoRA(Adapter):
+    """LoRA with ``s = 1``, no dropout and norm-adaptive gradient rows; see the module docstring."""
+
+    config: ALLoRAConfig
+
+    def __init__(self, base: BaseView, config: ALLoRAConfig) -> None:
+        super().__init__(base, config)
+        r = config.r
+        if r > min(base.in_features, base.out_features):
+            raise InvalidConfigError(f"r={r} is larger than this layer allows ({base.weight_shape})")
+        self.A = nn.Parameter(torch.empty(r, base.in_features))
+        self.B = nn.Parameter(torch.empty(base.out_features, r))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``A``, ``B`` as the forward uses them (with the gradient rescaling when it applies)."""
+        if self.config.grad_scaling and torch.is_grad_enabled():
+            return _RowGradScale.apply(self.A, self.config.eps), _RowGradScale.apply(self.B, self.config.eps)
+        return self.A, self.B
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        a, b = self.factors()
+        hidden = x @ a.T
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b.T)
+        return out.view(base_out.shape)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        return self.B @ self.A
+
+    def lowrank(self, base: BaseView) -> LowRank:
+        return LowRank(self.A, self.B, 1.0)
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: ALLoRAConfig) -> int:
+        return config.r * (base.in_features + base.out_features)
