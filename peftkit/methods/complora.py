@@ -1,0 +1,151 @@
+"""Comp-LoRA ("Complementary Subspace Low-Rank Adaptation of Vision-Language Models for Few-Shot
+Classification"). No official code: the construction below is *inferred* (spec decisions).
+
+From the SVD of the frozen weight, ``W = U Σ Vᵀ`` (``q = min(out, in)``), the singular vectors after the top
+``k_top`` span the *complementary* subspace: ``U_c = U[:, k_top:]`` (``[out, p]``), ``V_c = V[:, k_top:]``
+(``[in, p]``), ``p = q − k_top``. A LoRA pair ``A [r, p]``, ``B [p, r]`` acts inside it:
+
+``y = x Wᵀ + b + s · U_c B A V_cᵀ drop(x)``, ``s = alpha / r``, ``ΔW = s · U_c B A V_cᵀ`` (exact merge),
+
+so the principal subspace is untouched: ``U_kᵀ ΔW = 0`` and ``ΔW V_k = 0``. Init: ``A`` Kaiming-uniform,
+``B = 0``: identity at init. ``k_top = q // 2`` by default; ``complement_energy=e`` instead keeps as
+principal the fewest top directions holding a fraction ``e`` of the energy ``Σ σ²`` (inferred reading of
+the spec's "90% energy" option).
+
+The bases come from :func:`peftkit.methods.loraxs.svd_signed` (exact float64 SVD, deterministic signs).
+They are *non-persistent* buffers, rebuilt from the frozen base weight whenever the adapter is built (also on
+load): saving them would cost ``(in + out) · p`` numbers per layer, about ``q²``, against ``2 r p`` trainable
+ones (inferred choice; the adapter is tied to its base like any adapter). Supported: Linear, GPT-2 Conv1D.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.registry import register
+
+from .loraxs import svd_signed
+
+
+@dataclass(kw_only=True)
+class CompLoRAConfig(AdapterConfig):
+    """Settings of Comp-LoRA (defaults: spec decision, the CLIP-LoRA few-shot setting).
+
+    Attributes:
+        r: rank of the update inside the complementary subspace. Default 2.
+        alpha: scale numerator, ``s = alpha / r``. Default 1.
+        dropout: dropout probability on the adapter branch's input (off in eval mode). Default 0.25.
+        k_top: number of principal singular directions left untouched (``None``: ``min(out, in) // 2``).
+        complement_energy: alternatively, ``k_top`` = the fewest top directions holding this fraction of
+            ``Σ σ²`` (in ``(0, 1)``); exclusive with ``k_top``.
+    """
+
+    r: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.25
+    k_top: int | None = None
+    complement_energy: float | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if self.k_top is not None and self.complement_energy is not None:
+            raise InvalidConfigError("set k_top or complement_energy, not both")
+        if self.k_top is not None and self.k_top < 0:
+            raise InvalidConfigError(f"k_top must be >= 0, got {self.k_top!r}")
+        if self.complement_energy is not None and not 0.0 < self.complement_energy < 1.0:
+            raise InvalidConfigError(f"complement_energy must lie in (0, 1), got {self.complement_energy!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    @classmethod
+    def tiny(cls) -> CompLoRAConfig:
+        return cls(r=2, alpha=2.0, dropout=0.0)
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        t = cls.tiny()
+        return [t, t.replace(k_top=3, dropout=0.25), t.replace(complement_energy=0.5)]
+
+
+def principal_count(s: Tensor, config: CompLoRAConfig) -> int:
+    """``k_top`` for singular values ``s`` (descending) under ``config``."""
+    if config.complement_energy is not None:
+        energy = (s**2).cumsum(0) / (s**2).sum()
+        return int((energy < config.complement_energy).sum()) + 1
+    return s.numel() // 2 if config.k_top is None else config.k_top
+
+
+def complement_size(base: BaseView, config: CompLoRAConfig) -> int:
+    """``p = q − k_top``, the dimension of the complementary subspace of this layer."""
+    q = min(base.in_features, base.out_features)
+    if config.complement_energy is None:
+        return q - principal_count(torch.empty(q), config)
+    return q - principal_count(torch.linalg.svdvals(base.weight.detach().double()), config)
+
+
+@register("complora", CompLoRAConfig)
+class CompLoRA(Adapter):
+    """LoRA inside the complementary singular subspace of ``W``; see the module docstring."""
+
+    config: CompLoRAConfig
+
+    def __init__(self, base: BaseView, config: CompLoRAConfig) -> None:
+        super().__init__(base, config)
+        u, s, vh = svd_signed(base.weight)
+        k = principal_count(s, config)
+        p = s.numel() - k
+        if p < config.r:
+            raise UnsupportedLayerError(
+                f"the complementary subspace of this layer has dimension {p} (k_top={k} of {s.numel()}), "
+                f"smaller than r={config.r}"
+            )
+        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+        self.k_top = k
+        self.scale = config.scale
+        self.register_buffer("U_c", u[:, k:].contiguous().to(dtype), persistent=False)  # [out, p]
+        self.register_buffer("V_c", vh[k:].T.contiguous().to(dtype), persistent=False)  # [in, p]
+        self.A = nn.Parameter(torch.empty(config.r, p, dtype=dtype, device=base.device))
+        self.B = nn.Parameter(torch.empty(p, config.r, dtype=dtype, device=base.device))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``down = A V_cᵀ`` (``[r, in]``) and ``up = U_c B`` (``[out, r]``)."""
+        return self.A @ self.V_c.T, self.U_c @ self.B
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        down, up = self.factors()
+        hidden = self.dropout(x) @ down.T
+        out = torch.addmm(
+            base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.T, alpha=self.scale
+        )
+        return out.view(base_out.shape)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        down, up = self.factors()
+        return self.scale * (up @ down)
+
+    def lowrank(self, base: BaseView) -> LowRank:
+        down, up = self.factors()
+        return LowRank(down, up, self.scale)
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: CompLoRAConfig) -> int:
+        return 2 * config.r * complement_size(base, config)
