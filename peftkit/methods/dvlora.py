@@ -1,0 +1,141 @@
+"""DV-LoRA, the vector-scaled LoRA of EndoDAC (Cui et al., 2024, "EndoDAC: Efficient Adapting Foundation
+Model for Self-Supervised Depth Estimation from Any Endoscopic Camera"; official ``DVLinear``).
+
+A LoRA pair with a trainable scale vector on each factor: ``U [r, 1]`` scales the rows of ``A``, ``V [out, 1]``
+the rows of ``B``:
+
+``y = x Wᵀ + b + (alpha / r) · drop(x) (A ⊙ U)ᵀ (B ⊙ V)ᵀ``, ``ΔW = (alpha / r) (B ⊙ V)(A ⊙ U)`` (exact merge).
+
+Init (official): ``A``, ``U``, ``V`` Kaiming-uniform (``a=√5``; for ``U``/``V`` the fan-in is 1, so
+``U(−1, 1)``), ``B = 0``: identity at init.
+
+Two training phases (official ``trainer_end_to_end.py``): while ``global_step < warm_up_step`` only ``A``, ``B``
+train; afterwards ``A``, ``B`` freeze and only ``U``, ``V`` train. :meth:`DVLoRA.step` (called by the trainer
+after every optimizer step) switches the phase and sets ``requires_grad`` accordingly; the forward also
+detaches the frozen pair, so the phase holds even where the core resets ``requires_grad`` (``set_adapter``).
+``warm_up_step=None`` trains all four throughout. The official neck and depth-head training are not part of
+the adapter. Supported: ``nn.Linear`` and GPT-2 ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.registry import register
+
+
+@dataclass(kw_only=True)
+class DVLoRAConfig(AdapterConfig):
+    """Settings of DV-LoRA (defaults: the official EndoDAC code).
+
+    Attributes:
+        r: rank of the update. Default 4.
+        alpha: scale numerator, ``s = alpha / r``. Default ``alpha = r = 4`` (``s = 1``).
+        dropout: dropout probability on the adapter branch's input (off in eval mode).
+        warm_up_step: optimizer steps of phase 1 (``A``, ``B`` train); from then on only ``U``, ``V`` train.
+            ``None``: one phase, all four train. Default 20 000.
+    """
+
+    r: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    warm_up_step: int | None = 20_000
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if self.warm_up_step is not None and self.warm_up_step < 0:
+            raise InvalidConfigError(f"warm_up_step must be >= 0 or None, got {self.warm_up_step!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    @classmethod
+    def tiny(cls) -> DVLoRAConfig:
+        return cls(r=2, alpha=4.0)
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        return [cls.tiny(), cls.tiny().replace(warm_up_step=None, dropout=0.1)]
+
+
+@register("dvlora", DVLoRAConfig)
+class DVLoRA(Adapter):
+    """Vector-scaled LoRA with a two-phase schedule; see the module docstring."""
+
+    config: DVLoRAConfig
+
+    def __init__(self, base: BaseView, config: DVLoRAConfig) -> None:
+        super().__init__(base, config)
+        r = config.r
+        if r > min(base.in_features, base.out_features):
+            raise InvalidConfigError(f"r={r} is larger than this layer allows ({base.weight_shape})")
+        self.scale = config.scale
+        self.A = nn.Parameter(torch.empty(r, base.in_features))
+        self.B = nn.Parameter(torch.empty(base.out_features, r))
+        self.U = nn.Parameter(torch.empty(r, 1))
+        self.V = nn.Parameter(torch.empty(base.out_features, 1))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.phase = 1 if config.warm_up_step is not None else 0  # 0: no phases
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for p in (self.A, self.U, self.V):
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+
+    # ------------------------------------------------------------------------------------------------ phases
+    def set_phase(self, phase: int) -> None:
+        """Phase 1: ``A``, ``B`` train; phase 2: ``U``, ``V`` train; 0: all four. Sets ``requires_grad`` when the
+        adapter is trainable (active)."""
+        if phase not in (0, 1, 2):
+            raise ValueError(f"phase must be 0, 1 or 2, got {phase}")
+        self.phase = phase
+        if any(p.requires_grad for p in self.parameters()):
+            for p in (self.A, self.B):
+                p.requires_grad_(phase != 2)
+            for p in (self.U, self.V):
+                p.requires_grad_(phase != 1)
+
+    def step(self, global_step: int) -> None:
+        warm = self.config.warm_up_step
+        self.set_phase(0 if warm is None else 1 if global_step < warm else 2)
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``A ⊙ U`` and ``B ⊙ V``, with the pair frozen in this phase detached."""
+        a, b, u, v = self.A, self.B, self.U, self.V
+        if self.phase == 1:
+            u, v = u.detach(), v.detach()
+        elif self.phase == 2:
+            a, b = a.detach(), b.detach()
+        return a * u, b * v
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        down, up = self.factors()
+        hidden = self.dropout(x) @ down.T
+        out = torch.addmm(
+            base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.T, alpha=self.scale
+        )
+        return out.view(base_out.shape)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        return self.scale * ((self.B * self.V) @ (self.A * self.U))
+
+    def lowrank(self, base: BaseView) -> LowRank:
+        return LowRank(self.A * self.U, self.B * self.V, self.scale)
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: DVLoRAConfig) -> int:
+        return config.r * (base.in_features + base.out_features) + config.r + base.out_features
