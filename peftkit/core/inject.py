@@ -84,6 +84,8 @@ def find_targets(model: nn.Module, config: AdapterConfig, method: type[Adapter])
 
 
 def named_modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
     modules = dict(base_modules(model))
     names: list[str] = []
     for target in config.modules_to_save:
@@ -130,4 +132,7 @@ def build_adapter(method: type[Adapter], base: BaseView, config: AdapterConfig, 
     except (InvalidConfigError, UnsupportedLayerError) as exc:
         raise type(exc)(f"{path}: {exc}") from None
     dtype = base.dtype if base.dtype.is_floating_point else None
+    tensors = [*adapter.parameters(), *adapter.buffers()]
+    if all(t.device == base.device and (dtype is None or t.dtype == dtype) for t in tensors):
+        return adapter  # already in place (the common case): skip Module.to's walk
     return adapter.to(device=base.device, dtype=dtype)

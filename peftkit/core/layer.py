@@ -41,8 +41,8 @@ class _Bank(NamedTuple):
 
     order: tuple[str, ...]
     sources: list[tuple[Tensor, int]]
-    down: Tensor | None
-    up: Tensor | None
+    packed: Tensor | None  # [N+1, in·R + R·out]; None: some adapter has no low-rank form
+    rank: int
     slot_by_id: Tensor | None
 
     def fresh(self) -> bool:
@@ -107,9 +107,9 @@ class AdaptedLayer(nn.Module):
         return out
 
     def _lowrank_bank(self) -> _Bank | None:
-        """Stack every low-rank adapter into ``down [N+1, R, in]`` and ``up·scale [N+1, out, R]`` (zero-padded
-        to the largest rank; the last slot is all zeros and serves base-only rows); ``None`` when an adapter
-        has no low-rank form.
+        """Stack every low-rank adapter into one bank of ``N+1`` slots holding ``downᵀ [in, R]`` and
+        ``(scale·up)ᵀ [R, out]`` (zero-padded to the largest rank; the last slot is all zeros and serves
+        base-only rows); ``None`` when an adapter has no low-rank form.
 
         Under ``no_grad`` the bank (or the answer ``None``) is cached. It is rebuilt when the adapters or their
         order change or when any parameter or buffer of an adapter is changed in place (its ``_version``);
@@ -119,7 +119,7 @@ class AdaptedLayer(nn.Module):
         cacheable = not torch.is_grad_enabled()
         cached = self._bank
         if cacheable and cached is not None and cached.order == order and cached.fresh():
-            return cached if cached.down is not None else None
+            return cached if cached.packed is not None else None
         names = [n for n in order if n in self.adapters]
         forms = [self.adapters[n].lowrank(self.base) for n in names]
         sources = [
@@ -127,28 +127,37 @@ class AdaptedLayer(nn.Module):
         ]
         if any(f is None for f in forms):
             if cacheable:
-                self._bank = _Bank(order, sources, None, None, None)
+                self._bank = _Bank(order, sources, None, 0, None)
             return None
         rank = max(f.down.shape[0] for f in forms)
         n, dtype, device = len(forms), base_dtype(self.base), self.base.device
-        down = torch.zeros(n + 1, rank, self.base.in_features, dtype=dtype, device=device)
-        up = torch.zeros(n + 1, self.base.out_features, rank, dtype=dtype, device=device)
+        d_in, d_out = self.base.in_features, self.base.out_features
+        # One row per slot: [downᵀ (in×R) | (scale·up)ᵀ (R×out)], so a mixed batch gathers both in one op.
+        packed = torch.zeros(n + 1, d_in * rank + rank * d_out, dtype=dtype, device=device)
+        down_t = packed[:, : d_in * rank].view(n + 1, d_in, rank)
+        up_t = packed[:, d_in * rank :].view(n + 1, rank, d_out)
         for i, f in enumerate(forms):
-            down[i, : f.down.shape[0]] = f.down
-            up[i, :, : f.up.shape[1]] = f.up * f.scale
+            down_t[i, :, : f.down.shape[0]] = f.down.T
+            up_t[i, : f.up.shape[1]] = (f.up * f.scale).T
         slot_of = {name: i for i, name in enumerate(names)}
         slot_by_id = torch.tensor([slot_of.get(name, n) for name in order] + [n], device=device)
-        bank = _Bank(order, sources, down, up, slot_by_id)
+        bank = _Bank(order, sources, packed, rank, slot_by_id)
         self._bank = bank if cacheable else None
         return bank
 
     def _forward_bank(self, x: Tensor, base_out: Tensor, ids: Tensor, bank: _Bank) -> Tensor:
-        assert bank.down is not None and bank.up is not None and bank.slot_by_id is not None
+        """``base_out + (x downᵀ) (scale·up)ᵀ`` row by row: one gather and two batched matmuls per layer."""
+        assert bank.packed is not None and bank.slot_by_id is not None
         slots = bank.slot_by_id[ids.to(bank.slot_by_id.device)]  # id -1 picks the trailing base slot
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
-        hidden = torch.bmm(rows, bank.down[slots].transpose(1, 2))
-        delta = torch.bmm(hidden, bank.up[slots].transpose(1, 2))
-        return base_out + delta.view(base_out.shape)
+        rows, rank = x.shape[0], bank.rank
+        d_in, d_out = self.base.in_features, self.base.out_features
+        sel = bank.packed.index_select(0, slots)
+        hidden = torch.bmm(x.reshape(rows, -1, d_in), sel[:, : d_in * rank].view(rows, d_in, rank))
+        up_t = sel[:, d_in * rank :].view(rows, rank, d_out)
+        out = base_out.reshape(rows, -1, d_out)
+        if torch.is_grad_enabled():
+            return torch.baddbmm(out, hidden, up_t).view(base_out.shape)
+        return out.baddbmm_(hidden, up_t).view(base_out.shape)  # base_out is this layer's own fresh tensor
 
     # ----------------------------------------------------------------------------------------------- adapters
     def add(self, name: str, adapter: Adapter) -> None:
