@@ -92,11 +92,12 @@ class DoRA(LoRA):
         if self.kind != "conv2d" and not dropped:
             # y = g⊙(x Wᵀ) + b + s·g⊙(h Bᵀ) = g⊙base_out + (1−g)⊙b + s·h (g⊙B)ᵀ: one elementwise pass, then
             # the low-rank product accumulates in place (no base_out − b, no separate "inner" tensor).
-            out = base_out * gain if bias is None else torch.addcmul(bias * (1 - gain), base_out, gain)
+            # (2-D from the start: an in-place op on a view would make autograd copy the gradient back.)
+            flat = base_out.reshape(-1, base_out.shape[-1])
+            out = flat * gain if bias is None else torch.addcmul(bias * (1 - gain), flat, gain)
             hidden = base.apply(x, self.A)
-            out2d = out.view(-1, out.shape[-1])
-            out2d.addmm_(hidden.reshape(-1, hidden.shape[-1]), (self.B * gain[:, None]).T, alpha=self.scale)
-            return out
+            out.addmm_(hidden.reshape(-1, hidden.shape[-1]), (self.B * gain[:, None]).T, alpha=self.scale)
+            return out.view(base_out.shape)
         if dropped:
             x = self.dropout(x)
             base_term = base.apply(x, base.weight)
