@@ -26,22 +26,28 @@ def sample_layers() -> dict[str, nn.Module]:
 
 def summary(cls: type) -> str:
     doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    return paragraph if len(paragraph) <= 140 else paragraph[:139].rstrip() + "…"
 
 
-def main() -> None:
+def table() -> str:
     layers = sample_layers()
-    print("# Registered methods\n")
-    print("Generated from the registry by `make docs` (scripts/methods_table.py); do not edit by hand.\n")
-    print("| method | config | layers | mergeable | identity at init | summary |")
-    print("|---|---|---|---|---|---|")
+    lines = [
+        "# Registered methods\n",
+        "Generated from the registry by `make docs` (scripts/methods_table.py); do not edit by hand.\n",
+        "| method | config | layers | mergeable | identity at init | summary |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in pk.list_methods():
         cls = pk.get_method(name)
         kinds = ", ".join(k for k, m in layers.items() if cls.supports(m))
         mergeable = "no" if "mergeable" in cls.exempt else "yes"
         identity = "no" if "identity_at_init" in cls.exempt else "yes"
-        print(f"| `{name}` | `{cls.config_class.__name__}` | {kinds} | {mergeable} | {identity} | {summary(cls)} |")
+        lines.append(
+            f"| `{name}` | `{cls.config_class.__name__}` | {kinds} | {mergeable} | {identity} | {summary(cls)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    sys.stdout.write(table())
