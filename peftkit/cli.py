@@ -37,19 +37,6 @@ class ExportFormat(str, Enum):
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _sample_layers() -> dict[str, Any]:
-    from torch import nn
-
-    layers: dict[str, Any] = {"Linear": nn.Linear(4, 4), "Conv2d": nn.Conv2d(4, 4, 3), "Embedding": nn.Embedding(8, 4)}
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        layers["Conv1D (GPT-2)"] = Conv1D(4, 4)
-    except ImportError:
-        pass
-    return layers
-
-
 def _load_base(model_dir: Path | None, head_seed: int) -> tuple[Any, Any]:
     """A fresh :class:`SentenceClassifier` (head from ``head_seed``) and its tokenizer."""
     from peftkit.assets import load_minilm
@@ -91,16 +78,9 @@ def _held_out(task: dict[str, Any], max_eval_samples: int | None) -> list[tuple[
 @app.command()
 def methods() -> None:
     """List the registered methods: name, whether they merge into the base weights, the layers they adapt."""
-    import peftkit as pk
-    from peftkit.core.protocol import Adapter
+    from peftkit.core.registry import describe_methods
 
-    layers = _sample_layers()
-    rows = []
-    for name in pk.list_methods():
-        cls = pk.get_method(name)
-        mergeable = "yes" if cls.delta_weight is not Adapter.delta_weight else "no"
-        supported = ", ".join(kind for kind, module in layers.items() if cls.supports(module)) or "-"
-        rows.append((name, mergeable, supported))
+    rows = [(m.name, "yes" if m.mergeable else "no", ", ".join(m.layers) or "-") for m in describe_methods()]
     header = ("method", "mergeable", "supported layers")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
     for row in [header, tuple("-" * w for w in widths), *rows]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import UnknownMethodError
@@ -63,3 +64,51 @@ def get_config(name: str, **fields: Any) -> AdapterConfig:
 
 def _load_builtin_methods() -> None:
     import peftkit.methods  # noqa: F401  (importing the package registers every method file)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the registry knows about one method (for `peftkit methods` and docs/methods.md)."""
+
+    name: str
+    config: str
+    layers: tuple[str, ...]
+    mergeable: bool
+    identity_at_init: bool
+    summary: str
+
+
+def describe_methods() -> list[MethodInfo]:
+    """One :class:`MethodInfo` per registered method: supported layer kinds are probed with small sample
+    modules through each method's own ``supports``; mergeability and identity come from its ``exempt``."""
+    import sys
+
+    from torch import nn
+
+    layers: dict[str, nn.Module] = {
+        "Linear": nn.Linear(8, 8),
+        "Conv2d": nn.Conv2d(4, 4, 3),
+        "Embedding": nn.Embedding(10, 8),
+    }
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        layers["GPT-2 Conv1D"] = Conv1D(8, 8)
+    except ImportError:
+        pass
+    infos = []
+    for name in list_methods():
+        cls = _METHODS[name]
+        doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
+        paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+        infos.append(
+            MethodInfo(
+                name=name,
+                config=cls.config_class.__name__,
+                layers=tuple(kind for kind, module in layers.items() if cls.supports(module)),
+                mergeable="mergeable" not in cls.exempt,
+                identity_at_init="identity_at_init" not in cls.exempt,
+                summary=paragraph if len(paragraph) <= 140 else paragraph[:139].rstrip() + "…",
+            )
+        )
+    return infos
