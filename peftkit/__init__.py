@@ -4,7 +4,7 @@ import peftkit as pk
 model = pk.adapt(base_model, pk.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
 """
 
-from peftkit import errors
+from peftkit import assets, errors
 from peftkit.core.io import load
 from peftkit.core.model import AdaptedModel, TrainableReport, adapt
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
@@ -27,6 +27,7 @@ __all__ = [
     "TrainableReport",
     "__version__",
     "adapt",
+    "assets",
     "errors",
     "export_peft",
     "get_config",
