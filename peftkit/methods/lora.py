@@ -119,8 +119,11 @@ class LoRA(Adapter):
         if self.config.init == "gaussian":
             nn.init.normal_(self.A, std=1.0 / self.config.r)
         else:
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+            # = nn.init.kaiming_uniform_(A, a=√5): U(±√(6 / ((1 + 5)·fan_in))) = U(±1/√fan_in), same draws,
+            # without its per-call overhead (this runs once per adapted module on every add/load).
+            bound = math.sqrt(3.0) * (math.sqrt(2.0 / (1 + 5)) / math.sqrt(math.prod(self.A.shape[1:])))
+            self.A.uniform_(-bound, bound)
+        self.B.zero_()
 
     # --------------------------------------------------------------------------------------------- forward
     def lora_out(self, x: Tensor, base: BaseView) -> Tensor:
