@@ -151,3 +151,9 @@ class Adapter(nn.Module):
 
     def step(self, global_step: int) -> None:
         """Called once per optimizer step by the trainer (rank schedules and the like); default: nothing."""
+
+    def effective_rank(self) -> int | None:
+        """Optional: the rank this module's update currently has (learned, pruned or chosen), for rank
+        reports (:func:`peftkit.train.ranks.rank_report`); ``None`` (default) when the method has no notion of
+        rank. Rank-dynamic methods answer their live rank (DyLoRA: the eval rank, SoRA: nonzero gates)."""
+        return None
