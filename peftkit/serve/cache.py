@@ -1,0 +1,276 @@
+"""``AdapterCache``: adapters paged from disk into CPU memory, least recently used first out.
+
+Adapters are *registered* by name (a folder written by ``AdaptedModel.save``); their tensors are read only when
+a request needs them, in a background thread (``get_async``), so requests for adapters already in memory keep
+flowing while another one loads. Residency is bounded by bytes: after each load the least recently used
+entries that nobody holds (``pin``) are dropped until the total fits ``max_bytes``. This is the CPU tier of the
+two-tier scheme of S-LoRA / vLLM (``max_cpu_loras``); the engine keeps the second tier (adapters injected in
+the model) itself.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from peftkit.core.errors import AdapterNameError, AdapterNotFoundError, PeftkitError
+from peftkit.core.io import read_meta, read_tensors
+
+__all__ = [
+    "AdapterCache",
+    "AdapterLoadError",
+    "AdapterTooLargeError",
+    "CachedAdapter",
+    "check_adapter_name",
+]
+
+# Same alphabet as AdaptedModel adapter names: no '/', '.', '\\' or spaces, so a name is never a path.
+_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+
+
+class AdapterLoadError(PeftkitError, ValueError):
+    """One adapter could not be loaded (corrupt, truncated, or saved for another base model).
+
+    Attributes:
+        adapter: the adapter's registered name; other adapters are unaffected.
+    """
+
+    def __init__(self, adapter: str, message: str) -> None:
+        super().__init__(f"adapter {adapter!r} cannot be loaded: {message}")
+        self.adapter = adapter
+
+
+class AdapterTooLargeError(AdapterLoadError):
+    """An adapter whose tensors alone exceed the cache's byte budget."""
+
+
+def check_adapter_name(name: object) -> str:
+    """Return ``name`` if it is a valid adapter name (1-128 letters, digits, ``_`` or ``-``), else raise
+    :class:`~peftkit.errors.AdapterNameError`. Names never contain path separators or dots, so they cannot
+    escape the adapters folder."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
+    return name
+
+
+@dataclass
+class CachedAdapter:
+    """An adapter's saved config (``adapter.json``) and tensors, held in CPU memory.
+
+    Attributes:
+        name: the registered name.
+        path: the folder it was read from.
+        meta: the parsed ``adapter.json`` (method, config, base fingerprint, ...).
+        tensors: ``{module path.tensor name: tensor}`` exactly as saved.
+        nbytes: total bytes of ``tensors``.
+    """
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor]
+    nbytes: int
+    pins: int = field(default=0, repr=False)
+
+
+class AdapterCache:
+    """Registered adapters (name → folder) and an LRU of loaded ones bounded by ``max_bytes``.
+
+    Args:
+        max_bytes: byte budget for resident adapter tensors. Pinned adapters are never evicted, so the total
+            may exceed the budget while more than it is pinned; it falls back under it as pins are released.
+        root: if given, every registered folder must lie inside it (checked after resolving symlinks).
+        validate: called with the parsed ``adapter.json`` in the loader thread before the tensors are read;
+            raise a :class:`~peftkit.errors.PeftkitError` to reject an incompatible adapter (the engine checks
+            the base-model fingerprint here).
+        max_workers: loader threads.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        root: str | Path | None = None,
+        validate: Callable[[dict[str, Any]], None] | None = None,
+        max_workers: int = 2,
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.root = Path(root).resolve() if root is not None else None
+        self.validate = validate
+        self._paths: dict[str, Path] = {}
+        self._lru: OrderedDict[str, CachedAdapter] = OrderedDict()  # oldest first
+        self._loading: dict[str, Future[CachedAdapter]] = {}
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="peftkit-adapter-load")
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "load_errors": 0}
+
+    # ------------------------------------------------------------------------------------------ registration
+    def register(self, name: str, path: str | Path) -> None:
+        """Register adapter ``name`` at folder ``path`` (nothing is read yet). Re-registering a name with a new
+        path drops the resident copy."""
+        check_adapter_name(name)
+        folder = Path(path).resolve()
+        if self.root is not None and not folder.is_relative_to(self.root):
+            raise AdapterNameError(f"adapter folder {str(path)!r} lies outside the adapters root {str(self.root)!r}")
+        with self._lock:
+            if self._paths.get(name) not in (None, folder):
+                self._drop(name)
+            self._paths[name] = folder
+
+    def register_dir(self, root: str | Path) -> list[str]:
+        """Register every sub-folder of ``root`` that holds an ``adapter.json`` and has a valid name."""
+        found = []
+        for sub in sorted(Path(root).iterdir()):
+            if sub.is_dir() and (sub / "adapter.json").is_file() and _NAME.fullmatch(sub.name):
+                self.register(sub.name, sub)
+                found.append(sub.name)
+        return found
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` and drop its resident copy (holders of a :class:`CachedAdapter` keep theirs)."""
+        with self._lock:
+            self._require(name)
+            del self._paths[name]
+            self._drop(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._paths)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._paths
+
+    def path_of(self, name: str) -> Path:
+        with self._lock:
+            self._require(name)
+            return self._paths[name]
+
+    # ----------------------------------------------------------------------------------------------- loading
+    def get_async(self, name: str) -> Future[CachedAdapter]:
+        """A future of the loaded adapter: already done on a hit; otherwise the load runs in a loader thread
+        (concurrent requests for the same adapter share one load). The future raises
+        :class:`AdapterLoadError` if the adapter is corrupt or incompatible."""
+        with self._lock:
+            self._require(name)
+            entry = self._lru.get(name)
+            if entry is not None:
+                self._lru.move_to_end(name)
+                self.stats["hits"] += 1
+                done: Future[CachedAdapter] = Future()
+                done.set_result(entry)
+                return done
+            pending = self._loading.get(name)
+            if pending is not None:
+                return pending
+            self.stats["misses"] += 1
+            future = self._pool.submit(self._load, name, self._paths[name])
+            self._loading[name] = future
+            return future
+
+    def get(self, name: str, timeout: float | None = None) -> CachedAdapter:
+        """The loaded adapter (blocking)."""
+        return self.get_async(name).result(timeout)
+
+    def _load(self, name: str, path: Path) -> CachedAdapter:
+        try:
+            try:
+                meta = read_meta(path)
+                if self.validate is not None:
+                    self.validate(meta)
+                tensors = read_tensors(path)
+            except PeftkitError as exc:
+                raise AdapterLoadError(name, str(exc)) from exc
+            except OSError as exc:
+                raise AdapterLoadError(name, f"{path}: {exc}") from exc
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            if nbytes > self.max_bytes:
+                raise AdapterTooLargeError(name, f"{nbytes} bytes exceed the cache budget of {self.max_bytes}")
+            entry = CachedAdapter(name, path, meta, tensors, nbytes)
+        except BaseException:
+            with self._lock:
+                self._loading.pop(name, None)
+                self.stats["load_errors"] += 1
+            raise
+        with self._lock:
+            self._loading.pop(name, None)
+            if self._paths.get(name) == path:  # not unregistered / re-pointed meanwhile
+                self._lru[name] = entry
+                self._lru.move_to_end(name)
+                self._evict()
+        return entry
+
+    # ------------------------------------------------------------------------------------------ pins, eviction
+    def pin(self, name: str) -> None:
+        """Keep a resident adapter from eviction until :meth:`unpin` (pins count)."""
+        with self._lock:
+            entry = self._lru.get(name)
+            if entry is None:
+                raise AdapterNotFoundError(name, self._lru)
+            entry.pins += 1
+            self._lru.move_to_end(name)
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            entry = self._lru.get(name)
+            if entry is not None and entry.pins > 0:
+                entry.pins -= 1
+                self._evict()
+
+    @contextmanager
+    def using(self, name: str, timeout: float | None = None) -> Iterator[CachedAdapter]:
+        """``with cache.using(name) as adapter:`` loads (blocking) and pins for the block."""
+        while True:
+            entry = self.get(name, timeout)
+            with self._lock:
+                if self._lru.get(name) is entry:
+                    entry.pins += 1
+                    break
+        try:
+            yield entry
+        finally:
+            self.unpin(name)
+
+    def _evict(self) -> None:
+        total = sum(e.nbytes for e in self._lru.values())
+        for name in list(self._lru):
+            if total <= self.max_bytes:
+                break
+            entry = self._lru[name]
+            if entry.pins == 0:
+                del self._lru[name]
+                total -= entry.nbytes
+                self.stats["evictions"] += 1
+
+    def _drop(self, name: str) -> None:
+        self._lru.pop(name, None)
+
+    def _require(self, name: str) -> None:
+        check_adapter_name(name)
+        if name not in self._paths:
+            raise AdapterNotFoundError(name, self._paths)
+
+    # ------------------------------------------------------------------------------------------------ report
+    def resident(self) -> list[str]:
+        """Names in memory, least recently used first."""
+        with self._lock:
+            return list(self._lru)
+
+    @property
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._lru.values())
+
+    def close(self) -> None:
+        """Stop the loader threads (waits for loads in flight)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
