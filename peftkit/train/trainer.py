@@ -236,6 +236,24 @@ class Trainer:
             [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps
         )
 
+    def add_parameters(self, params: Sequence[nn.Parameter], weight_decay: float | None = None) -> None:
+        """Train parameters created after the trainer was built (methods that grow, e.g. IncreLoRA).
+
+        They join the optimizer as new param groups (matrices with ``weight_decay``, default the config's;
+        vectors without), are clipped with the others, and follow the learning-rate schedule. Parameters
+        already trained, or with ``requires_grad=False``, are skipped.
+        """
+        known = {id(p) for p in self.params}
+        new = [p for p in dict.fromkeys(params) if p.requires_grad and id(p) not in known]
+        if not new:
+            return
+        self.params.extend(new)
+        decay = self.config.weight_decay if weight_decay is None else weight_decay
+        lr = self.optimizer.param_groups[0]["lr"]
+        for group, wd in (([p for p in new if p.dim() >= 2], decay), ([p for p in new if p.dim() < 2], 0.0)):
+            if group:
+                self.optimizer.add_param_group({"params": group, "weight_decay": wd, "lr": lr})
+
     def _adapted_models(self) -> list[AdaptedModel]:
         return [m for m in self.model.modules() if isinstance(m, AdaptedModel)]
 
