@@ -101,10 +101,9 @@ class DyLoRA(Adapter):
         # core's cached mixed-batch bank is rebuilt then.
         self.register_buffer("eval_rank", torch.tensor(k), persistent=False)
         self._eval_k = k
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
 
@@ -130,6 +129,10 @@ class DyLoRA(Adapter):
         if self.config.sample_in_step:
             g = torch.Generator().manual_seed((self.config.seed or 0) * 1_000_003 + int(global_step))
             self.set_train_rank(int(torch.randint(self.config.r, (1,), generator=g)) + 1)
+
+    def effective_rank(self) -> int:
+        """The eval rank (what merging, mixed batches and eval mode use)."""
+        return self._eval_k
 
     @property
     def rank(self) -> int:

@@ -108,10 +108,9 @@ class LoRA(Adapter):
         self.B = nn.Parameter(torch.empty(base.out_features, r))
         self.bias = nn.Parameter(torch.zeros(base.out_features)) if config.bias else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and base.kind != "embedding" else nn.Identity()
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         if self.kind == "embedding":
             nn.init.zeros_(self.A)
             nn.init.normal_(self.B)
@@ -158,6 +157,10 @@ class LoRA(Adapter):
         if self.bias is not None or self.kind != "linear":
             return None
         return LowRank(self.A, self.B, self.scale)
+
+    def effective_rank(self) -> int:
+        """The rank ``r`` of the update."""
+        return self.config.r
 
     @classmethod
     def expected_trainable(cls, base: BaseView, config: LoRAConfig) -> int:

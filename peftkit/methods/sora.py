@@ -96,10 +96,9 @@ class SoRA(Adapter):
         self.B = nn.Parameter(torch.empty(base.out_features, r))
         self.gate = nn.Parameter(torch.empty(r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
         nn.init.normal_(self.gate)
@@ -126,6 +125,10 @@ class SoRA(Adapter):
     def proximal(self, threshold: float) -> int:
         """``g ← sign(g) · max(|g| − threshold, 0)``; returns the number of nonzero gates left."""
         self.gate.copy_(torch.sign(self.gate) * (self.gate.abs() - threshold).clamp_min(0))
+        return int((self.gate != 0).sum())
+
+    def effective_rank(self) -> int:
+        """The number of nonzero gates ``|K|`` (the rank of the pruned LoRA)."""
         return int((self.gate != 0).sum())
 
     def step(self, global_step: int) -> None:
