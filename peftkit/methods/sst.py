@@ -1,0 +1,158 @@
+"""SST (Zhao et al., 2024, "Sparse Spectral Training and Inference on Euclidean and Hyperbolic Neural
+Networks"). *Inferred*: the official repository was not retrievable; the spec's decisions are followed.
+
+The weight is reparametrised by its SVD, ``W = U diag(σ) Vᵀ`` (``U [d_out, m]``, ``V [d_in, m]``,
+``m = min(d_out, d_in)``, computed in float64 from the base weight), and the layer computes
+
+``y = ((x V) · σ) Uᵀ + b``  (``O(tokens · m · (d_in + d_out))``; ``ΔW = U diag(σ) Vᵀ − W`` for merging),
+
+identity at init up to SVD rounding (~1e-7). Trainable: all of ``σ`` and only ``r`` sampled singular vectors,
+the parameters ``U_s = U[:, S]`` and ``V_s = V[:, S]``; the other columns are frozen buffers, so their gradient
+is zero by construction. ``r = min(config.r, m)``; count ``m + r · (d_in + d_out)``.
+
+Rounds (decision): every ``round_steps`` optimizer steps (:meth:`step`) the sampled columns are written back,
+``U diag(σ) Vᵀ`` is re-orthogonalised by a fresh SVD (float64; the function is unchanged) and a new set
+``S = multinomial(|σ|, r, replacement=False)`` is drawn from a generator seeded by ``(seed, round)``.
+Enhanced gradient (decision, on by default): ``∂L/∂U_i = (∂L/∂W) V_i`` and ``∂L/∂V_i = (∂L/∂W)ᵀ U_i``, i.e. the
+usual gradients divided by ``σ_i`` (a custom autograd identity). Simplification: optimizer states of
+``U_s``/``V_s`` are not reset at a round boundary (the adapter does not own the optimizer). The evolving
+``U``, ``V`` and ``S`` are persistent buffers (saved: SST is full training, the saved state is weight-sized).
+Hyperbolic (Lorentz) layers are not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError
+from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.registry import register
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``factor`` (per column)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: Tensor) -> Tensor:
+        ctx.save_for_backward(factor)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None
+
+
+@dataclass(kw_only=True)
+class SSTConfig(AdapterConfig):
+    """Settings of SST (spec decisions).
+
+    Attributes:
+        r: sampled singular vectors per round (clamped to ``min(d_in, d_out)``; paper: 64 of 768, about 8 %).
+        round_steps: optimizer steps per round (default 200).
+        enhanced_grad: divide the sampled vectors' gradients by their ``σ_i`` (paper's enhanced gradient).
+    """
+
+    r: int = 64
+    round_steps: int = 200
+    enhanced_grad: bool = True
+
+    def validate(self) -> None:
+        for name in ("r", "round_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise InvalidConfigError(f"{name} must be a positive integer, got {v!r}")
+
+    @classmethod
+    def tiny(cls) -> SSTConfig:
+        return cls(r=4, round_steps=2)
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        return [cls.tiny(), cls(r=100, round_steps=1, enhanced_grad=False, seed=1)]
+
+
+def _rank(base: BaseView, config: SSTConfig) -> tuple[int, int]:
+    m = min(base.out_features, base.in_features)
+    return m, min(config.r, m)
+
+
+@register("sst", SSTConfig)
+class SST(Adapter):
+    """``y = x V diag(σ) Uᵀ + b`` with ``r`` sampled trainable singular vectors; see the module docstring."""
+
+    config: SSTConfig
+    exempt: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base: BaseView, config: SSTConfig) -> None:
+        super().__init__(base, config)
+        _, r = _rank(base, config)
+        u, s, vh = torch.linalg.svd(base.weight.detach().double(), full_matrices=False)
+        dtype = base.dtype
+        self.register_buffer("U", u.to(dtype))
+        self.register_buffer("V", vh.T.to(dtype))
+        self.register_buffer("S", torch.zeros(r, dtype=torch.long, device=base.device))
+        self.sigma = nn.Parameter(s.to(dtype))
+        self.U_s = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=base.device))
+        self.V_s = nn.Parameter(torch.zeros(base.in_features, r, dtype=dtype, device=base.device))
+        self.round = 0
+        self._sample()
+
+    # ------------------------------------------------------------------------------------------- rounds
+    @torch.no_grad()
+    def _sample(self) -> None:
+        seed = 0 if self.config.seed is None else self.config.seed
+        g = torch.Generator().manual_seed(seed * 1_000_003 + self.round)
+        weights = self.sigma.detach().abs().double().cpu().clamp_min(1e-12)
+        self.S.copy_(torch.multinomial(weights, self.S.numel(), replacement=False, generator=g))
+        self.U_s.copy_(self.U[:, self.S])
+        self.V_s.copy_(self.V[:, self.S])
+
+    def full_factors(self) -> tuple[Tensor, Tensor]:
+        """``(U, V)`` with the sampled (trainable) columns in place."""
+        u_s, v_s = self.U_s, self.V_s
+        if self.config.enhanced_grad:
+            inv = (1.0 / self.sigma.detach()[self.S].abs().clamp_min(1e-12)).to(u_s.dtype)
+            u_s, v_s = _ScaleGrad.apply(u_s, inv), _ScaleGrad.apply(v_s, inv)
+        return self.U.index_copy(1, self.S, u_s), self.V.index_copy(1, self.S, v_s)
+
+    @torch.no_grad()
+    def new_round(self) -> None:
+        """Write the sampled columns back, re-orthogonalise by SVD and draw a new sample."""
+        u, v = self.full_factors()
+        w = (u.double() * self.sigma.double()) @ v.double().T
+        u2, s2, vh2 = torch.linalg.svd(w, full_matrices=False)
+        self.U.copy_(u2)
+        self.V.copy_(vh2.T)
+        self.sigma.copy_(s2)
+        self.round += 1
+        self._sample()
+
+    def step(self, global_step: int) -> None:
+        if global_step > 0 and global_step % self.config.round_steps == 0:
+            self.new_round()
+
+    # ------------------------------------------------------------------------------------------- weights
+    def weight(self) -> Tensor:
+        u, v = self.full_factors()
+        return (u * self.sigma) @ v.T
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        return self.weight().float() - base.weight.float()
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        u, v = self.full_factors()
+        y = ((x.to(v.dtype) @ v) * self.sigma) @ u.T
+        if base.bias is not None:
+            y = y + base.bias
+        return y.to(base_out.dtype)
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: SSTConfig) -> int:
+        m, r = _rank(base, config)
+        return m + r * (base.in_features + base.out_features)
