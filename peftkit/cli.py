@@ -225,6 +225,38 @@ def export(
     typer.echo(f"exported in {format.value} format to {out}")
 
 
+@app.command()
+def serve(
+    base: Annotated[Path, typer.Option(help="Folder of the base causal LM (save_pretrained: model + tokenizer).")],
+    adapters: Annotated[Path, typer.Option(help="Folder whose sub-folders are peftkit adapters (name = folder).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    name: Annotated[str, typer.Option(help="The 'model' name that selects the base model alone.")] = "base",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="PEFTKIT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    max_loras: Annotated[int, typer.Option(help="Adapters held in the model at once.")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Waiting requests before answering 429.")] = 256,
+    cache_mb: Annotated[float, typer.Option(help="CPU memory for loaded adapters (MiB, LRU).")] = 512.0,
+) -> None:
+    """Serve the base model and every adapter in ADAPTERS over an OpenAI-compatible HTTP API."""
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.serve.cache import AdapterCache
+    from peftkit.serve.engine import Engine
+    from peftkit.serve.server import create_app
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    cache = AdapterCache(int(cache_mb * 2**20), root=adapters)
+    found = cache.register_dir(adapters)
+    engine = Engine(model, tokenizer, cache, max_loras=max_loras, max_batch=max_batch, max_queue=max_queue)
+    typer.echo(f"serving {name!r} and {len(found)} adapters on http://{host}:{port}/v1")
+    uvicorn.run(create_app(engine, base_name=name, api_key=api_key), host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     """Entry point of the ``peftkit`` script."""
     app()
