@@ -51,3 +51,14 @@ def random_adapter(make_base: Callable[[], nn.Module], config: pk.AdapterConfig,
             for p in adapter.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
     return model.save(path)
+
+
+def char_tokenizer_hf() -> object:
+    """:class:`CharTokenizer`'s vocabulary as a Hugging Face fast tokenizer (saveable, loads with AutoTokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({c: i for i, c in enumerate(ALPHABET)}, unk_token="."))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=".")

@@ -1,0 +1,53 @@
+"""``peftkit serve --base DIR --adapters DIR`` in a subprocess, queried with the openai client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import tiny_gpt2
+from serve_util import char_tokenizer_hf, random_adapter
+
+import peftkit as pk
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.mark.slow
+def test_peftkit_serve_command(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    tiny_gpt2().save_pretrained(base)
+    char_tokenizer_hf().save_pretrained(base)
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_attn"]), tmp_path / "adapters" / "demo", seed=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEFTKIT_API_KEY": "k"}
+    cmd = [sys.executable, "-m", "peftkit.cli", "serve", "--base", str(base), "--adapters", str(tmp_path / "adapters")]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["base", "demo"]
+        out = client.completions.create(model="demo", prompt="hello", max_tokens=4, temperature=0)
+        assert len(out.choices[0].text) == 4
+        chat = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert chat.choices[0].finish_reason == "length"
+    finally:
+        proc.terminate()
+        proc.wait(30)
