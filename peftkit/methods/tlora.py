@@ -1,0 +1,145 @@
+"""Transformed LoRA (2025, "Transformed Low-rank Adaptation via Tensor Decomposition and Its Applications to
+Text-to-image Models"). *Inferred* throughout: no code was found; the spec's decisions are followed, and the
+paper's exact tensor formats for the transform and the residual are not verified.
+
+``W' = T W + R = W + (T − I) W + R`` with a full-rank learnable transform ``T = I + TT_T`` (``d_out × d_out``)
+and a compact residual ``R = TT_R`` (``d_out × d_in``), both tensor-train (MPO) matrices over
+``d_out = Π o_k``, ``d_in = Π n_k`` (``K`` balanced factors, default 3):
+
+``M[(i_1..i_K), (j_1..j_K)] = G_1[:, i_1, j_1, :] ··· G_K[:, i_K, j_K, :]``  (row-major multi-indices),
+
+cores ``G_k [ρ_{k−1}, o_k, n_k, ρ_k]``, ``ρ_0 = ρ_K = 1``, TT-rank ``rank_transform`` (``T``, square cores) and
+``rank_residual`` (``R``). Forward (the transform acts on the base output, never materialising ``T W``):
+
+``y = x Wᵀ + (x Wᵀ) TT_Tᵀ + x TT_Rᵀ + b``,
+
+each TT product contracted core by core (``O(tokens · Σ_k ρ_{k−1}·ρ_k·d·o_k)``-ish, no dense matrix). Merge
+exact: ``W ← W + TT_T W + TT_R`` (the bias is not transformed). Init (decision): last core of each train zero
+(identity at init), the others ``N(0, 1 / (o_k·n_k·ρ))`` with ``ρ`` the train's TT-rank, drawn from the config
+seed. Count ``Σ_k ρ_{k−1} o_k o_k ρ_k + Σ_k ρ_{k−1} o_k n_k ρ_k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError
+from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.registry import register
+
+
+def balanced_factors(d: int, k: int) -> list[int]:
+    """``k`` factors of ``d`` as equal as possible (primes, largest first, into the smallest bucket); sorted."""
+    primes, n, p = [], d, 2
+    while p * p <= n:
+        while n % p == 0:
+            primes.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        primes.append(n)
+    buckets = [1] * k
+    for q in sorted(primes, reverse=True):
+        buckets[buckets.index(min(buckets))] *= q
+    return sorted(buckets)
+
+
+def tt_shapes(outs: list[int], ins: list[int], rank: int) -> list[tuple[int, int, int, int]]:
+    ranks = [1] + [rank] * (len(outs) - 1) + [1]
+    return [(ranks[i], o, n, ranks[i + 1]) for i, (o, n) in enumerate(zip(outs, ins))]
+
+
+def tt_apply(cores: list[Tensor] | nn.ParameterList, x: Tensor) -> Tensor:
+    """``x Mᵀ`` for the TT-matrix ``M`` of ``cores``; ``x [..., Π n_k]`` → ``[..., Π o_k]``."""
+    lead = x.shape[:-1]
+    t = x.reshape(-1, 1, x.shape[-1], 1)  # [batch, O_done, N_left, ρ]
+    for g in cores:
+        _, o, n, r = g.shape
+        b, p, rest, rho = t.shape
+        t = t.reshape(b, p, n, rest // n, rho)
+        t = torch.einsum("bpnqr,rons->bpoqs", t, g).reshape(b, p * o, rest // n, r)
+    return t.reshape(*lead, -1)
+
+
+def tt_dense(cores: list[Tensor] | nn.ParameterList, d_in: int) -> Tensor:
+    """The dense ``[Π o_k, Π n_k]`` TT-matrix."""
+    eye = torch.eye(d_in, dtype=cores[0].dtype, device=cores[0].device)
+    return tt_apply(cores, eye).T
+
+
+@dataclass(kw_only=True)
+class TLoRAConfig(AdapterConfig):
+    """Settings of Transformed LoRA (spec decisions).
+
+    Attributes:
+        num_cores: number of TT cores ``K`` (balanced factors of ``d_out`` and ``d_in``; default 3).
+        rank_transform: TT-rank ``ρ_T`` of the transform ``T − I`` (default 4).
+        rank_residual: TT-rank ``ρ_R`` of the residual ``R`` (default 8).
+    """
+
+    num_cores: int = 3
+    rank_transform: int = 4
+    rank_residual: int = 8
+
+    def validate(self) -> None:
+        for name in ("num_cores", "rank_transform", "rank_residual"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise InvalidConfigError(f"{name} must be a positive integer, got {v!r}")
+
+    @classmethod
+    def tiny(cls) -> TLoRAConfig:
+        return cls(rank_transform=2, rank_residual=2)
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        return [cls.tiny(), cls(num_cores=2, rank_transform=3, rank_residual=1, seed=4)]
+
+
+def _shapes(base: BaseView, config: TLoRAConfig) -> tuple[list, list]:
+    outs = balanced_factors(base.out_features, config.num_cores)
+    ins = balanced_factors(base.in_features, config.num_cores)
+    return tt_shapes(outs, outs, config.rank_transform), tt_shapes(outs, ins, config.rank_residual)
+
+
+@register("tlora", TLoRAConfig)
+class TLoRA(Adapter):
+    """``y = x Wᵀ + (x Wᵀ) TT_Tᵀ + x TT_Rᵀ + b``; see the module docstring."""
+
+    config: TLoRAConfig
+    exempt: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, base: BaseView, config: TLoRAConfig) -> None:
+        super().__init__(base, config)
+        g = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        trains = []
+        for shapes, rank in zip(_shapes(base, config), (config.rank_transform, config.rank_residual)):
+            cores = []
+            for i, shape in enumerate(shapes):
+                if i == len(shapes) - 1:
+                    core = torch.zeros(shape)
+                else:
+                    core = torch.randn(shape, generator=g) / math.sqrt(shape[1] * shape[2] * rank)
+                cores.append(nn.Parameter(core.to(base.device)))
+            trains.append(nn.ParameterList(cores))
+        self.transform, self.residual = trains
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        t = tt_dense(self.transform, base.out_features)
+        return t @ base.weight.to(t.dtype) + tt_dense(self.residual, base.in_features)
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        linear = base_out if base.bias is None else base_out - base.bias
+        dtype = self.transform[0].dtype
+        y = tt_apply(self.transform, linear.to(dtype)) + tt_apply(self.residual, x.to(dtype))
+        return base_out + y.to(base_out.dtype)
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: TLoRAConfig) -> int:
+        return sum(math.prod(s) for shapes in _shapes(base, config) for s in shapes)
