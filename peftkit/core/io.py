@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from . import inject
 from .errors import AdapterFileError, BaseModelMismatch, FormatVersionError, InvalidConfigError
+from .protocol import skip_init
 from .registry import get_method
 
 FORMAT = "peftkit-adapter"
@@ -161,7 +162,8 @@ def load_adapter(model: Any, path: str | Path, name: str | None = None, activate
         raise AdapterFileError(f"{path}: the saved config does not fit method {meta['method']!r}: {exc}") from None
     tensors = read_tensors(path)
     name = name or meta["name"]
-    model.add_adapter(name, config, activate=activate)
+    with skip_init():  # every saved tensor is overwritten below: allocate only, skip the init draws
+        model.add_adapter(name, config, activate=activate)
     try:
         if sorted(model.layer_paths[name]) != sorted(meta["base_fingerprint"]):
             raise BaseModelMismatch(

@@ -170,8 +170,10 @@ class AdaptedModel(nn.Module):
         self.routing.order.append(name)
         if activate or (activate is None and not self.routing.active):
             self.set_adapter(name)
-        else:
-            self._set_trainable([name])
+        else:  # inactive: frozen (the adapters just built, without walking the model for them again)
+            for _, adapter in built:
+                for p in adapter.parameters():
+                    p.requires_grad_(False)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapter(s); only active adapters train."""

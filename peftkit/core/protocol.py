@@ -7,12 +7,16 @@ injection, merging, saving, several adapters, mixed batches, serving and export 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from .base import BaseView
@@ -97,11 +101,47 @@ class LowRank(NamedTuple):
     scale: float
 
 
-class Adapter(nn.Module):
+_SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("peftkit_skip_init", default=False)
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Adapters constructed inside this block are allocated but not initialised (their
+    :meth:`Adapter.reset_parameters` is not called): the core uses it when every saved tensor is about to be
+    overwritten by values read from a file."""
+    token = _SKIP_INIT.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_INIT.reset(token)
+
+
+class _AdapterType(type(nn.Module)):  # type: ignore[misc]
+    """Construction = ``__init__`` (allocate) then ``reset_parameters(base)`` (initial values), unless inside
+    :func:`skip_init`. So ``Method(base, config)`` always returns a ready adapter, and loading skips the init
+    draws that the loaded values would overwrite."""
+
+    def __call__(cls, base: BaseView, config: AdapterConfig, *args: Any, **kwargs: Any) -> Any:
+        adapter = super().__call__(base, config, *args, **kwargs)
+        if not _SKIP_INIT.get():
+            with torch.no_grad():
+                adapter.reset_parameters(base)
+        return adapter
+
+
+class Adapter(nn.Module, metaclass=_AdapterType):
     """One method's adaptation of one base module.
 
     Subclasses implement ``__init__`` (build tensors shaped from ``base``), :meth:`forward` and, where the
     method has one, :meth:`delta_weight`. Everything else has a default.
+
+    Construction has two steps: ``__init__`` *allocates* (shapes, ``torch.empty``, and everything that is not
+    saved: non-persistent buffers, bases derived from the base weight or a seed, plain attributes) and
+    :meth:`reset_parameters` gives the *saved* tensors (``state_dict()``: parameters and persistent buffers)
+    their initial values. ``Method(base, config)`` runs both. When an adapter is loaded from a file the core
+    constructs it inside :func:`skip_init`, so ``reset_parameters`` is not called and the loaded values are
+    copied into the allocated tensors. ``__init__`` must therefore not read the saved tensors' values, and
+    must not call ``reset_parameters`` itself (that would initialise twice and shift seeded draws).
 
     Trainable tensors are ``nn.Parameter``; frozen tensors the method needs and must save are persistent
     buffers; tensors rebuilt from a seed are non-persistent buffers (never saved).
@@ -119,6 +159,11 @@ class Adapter(nn.Module):
         self.config = config
 
     # ----------------------------------------------------------------------------------------------- contract
+    def reset_parameters(self, base: BaseView) -> None:
+        """Initialise every tensor ``state_dict()`` saves (called once after ``__init__``, under ``no_grad``,
+        inside the adapter's seeded RNG context; skipped when the values are loaded). Default: nothing (for
+        methods whose ``__init__`` already sets every value; they then pay the init on loading too)."""
+
     @classmethod
     def supports(cls, base: nn.Module) -> bool:
         """Whether this method can adapt ``base`` (by default: Linear and GPT-2 Conv1D)."""

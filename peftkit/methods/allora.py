@@ -95,10 +95,9 @@ class ALLoRA(Adapter):
             raise InvalidConfigError(f"r={r} is larger than this layer allows ({base.weight_shape})")
         self.A = nn.Parameter(torch.empty(r, base.in_features))
         self.B = nn.Parameter(torch.empty(base.out_features, r))
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
 

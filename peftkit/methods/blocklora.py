@@ -80,10 +80,9 @@ class BlockLoRA(Adapter):
         self.A_s = nn.Parameter(torch.empty(config.r, self.block))
         self.B = nn.Parameter(torch.empty(base.out_features, config.r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         nn.init.kaiming_uniform_(self.A_s, a=math.sqrt(5))
         nn.init.zeros_(self.B)
 

@@ -119,10 +119,9 @@ class CompLoRA(Adapter):
         self.A = nn.Parameter(torch.empty(config.r, p, dtype=dtype, device=base.device))
         self.B = nn.Parameter(torch.empty(p, config.r, dtype=dtype, device=base.device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
 

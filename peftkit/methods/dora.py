@@ -52,7 +52,12 @@ class DoRA(LoRA):
 
     def __init__(self, base: BaseView, config: DoRAConfig) -> None:
         super().__init__(base, config)
-        self.magnitude = nn.Parameter(self.weight_norm(base))
+        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+        self.magnitude = nn.Parameter(torch.empty(base.out_features, dtype=dtype, device=base.device))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        super().reset_parameters(base)
+        self.magnitude.copy_(self.weight_norm(base))  # m = ||W + s·BA|| = ||W|| (B = 0): identity at init
 
     @torch.no_grad()
     def weight_norm(self, base: BaseView) -> Tensor:

@@ -87,10 +87,9 @@ class DVLoRA(Adapter):
         self.V = nn.Parameter(torch.empty(base.out_features, 1))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.phase = 1 if config.warm_up_step is not None else 0  # 0: no phases
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         for p in (self.A, self.U, self.V):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
         nn.init.zeros_(self.B)

@@ -92,10 +92,13 @@ class FourierFT(Adapter):
         self.shape = (d_out, d_in)
         indices = spectral_indices(d_out, d_in, n, config.random_loc_seed).to(base.device)
         self.register_buffer("indices", indices, persistent=False)
-        self.spectrum = nn.Parameter(torch.zeros(n, device=base.device))
-        if config.init == "randn":
-            with torch.no_grad():
-                self.spectrum.normal_()
+        self.spectrum = nn.Parameter(torch.empty(n, device=base.device))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        if self.config.init == "randn":
+            self.spectrum.normal_()
+        else:
+            self.spectrum.zero_()
 
     def delta_weight(self, base: BaseView) -> Tensor:
         c = self.spectrum

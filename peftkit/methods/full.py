@@ -32,8 +32,13 @@ class Full(Adapter):
 
     def __init__(self, base: BaseView, config: FullConfig) -> None:
         super().__init__(base, config)
-        self.weight_delta = nn.Parameter(torch.zeros(base.weight_shape))
-        self.bias_delta = nn.Parameter(torch.zeros(base.out_features)) if base.bias is not None else None
+        self.weight_delta = nn.Parameter(torch.empty(base.weight_shape))
+        self.bias_delta = nn.Parameter(torch.empty(base.out_features)) if base.bias is not None else None
+
+    def reset_parameters(self, base: BaseView) -> None:
+        self.weight_delta.zero_()  # ΔW = 0, Δb = 0: identity at init
+        if self.bias_delta is not None:
+            self.bias_delta.zero_()
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         return base_out + base.apply(x, self.weight_delta, self.bias_delta)

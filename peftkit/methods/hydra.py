@@ -88,10 +88,9 @@ class Hydra(Adapter):
             self.sigma = nn.Parameter(torch.tensor(float(config.scale)))
         else:
             self.sigma = float(config.scale)
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         for d in (self.D_p, self.D_s):
             if self.config.init == "lora":
                 nn.init.normal_(d, std=0.02)

@@ -111,10 +111,9 @@ class LoHa(Adapter):
         self.cp = "t1" in self.shapes
         for name, shape in self.shapes.items():
             setattr(self, name, nn.Parameter(torch.empty(shape)))
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         for name in self.shapes:
             p = getattr(self, name)
             if name == "w2_b" and self.config.init == "peft":

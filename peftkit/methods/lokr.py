@@ -159,10 +159,9 @@ class LoKr(Adapter):
         self.shapes = lokr_shapes(base, config)
         for name, shape in self.shapes.items():
             setattr(self, name, nn.Parameter(torch.empty(shape)))
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         init = self.config.init
         zero = {"peft": {"w1", "w1_a"}, "lycoris": {"w2", "w2_b"}, "random": set()}[init]
         for name in self.shapes:

@@ -103,10 +103,9 @@ class LoRAXS(Adapter):
         self.register_buffer("B", u[:, :r].contiguous().to(dtype))  # U_r  [out, r]
         self.R = nn.Parameter(torch.empty(r, r, dtype=dtype, device=base.device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, base: BaseView) -> None:
         nn.init.normal_(self.R, std=R_INIT_STD)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:

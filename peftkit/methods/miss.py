@@ -96,11 +96,14 @@ class MiSS(Adapter):
             raise InvalidConfigError(f"mode='bat' needs r={r} to divide both dims of {tuple(base.weight_shape)}")
         if config.mode == "mini" and d_out % config.mini_r:
             raise InvalidConfigError(f"mode='mini' needs mini_r={config.mini_r} to divide out_features={d_out}")
-        self.block = nn.Parameter(torch.zeros(block_shape(base, config), device=base.device))
-        if config.init == "kaiming":
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(self.block, a=math.sqrt(5))
+        self.block = nn.Parameter(torch.empty(block_shape(base, config), device=base.device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def reset_parameters(self, base: BaseView) -> None:
+        if self.config.init == "kaiming":
+            nn.init.kaiming_uniform_(self.block, a=math.sqrt(5))
+        else:
+            self.block.zero_()
 
     def shared(self, d_out: int) -> Tensor:
         """``D [r, d_out]`` of the ``"miss"`` / ``"mini"`` modes."""

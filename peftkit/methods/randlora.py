@@ -152,9 +152,13 @@ class RandLoRA(Adapter):
         self.register_buffer("A", a[:, :, : self.d_min].to(base.device), persistent=False)
         self.register_buffer("B", b[: self.d_max, : self.n, :].to(base.device), persistent=False)
         self.scale = config.alpha / r / (math.sqrt(self.n) if config.scale_by_sqrt_bases else 1.0)
-        self.lam = nn.Parameter(torch.zeros(r, self.n, device=base.device))
-        self.gamma = nn.Parameter(torch.full((self.n, self.d_min), 1.0 / max(self.n, self.d_min), device=base.device))
+        self.lam = nn.Parameter(torch.empty(r, self.n, device=base.device))
+        self.gamma = nn.Parameter(torch.empty(self.n, self.d_min, device=base.device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def reset_parameters(self, base: BaseView) -> None:
+        self.lam.zero_()
+        self.gamma.fill_(1.0 / max(self.n, self.d_min))
 
     def bases(self) -> tuple[Tensor, Tensor]:
         """``(Â [r·N, d_min], B̂ [d_max, N·r])`` in float32 (or the parameters' wider dtype)."""

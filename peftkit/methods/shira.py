@@ -113,10 +113,13 @@ class SHiRA(Adapter):
             mask = random_mask(d_out, d_in, n, config.random_seed if config.random_seed is not None else config.seed)
         rows, cols = torch.where(mask)
         self.register_buffer("indices", torch.stack([rows, cols]).to(torch.int32).to(base.device))
-        self.values = nn.Parameter(torch.zeros(n, device=base.device))
-        if config.init == "randn":
-            with torch.no_grad():
-                self.values.normal_()
+        self.values = nn.Parameter(torch.empty(n, device=base.device))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        if self.config.init == "randn":
+            self.values.normal_()
+        else:
+            self.values.zero_()
 
     def _index(self) -> tuple[Tensor, Tensor]:
         idx = self.indices.long()

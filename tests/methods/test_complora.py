@@ -42,7 +42,7 @@ def test_forward_merge_identity_and_count() -> None:
     torch.testing.assert_close(merged, want, atol=1e-5, rtol=0)
     assert CompLoRA.expected_trainable(base, a.config) == 2 * 2 * 5 == sum(p.numel() for p in a.parameters())
     with torch.no_grad():
-        a.reset_parameters()
+        a.reset_parameters(base)
     assert torch.equal(a(x, lin(x), base), lin(x))
     assert set(a.state_dict()) == {"A", "B"}  # bases are rebuilt from W, not saved
 
