@@ -1,1 +1,16 @@
-"""serve."""
+"""Multi-adapter serving: :class:`AdapterCache` (disk -> CPU LRU), :class:`Engine` (mixed-adapter continuous
+batching on one frozen causal LM) and, with the ``serve`` extra, ``peftkit.serve.server.create_app`` (an
+OpenAI-compatible FastAPI app; ``peftkit serve`` on the command line)."""
+
+from peftkit.serve.cache import AdapterCache, AdapterLoadError, AdapterTooLargeError
+from peftkit.serve.engine import Engine, EngineOverloadedError, Request, SamplingParams
+
+__all__ = [
+    "AdapterCache",
+    "AdapterLoadError",
+    "AdapterTooLargeError",
+    "Engine",
+    "EngineOverloadedError",
+    "Request",
+    "SamplingParams",
+]
