@@ -25,7 +25,8 @@ WORDS = (
     "what there even some characters comedy action love , . '"
 ).split()
 
-runner = CliRunner()
+# Wide terminal: typer draws errors in a box that wraps long messages (long tmp paths would split them).
+runner = CliRunner(env={"COLUMNS": "200"})
 
 
 def invoke(*args: str | Path) -> str:
