@@ -141,7 +141,7 @@ def diffora_parameters(model: nn.Module, name: str) -> tuple[list[nn.Parameter],
 
 def gammas(model: nn.Module, name: str) -> dict[str, float]:
     """``{module path: γ}`` of a search-phase adapter."""
-    return {p: float(m.gamma()) for p, m in _modules(model, name).items() if m.theta is not None}
+    return {p: float(m.gamma().detach()) for p, m in _modules(model, name).items() if m.theta is not None}
 
 
 class DiffoRASearch:

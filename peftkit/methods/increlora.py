@@ -33,9 +33,7 @@ official code applies it to every rank-1 ``lora_A``/``lora_B`` vector, i.e. ``| 
 
 Saving: the adapter's tensors grow, and ``adapter.json`` only records the config, so a *grown* adapter loads
 through ``load_state_dict`` (the lists grow to fit) but not through ``pk.load`` (which builds the adapter from
-the config: it then reports the extra tensors); :func:`consolidate` turns a trained IncreLoRA adapter into a
-per-layer-rank LoRA (:mod:`peftkit.methods.colora`) that saves and loads everywhere. Supported: ``Linear``
-and GPT-2 ``Conv1D``.
+the config: it then reports the extra tensors; not solved yet). Supported: ``Linear`` and GPT-2 ``Conv1D``.
 """
 
 from __future__ import annotations
