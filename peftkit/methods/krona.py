@@ -103,11 +103,14 @@ class KronA(Adapter):
         self.sizes = kron_sizes(base, config)
         a1, a2, b1, b2 = self.sizes
         self.A = nn.Parameter(torch.empty(a1, a2, device=base.device))
-        self.B = nn.Parameter(torch.zeros(b1, b2, device=base.device))
-        g = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-        with torch.no_grad():
-            bound = 1.0 / math.sqrt(a2)  # kaiming_uniform_(a=√5) bound
-            self.A.copy_(torch.rand(a1, a2, generator=g) * 2 * bound - bound)
+        self.B = nn.Parameter(torch.empty(b1, b2, device=base.device))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        a1, a2, _, _ = self.sizes
+        g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
+        bound = 1.0 / math.sqrt(a2)  # kaiming_uniform_(a=√5) bound
+        self.A.copy_(torch.rand(a1, a2, generator=g) * 2 * bound - bound)
+        self.B.zero_()
 
     def delta_weight(self, base: BaseView) -> Tensor:
         return self.config.scale * torch.kron(self.A, self.B)
@@ -135,9 +138,14 @@ class DiffuseKronA(Adapter):
         super().__init__(base, config)
         self.sizes = kron_sizes(base, config)
         a1, a2, b1, b2 = self.sizes
-        g = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-        self.down = nn.Parameter((torch.randn(a2, a1, generator=g) / a1).to(base.device))
-        self.up = nn.Parameter(torch.zeros(b1, b2, device=base.device))
+        self.down = nn.Parameter(torch.empty(a2, a1, device=base.device))
+        self.up = nn.Parameter(torch.empty(b1, b2, device=base.device))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        a1, a2, _, _ = self.sizes
+        g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
+        self.down.copy_(torch.randn(a2, a1, generator=g) / a1)
+        self.up.zero_()
 
     def delta_weight(self, base: BaseView) -> Tensor:
         a1, a2, b1, b2 = self.sizes

@@ -137,15 +137,20 @@ class LoCA(Adapter):
         if n > d_out * d_in:
             raise InvalidConfigError(f"n_frequency={n} is larger than this layer's d_out·d_in = {d_out * d_in}")
         self.shape = (d_out, d_in)
-        seed = 777 if config.seed is None else config.seed
-        idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
-        self.register_buffer("locations", torch.stack([idx // d_in, idx % d_in]).to(base.device))
-        self.coefficients = nn.Parameter(torch.zeros(n, device=base.device))
-        if config.init == "randn":
-            with torch.no_grad():
-                self.coefficients.normal_(generator=torch.Generator().manual_seed(seed + 1))
+        self.register_buffer("locations", torch.empty(2, n, dtype=torch.long, device=base.device))
+        self.coefficients = nn.Parameter(torch.empty(n, device=base.device))
         self._grad_dw: Tensor | None = None
         self._cont: Tensor | None = None
+
+    def reset_parameters(self, base: BaseView) -> None:
+        d_out, d_in = self.shape
+        seed = 777 if self.config.seed is None else self.config.seed
+        idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[: self.coefficients.numel()]
+        self.locations.copy_(torch.stack([idx // d_in, idx % d_in]))
+        if self.config.init == "randn":
+            self.coefficients.normal_(generator=torch.Generator().manual_seed(seed + 1))
+        else:
+            self.coefficients.zero_()
 
     # ------------------------------------------------------------------------------------------- weights
     def spectrum(self) -> Tensor:

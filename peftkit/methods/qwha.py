@@ -140,7 +140,10 @@ class QWHA(Adapter):
         self.register_buffer(
             "indices", torch.stack([idx // d_in, idx % d_in]).to(base.device), persistent=config.init == "qwha"
         )
-        self.spectrum = nn.Parameter(torch.zeros(n, device=base.device))
+        self.spectrum = nn.Parameter(torch.empty(n, device=base.device))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        self.spectrum.zero_()  # the (cheap) seeded indices are built in __init__; quant_init may replace them
 
     def dense_spectrum(self) -> Tensor:
         s = torch.zeros(self.shape, dtype=self.spectrum.dtype, device=self.spectrum.device)

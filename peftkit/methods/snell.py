@@ -146,20 +146,29 @@ class SNELL(Adapter):
     def __init__(self, base: BaseView, config: SNELLConfig) -> None:
         super().__init__(base, config)
         d_out, d_in, q = base.out_features, base.in_features, config.low_rank_dim
-        g = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-        self.In_Qs = nn.Parameter(torch.empty(HEADS, d_in, q // HEADS))
-        self.Out_Qs = nn.Parameter(torch.empty(HEADS, d_out, q // HEADS))
-        for p in (self.In_Qs, self.Out_Qs):
-            nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=g)
-        self.to(base.device)
+        self.In_Qs = nn.Parameter(torch.empty(HEADS, d_in, q // HEADS, device=base.device))
+        self.Out_Qs = nn.Parameter(torch.empty(HEADS, d_out, q // HEADS, device=base.device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.setup_extra(base)
         if config.zero_start:
-            with torch.no_grad():
-                self.register_buffer("K0", self.sparse_kernel().detach().clone())
+            self.register_buffer("K0", torch.empty(d_in, d_out, device=base.device))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
+        for p in (self.In_Qs, self.Out_Qs):
+            cpu = torch.empty(p.shape)
+            nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=g)
+            p.copy_(cpu)
+        self.reset_extra()
+        if self.config.zero_start:
+            self.K0.zero_()
+            self.K0.copy_(self.sparse_kernel())
 
     def setup_extra(self, base: BaseView) -> None:
-        """Hook for SNELLA's extra parameters."""
+        """Hook for SNELLA's extra parameters (allocation)."""
+
+    def reset_extra(self) -> None:
+        """Hook for SNELLA's extra parameters (initial values)."""
 
     def ratio(self) -> float:
         return self.config.init_thres
@@ -169,7 +178,7 @@ class SNELL(Adapter):
 
     def sparse_kernel(self) -> Tensor:
         k = sparsify(self.full_kernel(), self.ratio())
-        return k - self.K0 if hasattr(self, "K0") else k
+        return k - self.K0 if self.config.zero_start else k
 
     def delta_weight(self, base: BaseView) -> Tensor:
         return self.sparse_kernel().T
@@ -194,11 +203,17 @@ class SNELLA(SNELL):
     config: SNELLAConfig
 
     def setup_extra(self, base: BaseView) -> None:
-        self.alpha = nn.Parameter(torch.ones((), device=base.device))
-        self.gamma = nn.Parameter(torch.ones((), device=base.device))
-        self.beta = nn.Parameter(torch.zeros((), device=base.device))
-        self.register_buffer("sparsity", torch.tensor(float(self.config.init_thres)))
+        self.alpha = nn.Parameter(torch.empty((), device=base.device))
+        self.gamma = nn.Parameter(torch.empty((), device=base.device))
+        self.beta = nn.Parameter(torch.empty((), device=base.device))
+        self.register_buffer("sparsity", torch.empty((), device=base.device))
         self.ema: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def reset_extra(self) -> None:
+        self.alpha.fill_(1.0)
+        self.gamma.fill_(1.0)
+        self.beta.zero_()
+        self.sparsity.fill_(self.config.init_thres)
 
     def ratio(self) -> float:
         return float(self.sparsity)

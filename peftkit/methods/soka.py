@@ -7,8 +7,8 @@ near-square :func:`~peftkit.methods.lokr.factorization`, ``m1 ≤ m2``). Count `
 KPSVD (Van Loan–Pitsianis): ``R(M) = M.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1·n1, m2·n2)``,
 ``R(M) = Σ σ_t u_t v_tᵀ`` ⇒ ``M = Σ σ_t unvec(u_t) ⊗ unvec(v_t)``. Init (decision, PiSSA-style): KPSVD of the
 pretrained ``W`` (float64), ``A_t = √σ_t · u_t.reshape(m1, n1)``, ``B_t = √σ_t · v_t.reshape(m2, n2)``; the
-initial factors are kept (small persistent buffers ``A0``, ``B0``) so the frozen residual is
-``W_res = W − Σ A0_t ⊗ B0_t`` and
+initial factors are kept (non-persistent buffers ``A0``, ``B0``, rebuilt from ``W`` on loading) so the frozen
+residual is ``W_res = W − Σ A0_t ⊗ B0_t`` and
 
 ``y = x (W_res + Σ A_t ⊗ B_t)ᵀ + b = base(x) + x (Σ A_t ⊗ B_t − Σ A0_t ⊗ B0_t)ᵀ``
 
@@ -126,11 +126,15 @@ class SoKA(Adapter):
         sigma, a, b = kpsvd(base.weight.detach())
         k = soka_rank(base, config)
         root = sigma[:k].sqrt()[:, None, None]
-        a0, b0 = (root * a[:k]).to(base.dtype), (root * b[:k]).to(base.dtype)
-        self.register_buffer("A0", a0.clone())
-        self.register_buffer("B0", b0.clone())
-        self.A = nn.Parameter(a0.clone())
-        self.B = nn.Parameter(b0.clone())
+        # the initial factors are derived from the base weight: rebuilt here, never saved
+        self.register_buffer("A0", (root * a[:k]).to(base.dtype).to(base.device), persistent=False)
+        self.register_buffer("B0", (root * b[:k]).to(base.dtype).to(base.device), persistent=False)
+        self.A = nn.Parameter(torch.empty_like(self.A0))
+        self.B = nn.Parameter(torch.empty_like(self.B0))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        self.A.copy_(self.A0)
+        self.B.copy_(self.B0)
 
     def delta_weight(self, base: BaseView) -> Tensor:
         m1, m2, n1, n2 = self.dims

@@ -91,16 +91,21 @@ class SST(Adapter):
 
     def __init__(self, base: BaseView, config: SSTConfig) -> None:
         super().__init__(base, config)
-        _, r = _rank(base, config)
-        u, s, vh = torch.linalg.svd(base.weight.detach().double(), full_matrices=False)
-        dtype = base.dtype
-        self.register_buffer("U", u.to(dtype))
-        self.register_buffer("V", vh.T.to(dtype))
-        self.register_buffer("S", torch.zeros(r, dtype=torch.long, device=base.device))
-        self.sigma = nn.Parameter(s.to(dtype))
-        self.U_s = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=base.device))
-        self.V_s = nn.Parameter(torch.zeros(base.in_features, r, dtype=dtype, device=base.device))
+        m, r = _rank(base, config)
+        d_out, d_in, kw = base.out_features, base.in_features, {"dtype": base.dtype, "device": base.device}
+        self.register_buffer("U", torch.empty(d_out, m, **kw))
+        self.register_buffer("V", torch.empty(d_in, m, **kw))
+        self.register_buffer("S", torch.empty(r, dtype=torch.long, device=base.device))
+        self.sigma = nn.Parameter(torch.empty(m, **kw))
+        self.U_s = nn.Parameter(torch.empty(d_out, r, **kw))
+        self.V_s = nn.Parameter(torch.empty(d_in, r, **kw))
         self.round = 0
+
+    def reset_parameters(self, base: BaseView) -> None:
+        u, s, vh = torch.linalg.svd(base.weight.detach().double(), full_matrices=False)
+        self.U.copy_(u)
+        self.V.copy_(vh.T)
+        self.sigma.copy_(s)
         self._sample()
 
     # ------------------------------------------------------------------------------------------- rounds

@@ -117,18 +117,21 @@ class TLoRA(Adapter):
 
     def __init__(self, base: BaseView, config: TLoRAConfig) -> None:
         super().__init__(base, config)
-        g = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-        trains = []
-        for shapes, rank in zip(_shapes(base, config), (config.rank_transform, config.rank_residual)):
-            cores = []
-            for i, shape in enumerate(shapes):
-                if i == len(shapes) - 1:
-                    core = torch.zeros(shape)
-                else:
-                    core = torch.randn(shape, generator=g) / math.sqrt(shape[1] * shape[2] * rank)
-                cores.append(nn.Parameter(core.to(base.device)))
-            trains.append(nn.ParameterList(cores))
+        trains = [
+            nn.ParameterList(nn.Parameter(torch.empty(shape, device=base.device)) for shape in shapes)
+            for shapes in _shapes(base, config)
+        ]
         self.transform, self.residual = trains
+
+    def reset_parameters(self, base: BaseView) -> None:
+        config = self.config
+        g = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        for cores, rank in zip((self.transform, self.residual), (config.rank_transform, config.rank_residual)):
+            for i, core in enumerate(cores):
+                if i == len(cores) - 1:
+                    core.zero_()
+                else:
+                    core.copy_(torch.randn(core.shape, generator=g) / math.sqrt(core.shape[1] * core.shape[2] * rank))
 
     def delta_weight(self, base: BaseView) -> Tensor:
         t = tt_dense(self.transform, base.out_features)

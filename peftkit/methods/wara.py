@@ -99,11 +99,15 @@ class WaRA(Adapter):
         if d_out % 2 or d_in % 2:
             raise InvalidConfigError(f"WaRA needs even d_in and d_out, got d_in={d_in}, d_out={d_out}")
         self.scale = config.scale
-        g = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-        bound = 1.0 / math.sqrt(d_in // 2)  # kaiming_uniform_(a=√5)
-        self.A = nn.Parameter((torch.rand(config.r, d_in // 2, generator=g) * 2 * bound - bound).to(base.device))
-        self.B = nn.Parameter(torch.zeros(d_out // 2, config.r, device=base.device))
+        self.A = nn.Parameter(torch.empty(config.r, d_in // 2, device=base.device))
+        self.B = nn.Parameter(torch.empty(d_out // 2, config.r, device=base.device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def reset_parameters(self, base: BaseView) -> None:
+        g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
+        bound = 1.0 / math.sqrt(self.A.shape[1])  # kaiming_uniform_(a=√5)
+        self.A.copy_(torch.rand(self.A.shape, generator=g) * 2 * bound - bound)
+        self.B.zero_()
 
     def _subband(self, z: Tensor) -> Tensor:
         return (z @ self.A.T) @ self.B.T
