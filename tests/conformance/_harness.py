@@ -242,6 +242,36 @@ def check_save_load_roundtrip(c: Combo, tmp_path: Path) -> None:
         assert torch.equal(sd[k], sd2[k]), k
 
 
+def check_init_runs_once(c: Combo, tmp_path: Path) -> None:
+    """Construction = ``__init__`` (allocate) + exactly one ``reset_parameters`` per adapted module (so seeded
+    draws are not spent twice); loading builds under ``skip_init`` and calls it for no module."""
+    calls: list[object] = []
+    original = c.cls.reset_parameters
+
+    def counting(self: pk.Adapter, base: BaseView) -> None:
+        if type(self) is c.cls:
+            calls.append(self)
+        original(self, base)
+
+    cls_attr = c.cls.__dict__.get("reset_parameters")
+    c.cls.reset_parameters = counting  # type: ignore[method-assign]
+    try:
+        model = c.adapted()
+        own = [a for a in model.adapter_modules("a").values() if type(a) is c.cls]
+        assert len(calls) == len(own) and {id(a) for a in calls} == {id(a) for a in own}, (
+            f"reset_parameters ran {len(calls)} times for {len(own)} modules (does __init__ call it itself?)"
+        )
+        model.save(tmp_path / "ad")
+        calls.clear()
+        pk.load(c.kind.base(), tmp_path / "ad")
+        assert not calls, "loading initialised parameters that the file overwrites"
+    finally:
+        if cls_attr is None:
+            del c.cls.reset_parameters
+        else:
+            c.cls.reset_parameters = cls_attr  # type: ignore[method-assign]
+
+
 def check_disable(c: Combo, tmp_path: Path) -> None:
     model = c.adapted()
     randomise(model, "a")
