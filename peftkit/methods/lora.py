@@ -71,6 +71,10 @@ class LoRAConfig(AdapterConfig):
         return [t, t.replace(rslora=True), t.replace(bias=True, dropout=0.1), t.replace(init="gaussian")]
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def max_rank(base: BaseView) -> int:
     fan_in = base.in_features * math.prod(base.kernel_size)
     return min(fan_in, base.out_features)
@@ -107,7 +111,9 @@ class LoRA(Adapter):
         self.A = nn.Parameter(torch.empty(r, *base.weight_shape[1:]))
         self.B = nn.Parameter(torch.empty(base.out_features, r))
         self.bias = nn.Parameter(torch.zeros(base.out_features)) if config.bias else None
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and base.kind != "embedding" else nn.Identity()
+        # Without dropout a plain function, not an nn.Identity child: one module less for every walk over the
+        # adapter (construction, .to, train/eval, parameters, state_dict), which adds up on add/load.
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and base.kind != "embedding" else _identity
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
