@@ -202,3 +202,15 @@ class Adapter(nn.Module, metaclass=_AdapterType):
         reports (:func:`peftkit.train.ranks.rank_report`); ``None`` (default) when the method has no notion of
         rank. Rank-dynamic methods answer their live rank (DyLoRA: the eval rank, SoRA: nonzero gates)."""
         return None
+
+
+def require_positive_int(name: str, value: object) -> None:
+    """Config validation shared by methods: ``value`` must be an int (not a bool) greater than zero."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def require_probability(name: str, value: float) -> None:
+    """Config validation shared by methods: ``value`` must lie in ``[0, 1)`` (dropout-like rates)."""
+    if not 0.0 <= value < 1.0:
+        raise InvalidConfigError(f"{name} must lie in [0, 1), got {value!r}")

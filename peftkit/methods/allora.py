@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -68,8 +68,7 @@ class ALLoRAConfig(AdapterConfig):
     grad_scaling: bool = True
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        require_positive_int("r", self.r)
         if not self.eps > 0:
             raise InvalidConfigError(f"eps must be positive, got {self.eps!r}")
 

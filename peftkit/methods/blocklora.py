@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.errors import UnsupportedLayerError
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -45,10 +45,8 @@ class BlockLoRAConfig(AdapterConfig):
     def validate(self) -> None:
         for name in ("r", "n"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InvalidConfigError(f"{name} must be a positive integer, got {v!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+            require_positive_int(name, v)
+        require_probability("dropout", self.dropout)
 
     @property
     def scale(self) -> float:

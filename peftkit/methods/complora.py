@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 from .loraxs import svd_signed
@@ -54,10 +54,8 @@ class CompLoRAConfig(AdapterConfig):
     complement_energy: float | None = None
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_positive_int("r", self.r)
+        require_probability("dropout", self.dropout)
         if self.k_top is not None and self.complement_energy is not None:
             raise InvalidConfigError("set k_top or complement_energy, not both")
         if self.k_top is not None and self.k_top < 0:

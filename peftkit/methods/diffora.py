@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -55,10 +55,8 @@ class DiffoRAConfig(AdapterConfig):
     search_ratio: float = 0.1
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_positive_int("r", self.r)
+        require_probability("dropout", self.dropout)
         if self.phase not in ("search", "finetune"):
             raise InvalidConfigError(f"phase must be 'search' or 'finetune', got {self.phase!r}")
         if not 0.0 < self.keep_ratio <= 1.0:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -49,10 +49,8 @@ class DVLoRAConfig(AdapterConfig):
     warm_up_step: int | None = 20_000
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_positive_int("r", self.r)
+        require_probability("dropout", self.dropout)
         if self.warm_up_step is not None and self.warm_up_step < 0:
             raise InvalidConfigError(f"warm_up_step must be >= 0 or None, got {self.warm_up_step!r}")
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -62,10 +62,8 @@ class DyLoRAConfig(AdapterConfig):
     sample_in_step: bool = True
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_positive_int("r", self.r)
+        require_probability("dropout", self.dropout)
         if self.eval_rank is not None and not 1 <= self.eval_rank <= self.r:
             raise InvalidConfigError(f"eval_rank must lie in [1, r={self.r}], got {self.eval_rank!r}")
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -49,8 +49,7 @@ class FourierFTConfig(AdapterConfig):
 
     def validate(self) -> None:
         n = self.n_frequency
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise InvalidConfigError(f"n_frequency must be a positive integer, got {n!r}")
+        require_positive_int("n_frequency", n)
         if not isinstance(self.random_loc_seed, int):
             raise InvalidConfigError(f"random_loc_seed must be an integer, got {self.random_loc_seed!r}")
         if self.init not in ("randn", "zeros"):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -51,8 +51,7 @@ class HydraConfig(AdapterConfig):
     init: Literal["lora", "adaptformer"] = "lora"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        require_positive_int("r", self.r)
         if self.init not in ("lora", "adaptformer"):
             raise InvalidConfigError(f"init must be 'lora' or 'adaptformer', got {self.init!r}")
 

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 RESERVE_E = 1e-5
@@ -95,8 +95,7 @@ class IncreLoRAConfig(AdapterConfig):
     def validate(self) -> None:
         for name in ("r", "target_rank", "top_h", "incre_interval"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InvalidConfigError(f"{name} must be a positive integer, got {v!r}")
+            require_positive_int(name, v)
         if self.incre_rank_num is not None and (not isinstance(self.incre_rank_num, int) or self.incre_rank_num <= 0):
             raise InvalidConfigError(f"incre_rank_num must be a positive integer or None, got {self.incre_rank_num!r}")
         if self.target_rank < self.r:
@@ -106,8 +105,7 @@ class IncreLoRAConfig(AdapterConfig):
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise InvalidConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_probability("dropout", self.dropout)
         if self.orth_mode not in ("per_vector", "full"):
             raise InvalidConfigError(f"orth_mode must be 'per_vector' or 'full', got {self.orth_mode!r}")
         if self.reg_orth_coef < 0 or self.init_std <= 0:

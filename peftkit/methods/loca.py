@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -102,8 +102,7 @@ class LoCAConfig(AdapterConfig):
     def validate(self) -> None:
         for name in ("n_frequency", "coef_steps", "loc_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InvalidConfigError(f"{name} must be a positive integer, got {v!r}")
+            require_positive_int(name, v)
         if self.init not in ("zeros", "randn"):
             raise InvalidConfigError(f"init must be 'zeros' or 'randn', got {self.init!r}")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 0):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView, layer_kind
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -55,8 +55,7 @@ class LoHaConfig(AdapterConfig):
     init: Literal["peft", "random"] = "peft"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        require_positive_int("r", self.r)
         for name in ("rank_dropout", "module_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise InvalidConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")

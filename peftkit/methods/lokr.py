@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView, layer_kind
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -90,8 +90,7 @@ class LoKrConfig(AdapterConfig):
     init: Literal["peft", "lycoris", "random"] = "peft"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        require_positive_int("r", self.r)
         if not isinstance(self.decompose_factor, int) or (self.decompose_factor <= 0 and self.decompose_factor != -1):
             raise InvalidConfigError(
                 f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}"

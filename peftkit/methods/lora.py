@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView, layer_kind
 from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -50,10 +50,8 @@ class LoRAConfig(AdapterConfig):
     init: Literal["kaiming", "gaussian"] = "kaiming"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_positive_int("r", self.r)
+        require_probability("dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
             raise InvalidConfigError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -57,12 +57,10 @@ class MiSSConfig(AdapterConfig):
     def validate(self) -> None:
         for name in ("r", "mini_r"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InvalidConfigError(f"{name} must be a positive integer, got {v!r}")
+            require_positive_int(name, v)
         if self.mode not in ("miss", "mini", "bat"):
             raise InvalidConfigError(f"mode must be 'miss', 'mini' or 'bat', got {self.mode!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_probability("dropout", self.dropout)
         if self.init not in ("zeros", "kaiming"):
             raise InvalidConfigError(f"init must be 'zeros' or 'kaiming', got {self.init!r}")
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -96,8 +96,7 @@ class QWHAConfig(AdapterConfig):
     init: Literal["zero", "qwha"] = "zero"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        require_positive_int("r", self.r)
         if self.n_frequency is not None and (not isinstance(self.n_frequency, int) or self.n_frequency <= 0):
             raise InvalidConfigError(f"n_frequency must be None or a positive integer, got {self.n_frequency!r}")
         if self.init not in ("zero", "qwha"):

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -73,10 +73,8 @@ class RandLoRAConfig(AdapterConfig):
     scale_by_sqrt_bases: bool = False
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_positive_int("r", self.r)
+        require_probability("dropout", self.dropout)
         if self.projection_shape is not None:
             shape = list(self.projection_shape)
             if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -56,8 +56,7 @@ class SHiRAConfig(AdapterConfig):
     init: Literal["zeros", "randn"] = "zeros"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
+        require_positive_int("r", self.r)
         if self.mask_type not in ("random", "magnitude"):
             raise InvalidConfigError(f"mask_type must be 'random' or 'magnitude', got {self.mask_type!r}")
         if self.init not in ("zeros", "randn"):

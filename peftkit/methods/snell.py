@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_probability
 from peftkit.core.registry import register
 
 HEADS = 2
@@ -67,8 +67,7 @@ class SNELLConfig(AdapterConfig):
         q = self.low_rank_dim
         if not isinstance(q, int) or isinstance(q, bool) or q <= 0 or q % HEADS:
             raise InvalidConfigError(f"low_rank_dim must be a positive multiple of {HEADS}, got {q!r}")
-        if not 0.0 <= self.init_thres < 1.0:
-            raise InvalidConfigError(f"init_thres must lie in [0, 1), got {self.init_thres!r}")
+        require_probability("init_thres", self.init_thres)
         for name in ("dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise InvalidConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")

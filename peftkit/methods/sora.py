@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 from .lora import LoRA, LoRAConfig
@@ -59,10 +59,8 @@ class SoRAConfig(AdapterConfig):
     proximal_in_step: bool = True
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        require_positive_int("r", self.r)
+        require_probability("dropout", self.dropout)
         for name in ("l1_lambda", "prox_lambda"):
             if getattr(self, name) < 0:
                 raise InvalidConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")

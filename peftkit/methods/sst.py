@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -65,8 +64,7 @@ class SSTConfig(AdapterConfig):
     def validate(self) -> None:
         for name in ("r", "round_steps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InvalidConfigError(f"{name} must be a positive integer, got {v!r}")
+            require_positive_int(name, v)
 
     @classmethod
     def tiny(cls) -> SSTConfig:
