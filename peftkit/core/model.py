@@ -248,13 +248,10 @@ class AdaptedModel(nn.Module):
         With ``unload=True`` (default) the wrappers are removed and the plain base module is returned: no
         peftkit class is left in it. With ``unload=False`` the merge is in place and :meth:`unmerge` undoes it.
         """
-        names = (
-            list(self.routing.active)
-            if adapters is None
-            else [adapters]
-            if isinstance(adapters, str)
-            else list(adapters)
-        )
+        if adapters is None:
+            names = list(self.routing.active)
+        else:
+            names = [adapters] if isinstance(adapters, str) else list(adapters)
         for name in names:
             self._require(name)
         done: list[tuple[AdaptedLayer, str]] = []
