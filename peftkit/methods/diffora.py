@@ -177,7 +177,7 @@ class DiffoRASearch:
             loss = self.loss_fn(self.model, batch)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         self.weights_opt.zero_grad(set_to_none=True)
         self.arch_opt.zero_grad(set_to_none=True)
         return losses[0], losses[1]
