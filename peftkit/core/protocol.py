@@ -214,3 +214,12 @@ def require_probability(name: str, value: float) -> None:
     """Config validation shared by methods: ``value`` must lie in ``[0, 1)`` (dropout-like rates)."""
     if not 0.0 <= value < 1.0:
         raise InvalidConfigError(f"{name} must lie in [0, 1), got {value!r}")
+
+
+def add_lowrank(base_out: Tensor, hidden: Tensor, up: Tensor, scale: float = 1.0) -> Tensor:
+    """``base_out + scale · hidden @ upᵀ`` for ``hidden [..., r]`` and ``up [out, r]``: the up-projection of a
+    low-rank branch fused into one ``addmm`` over the flattened leading dims, so no ``[tokens, out]``
+    temporary is made besides the result (this is what keeps LoRA-family training memory at full-fine-tuning
+    level)."""
+    out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.T, alpha=scale)
+    return out.view(base_out.shape)

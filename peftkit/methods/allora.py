@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, require_positive_int
 from peftkit.core.registry import register
 
 
@@ -109,8 +109,7 @@ class ALLoRA(Adapter):
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         a, b = self.factors()
         hidden = x @ a.T
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b.T)
-        return out.view(base_out.shape)
+        return add_lowrank(base_out, hidden, b)
 
     def delta_weight(self, base: BaseView) -> Tensor:
         return self.B @ self.A

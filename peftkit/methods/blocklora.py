@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import UnsupportedLayerError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
+from peftkit.core.protocol import (
+    Adapter,
+    AdapterConfig,
+    LowRank,
+    add_lowrank,
+    require_positive_int,
+    require_probability,
+)
 from peftkit.core.registry import register
 
 
@@ -86,8 +93,7 @@ class BlockLoRA(Adapter):
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         chunks = self.dropout(x).reshape(-1, self.config.n, self.block).sum(dim=1)  # Σ_j x_j  [tokens, in/n]
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), chunks @ self.A_s.T, self.B.T, alpha=self.scale)
-        return out.view(base_out.shape)
+        return add_lowrank(base_out, chunks @ self.A_s.T, self.B, self.scale)
 
     def tiled(self) -> Tensor:
         """``[A_s, …, A_s]`` (``n`` times along the input axis), ``[r, in]``."""

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import AdapterConfig, LowRank
+from peftkit.core.protocol import AdapterConfig, LowRank, add_lowrank
 from peftkit.core.registry import register
 
 from .lora import LoRA, LoRAConfig
@@ -122,10 +122,7 @@ class CoLoRA(LoRA):
         hidden = base.apply(self.dropout(x), self.A[:k])
         if self.kind == "conv2d":
             return base_out + self.layer_scale(k) * F.conv2d(hidden, self.B[:, :k, None, None])
-        out = torch.addmm(
-            base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, k), self.B[:, :k].T, alpha=self.layer_scale(k)
-        )
-        return out.view(base_out.shape)
+        return add_lowrank(base_out, hidden, self.B[:, :k], self.layer_scale(k))
 
     def delta_weight(self, base: BaseView) -> Tensor:
         k = self._rank()

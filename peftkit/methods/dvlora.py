@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
+from peftkit.core.protocol import (
+    Adapter,
+    AdapterConfig,
+    LowRank,
+    add_lowrank,
+    require_positive_int,
+    require_probability,
+)
 from peftkit.core.registry import register
 
 
@@ -122,10 +129,7 @@ class DVLoRA(Adapter):
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         down, up = self.factors()
         hidden = self.dropout(x) @ down.T
-        out = torch.addmm(
-            base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.T, alpha=self.scale
-        )
-        return out.view(base_out.shape)
+        return add_lowrank(base_out, hidden, up, self.scale)
 
     def delta_weight(self, base: BaseView) -> Tensor:
         return self.scale * ((self.B * self.V) @ (self.A * self.U))

@@ -35,7 +35,14 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
+from peftkit.core.protocol import (
+    Adapter,
+    AdapterConfig,
+    LowRank,
+    add_lowrank,
+    require_positive_int,
+    require_probability,
+)
 from peftkit.core.registry import register
 
 
@@ -150,8 +157,7 @@ class DyLoRA(Adapter):
         k = self.rank
         a, b = self.factors(k, frozen=self.training and self.frozen)
         hidden = self.dropout(x) @ a.T
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, k), b.T, alpha=self.alpha / k)
-        return out.view(base_out.shape)
+        return add_lowrank(base_out, hidden, b, self.alpha / k)
 
     def delta_weight(self, base: BaseView) -> Tensor:
         k = self._eval_k

@@ -48,7 +48,14 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
+from peftkit.core.protocol import (
+    Adapter,
+    AdapterConfig,
+    LowRank,
+    add_lowrank,
+    require_positive_int,
+    require_probability,
+)
 from peftkit.core.registry import register
 
 RESERVE_E = 1e-5
@@ -174,8 +181,7 @@ class IncreLoRA(Adapter):
                 dw.register_hook(self._hook(dw.detach()))
             return base_out + self.dropout(x) @ dw.T
         hidden = self.dropout(x) @ (a * e[:, None]).T
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), b.T * scale)
-        return out.view(base_out.shape)
+        return add_lowrank(base_out, hidden, b * scale)
 
     def _hook(self, dw: Tensor) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:

@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView, layer_kind
 from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
+from peftkit.core.protocol import (
+    Adapter,
+    AdapterConfig,
+    LowRank,
+    add_lowrank,
+    require_positive_int,
+    require_probability,
+)
 from peftkit.core.registry import register
 
 
@@ -144,10 +151,7 @@ class LoRA(Adapter):
             return base_out + self.scale * delta
         # Linear / embedding: one fused addmm, so no [tokens, out] temporary besides the result.
         hidden = base.apply(self.dropout(x), self.A)
-        out = torch.addmm(
-            base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), self.B.T, alpha=self.scale
-        )
-        return out.view(base_out.shape)
+        return add_lowrank(base_out, hidden, self.B, self.scale)
 
     # ------------------------------------------------------------------------------------------- weights
     def delta_weight(self, base: BaseView) -> Tensor:

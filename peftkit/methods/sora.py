@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
+from peftkit.core.protocol import (
+    Adapter,
+    AdapterConfig,
+    LowRank,
+    add_lowrank,
+    require_positive_int,
+    require_probability,
+)
 from peftkit.core.registry import register
 
 from .lora import LoRA, LoRAConfig
@@ -103,10 +110,7 @@ class SoRA(Adapter):
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         hidden = (self.dropout(x) @ self.A.T) * self.gate
-        out = torch.addmm(
-            base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, self.config.r), self.B.T, alpha=self.scale
-        )
-        return out.view(base_out.shape)
+        return add_lowrank(base_out, hidden, self.B, self.scale)
 
     def delta_weight(self, base: BaseView) -> Tensor:
         return self.scale * ((self.B * self.gate) @ self.A)
