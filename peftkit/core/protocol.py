@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Iterator
@@ -223,3 +224,14 @@ def add_lowrank(base_out: Tensor, hidden: Tensor, up: Tensor, scale: float = 1.0
     level)."""
     out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.T, alpha=scale)
     return out.view(base_out.shape)
+
+
+def require_rank_fits(r: int, base: BaseView) -> None:
+    """Config validation shared by low-rank methods: a rank-``r`` update must fit the layer, i.e.
+    ``r <= min(fan_in, out)`` with ``fan_in = in · prod(kernel)``."""
+    fan_in = base.in_features * math.prod(base.kernel_size)
+    if r > min(fan_in, base.out_features):
+        raise InvalidConfigError(
+            f"r={r} is larger than this {base.kind} layer allows "
+            f"(at most {min(fan_in, base.out_features)} for shape {base.weight_shape})"
+        )

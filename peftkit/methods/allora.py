@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, require_positive_int
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, require_positive_int, require_rank_fits
 from peftkit.core.registry import register
 
 
@@ -90,8 +90,7 @@ class ALLoRA(Adapter):
     def __init__(self, base: BaseView, config: ALLoRAConfig) -> None:
         super().__init__(base, config)
         r = config.r
-        if r > min(base.in_features, base.out_features):
-            raise InvalidConfigError(f"r={r} is larger than this layer allows ({base.weight_shape})")
+        require_rank_fits(r, base)
         self.A = nn.Parameter(torch.empty(r, base.in_features))
         self.B = nn.Parameter(torch.empty(base.out_features, r))
 

@@ -30,7 +30,14 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
+from peftkit.core.protocol import (
+    Adapter,
+    AdapterConfig,
+    LowRank,
+    require_positive_int,
+    require_probability,
+    require_rank_fits,
+)
 from peftkit.core.registry import register
 
 
@@ -86,8 +93,7 @@ class DiffoRA(Adapter):
     def __init__(self, base: BaseView, config: DiffoRAConfig) -> None:
         super().__init__(base, config)
         r = config.r
-        if r > min(base.in_features, base.out_features):
-            raise InvalidConfigError(f"r={r} is larger than this layer allows ({base.weight_shape})")
+        require_rank_fits(r, base)
         self.A = nn.Parameter(torch.empty(r, base.in_features))
         self.B = nn.Parameter(torch.zeros(base.out_features, r))
         self.theta = nn.Parameter(torch.zeros(2)) if config.phase == "search" else None

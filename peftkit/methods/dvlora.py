@@ -34,6 +34,7 @@ from peftkit.core.protocol import (
     add_lowrank,
     require_positive_int,
     require_probability,
+    require_rank_fits,
 )
 from peftkit.core.registry import register
 
@@ -83,8 +84,7 @@ class DVLoRA(Adapter):
     def __init__(self, base: BaseView, config: DVLoRAConfig) -> None:
         super().__init__(base, config)
         r = config.r
-        if r > min(base.in_features, base.out_features):
-            raise InvalidConfigError(f"r={r} is larger than this layer allows ({base.weight_shape})")
+        require_rank_fits(r, base)
         self.scale = config.scale
         self.A = nn.Parameter(torch.empty(r, base.in_features))
         self.B = nn.Parameter(torch.empty(base.out_features, r))

@@ -31,6 +31,7 @@ from peftkit.core.protocol import (
     add_lowrank,
     require_positive_int,
     require_probability,
+    require_rank_fits,
 )
 from peftkit.core.registry import register
 
@@ -80,11 +81,6 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
-def max_rank(base: BaseView) -> int:
-    fan_in = base.in_features * math.prod(base.kernel_size)
-    return min(fan_in, base.out_features)
-
-
 @register("lora", LoRAConfig)
 class LoRA(Adapter):
     """``y = base(x) + s · B A drop(x)``; see the module docstring."""
@@ -99,11 +95,7 @@ class LoRA(Adapter):
     def __init__(self, base: BaseView, config: LoRAConfig) -> None:
         super().__init__(base, config)
         r = config.r
-        if r > max_rank(base):
-            raise InvalidConfigError(
-                f"r={r} is larger than this {base.kind} layer allows "
-                f"(at most {max_rank(base)} for shape {base.weight_shape})"
-            )
+        require_rank_fits(r, base)
         if config.bias and base.kind == "embedding":
             raise UnsupportedLayerError(
                 "bias=True is not supported on an Embedding: nn.Embedding has no bias to merge it into "

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
 from peftkit.core.protocol import (
     Adapter,
     AdapterConfig,
@@ -31,6 +30,7 @@ from peftkit.core.protocol import (
     add_lowrank,
     require_positive_int,
     require_probability,
+    require_rank_fits,
 )
 from peftkit.core.registry import register
 
@@ -98,9 +98,8 @@ class LoRAXS(Adapter):
 
     def __init__(self, base: BaseView, config: LoRAXSConfig) -> None:
         super().__init__(base, config)
-        r, q = config.r, min(base.in_features, base.out_features)
-        if r > q:
-            raise InvalidConfigError(f"r={r} is larger than this layer allows (at most {q} for {base.weight_shape})")
+        r = config.r
+        require_rank_fits(r, base)
         self.scale = config.scale
         u, s, vh = svd_signed(base.weight)
         dtype = base.dtype if base.dtype.is_floating_point else torch.float32
