@@ -16,7 +16,7 @@ Canonical layouts:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +58,13 @@ class BaseView:
         kind = layer_kind(module)
         if kind is None:
             raise TypeError(f"peftkit cannot wrap a {type(module).__name__}")
-        self.module = module
+        self.module: Any = module  # one of the layer kinds above (typed Any: nn.Module attributes are dynamic)
         self.kind: LayerKind = kind
         self.transposed = kind == "embedding" or (kind == "linear" and not isinstance(module, nn.Linear))
-        stored = module.weight
-        shape = tuple(stored.T.shape if self.transposed else stored.shape)
+        stored = cast(Tensor, module.weight)
+        shape: tuple[int, ...] = tuple(stored.T.shape if self.transposed else stored.shape)
         self.out_features: int = shape[0]
-        self.in_features: int = shape[1] if kind != "conv2d" else shape[1] * module.groups
+        self.in_features: int = shape[1] if kind != "conv2d" else shape[1] * int(cast(int, module.groups))
         self.weight_shape: tuple[int, ...] = shape
 
     # ----------------------------------------------------------------------------------------------- reading

@@ -19,7 +19,6 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from . import inject
 from .errors import AdapterFileError, BaseModelMismatch, FormatVersionError, InvalidConfigError
 from .protocol import skip_init
 from .registry import get_method
@@ -34,7 +33,7 @@ _READ_WHOLE_BYTES = 256 * 2**20
 
 def fingerprint(model: Any, name: str) -> dict[str, dict[str, Any]]:
     """Names, kinds and shapes of the modules one adapter adapts (what a compatible base must have)."""
-    return {path: inject.submodule(model.model, path).base.describe() for path in model.layer_paths[name]}
+    return {path: model._layer(path).base.describe() for path in model.layer_paths[name]}
 
 
 def atomic_write_dir(target: Path, files: dict[str, bytes | dict[str, Tensor]], metadata: dict[str, str]) -> None:

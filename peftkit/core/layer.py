@@ -55,7 +55,7 @@ class AdaptedLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
+        self.adapters: dict[str, Adapter] = nn.ModuleDict()  # type: ignore[assignment]  # typed by content
         self.base = BaseView(base_layer)
         self.routing = routing
         # name -> (ΔW, Δb) folded into the base weight; kept so unmerge subtracts exactly what was added.
@@ -125,12 +125,13 @@ class AdaptedLayer(nn.Module):
         sources = [
             (t, t._version) for n in names for t in (*self.adapters[n].parameters(), *self.adapters[n].buffers())
         ]
-        if any(f is None for f in forms):
+        lowranks = [f for f in forms if f is not None]
+        if len(lowranks) < len(forms):
             if cacheable:
                 self._bank = _Bank(order, sources, None, 0, None)
             return None
-        rank = max(f.down.shape[0] for f in forms)
-        n, dtype, device = len(forms), base_dtype(self.base), self.base.device
+        rank = max(f.down.shape[0] for f in lowranks)
+        n, dtype, device = len(lowranks), base_dtype(self.base), self.base.device
         d_in, d_out = self.base.in_features, self.base.out_features
         # One row per slot: [down (R×in) | (scale·up)ᵀ (R×out)], so a mixed batch gathers both in one op.
         # (down is kept as stored, [R, in]: the batched x·downᵀ then reads both operands along `in`, which is
@@ -138,7 +139,7 @@ class AdaptedLayer(nn.Module):
         packed = torch.zeros(n + 1, d_in * rank + rank * d_out, dtype=dtype, device=device)
         down = packed[:, : d_in * rank].view(n + 1, rank, d_in)
         up_t = packed[:, d_in * rank :].view(n + 1, rank, d_out)
-        for i, f in enumerate(forms):
+        for i, f in enumerate(lowranks):
             down[i, : f.down.shape[0]] = f.down
             up_t[i, : f.up.shape[1]] = (f.up * f.scale).T
         slot_of = {name: i for i, name in enumerate(names)}

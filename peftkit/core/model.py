@@ -14,7 +14,7 @@ import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -187,7 +187,7 @@ class AdaptedModel(nn.Module):
         """Remove an adapter (unmerging it first if it was merged)."""
         self._require(name)
         for path in self.layer_paths.pop(name):
-            layer = inject.submodule(self.model, path)
+            layer = self._layer(path)
             layer.remove(name)
             if not layer.adapters:
                 inject.unwrap(self.model, path)
@@ -214,6 +214,9 @@ class AdaptedModel(nn.Module):
         finally:
             self.routing.enabled = was
 
+    def _layer(self, path: str) -> AdaptedLayer:
+        return cast(AdaptedLayer, inject.submodule(self.model, path))
+
     def _require(self, name: str) -> None:
         if name not in self.configs:
             raise AdapterNotFoundError(name, self.configs)
@@ -233,7 +236,7 @@ class AdaptedModel(nn.Module):
     def adapter_modules(self, name: str) -> dict[str, Adapter]:
         """``{module path: Adapter}`` of one adapter."""
         self._require(name)
-        return {p: inject.submodule(self.model, p).adapters[name] for p in self.layer_paths[name]}
+        return {p: self._layer(p).adapters[name] for p in self.layer_paths[name]}
 
     def step_adapters(self, global_step: int) -> None:
         """Call :meth:`Adapter.step` on every module of the active adapters (trainers: once per optimizer step)."""
@@ -258,7 +261,7 @@ class AdaptedModel(nn.Module):
         try:
             for name in names:
                 for path in self.layer_paths[name]:
-                    layer = inject.submodule(self.model, path)
+                    layer = self._layer(path)
                     if name not in layer.merged:
                         layer.merge(name)
                         done.append((layer, name))
