@@ -90,6 +90,30 @@ class AdapterConfig:
         return cls(**data)
 
 
+@dataclass(kw_only=True)
+class RankConfig(AdapterConfig):
+    """Fields shared by low-rank methods whose update is scaled by ``alpha / r`` (subclasses redeclare a
+    field to change its default and document it).
+
+    Attributes:
+        r: rank of the update.
+        alpha: scale numerator; the update is scaled by ``alpha / r``.
+        dropout: dropout probability on the adapter branch's input (off in eval mode).
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        require_positive_int("r", self.r)
+        require_probability("dropout", self.dropout)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
 class LowRank(NamedTuple):
     """A low-rank form of an adapter's effect: ``Δy = scale · (x @ down.T) @ up.T``.
 

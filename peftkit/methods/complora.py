@@ -32,9 +32,8 @@ from peftkit.core.protocol import (
     Adapter,
     AdapterConfig,
     LowRank,
+    RankConfig,
     add_lowrank,
-    require_positive_int,
-    require_probability,
 )
 from peftkit.core.registry import register
 
@@ -42,7 +41,7 @@ from .loraxs import svd_signed
 
 
 @dataclass(kw_only=True)
-class CompLoRAConfig(AdapterConfig):
+class CompLoRAConfig(RankConfig):
     """Settings of Comp-LoRA (defaults: spec decision, the CLIP-LoRA few-shot setting).
 
     Attributes:
@@ -61,18 +60,13 @@ class CompLoRAConfig(AdapterConfig):
     complement_energy: float | None = None
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
+        super().validate()
         if self.k_top is not None and self.complement_energy is not None:
             raise InvalidConfigError("set k_top or complement_energy, not both")
         if self.k_top is not None and self.k_top < 0:
             raise InvalidConfigError(f"k_top must be >= 0, got {self.k_top!r}")
         if self.complement_energy is not None and not 0.0 < self.complement_energy < 1.0:
             raise InvalidConfigError(f"complement_energy must lie in (0, 1), got {self.complement_energy!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     @classmethod
     def tiny(cls) -> CompLoRAConfig:

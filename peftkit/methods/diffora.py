@@ -34,15 +34,14 @@ from peftkit.core.protocol import (
     Adapter,
     AdapterConfig,
     LowRank,
-    require_positive_int,
-    require_probability,
+    RankConfig,
     require_rank_fits,
 )
 from peftkit.core.registry import register
 
 
 @dataclass(kw_only=True)
-class DiffoRAConfig(AdapterConfig):
+class DiffoRAConfig(RankConfig):
     """Settings of DiffoRA (inferred defaults: LoRA ``r = 8``, ``alpha = 16``, keep half the modules).
 
     Attributes:
@@ -62,18 +61,13 @@ class DiffoRAConfig(AdapterConfig):
     search_ratio: float = 0.1
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
+        super().validate()
         if self.phase not in ("search", "finetune"):
             raise InvalidConfigError(f"phase must be 'search' or 'finetune', got {self.phase!r}")
         if not 0.0 < self.keep_ratio <= 1.0:
             raise InvalidConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
         if not 0.0 < self.search_ratio < 1.0:
             raise InvalidConfigError(f"search_ratio must lie in (0, 1), got {self.search_ratio!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     @classmethod
     def tiny(cls) -> DiffoRAConfig:

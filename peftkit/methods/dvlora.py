@@ -31,16 +31,15 @@ from peftkit.core.protocol import (
     Adapter,
     AdapterConfig,
     LowRank,
+    RankConfig,
     add_lowrank,
-    require_positive_int,
-    require_probability,
     require_rank_fits,
 )
 from peftkit.core.registry import register
 
 
 @dataclass(kw_only=True)
-class DVLoRAConfig(AdapterConfig):
+class DVLoRAConfig(RankConfig):
     """Settings of DV-LoRA (defaults: the official EndoDAC code).
 
     Attributes:
@@ -57,14 +56,9 @@ class DVLoRAConfig(AdapterConfig):
     warm_up_step: int | None = 20_000
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
+        super().validate()
         if self.warm_up_step is not None and self.warm_up_step < 0:
             raise InvalidConfigError(f"warm_up_step must be >= 0 or None, got {self.warm_up_step!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     @classmethod
     def tiny(cls) -> DVLoRAConfig:

@@ -27,9 +27,8 @@ from peftkit.core.protocol import (
     Adapter,
     AdapterConfig,
     LowRank,
+    RankConfig,
     add_lowrank,
-    require_positive_int,
-    require_probability,
     require_rank_fits,
 )
 from peftkit.core.registry import register
@@ -55,7 +54,7 @@ def svd_signed(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @dataclass(kw_only=True)
-class LoRAXSConfig(AdapterConfig):
+class LoRAXSConfig(RankConfig):
     """Settings of LoRA-XS.
 
     Attributes:
@@ -68,14 +67,6 @@ class LoRAXSConfig(AdapterConfig):
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     @classmethod
     def tiny(cls) -> LoRAXSConfig:

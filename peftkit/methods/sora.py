@@ -36,9 +36,8 @@ from peftkit.core.protocol import (
     Adapter,
     AdapterConfig,
     LowRank,
+    RankConfig,
     add_lowrank,
-    require_positive_int,
-    require_probability,
     require_rank_fits,
 )
 from peftkit.core.registry import register
@@ -47,7 +46,7 @@ from .lora import LoRA, LoRAConfig
 
 
 @dataclass(kw_only=True)
-class SoRAConfig(AdapterConfig):
+class SoRAConfig(RankConfig):
     """Settings of SoRA (defaults: the official GLUE script).
 
     Attributes:
@@ -67,15 +66,10 @@ class SoRAConfig(AdapterConfig):
     proximal_in_step: bool = True
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
+        super().validate()
         for name in ("l1_lambda", "prox_lambda"):
             if getattr(self, name) < 0:
                 raise InvalidConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     @classmethod
     def tiny(cls) -> SoRAConfig:

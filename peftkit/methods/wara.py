@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, RankConfig
 from peftkit.core.registry import register
 
 _SQRT2 = math.sqrt(2.0)
@@ -51,7 +51,7 @@ def ihaar(low: Tensor, high: Tensor, dim: int) -> Tensor:
 
 
 @dataclass(kw_only=True)
-class WaRAConfig(AdapterConfig):
+class WaRAConfig(RankConfig):
     """Settings of WaRA (spec decisions).
 
     Attributes:
@@ -66,14 +66,6 @@ class WaRAConfig(AdapterConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     explicit: bool = False
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     @classmethod
     def tiny(cls) -> WaRAConfig:
