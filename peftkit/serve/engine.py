@@ -6,8 +6,11 @@ How a step runs (CPU reference design, chosen for being obviously correct):
    once their adapter is injected in the model. A missing adapter is fetched from the :class:`AdapterCache`
    in a loader thread; requests for other adapters go ahead meanwhile. At most ``max_loras`` adapters live in
    the model; the least recently used one that no running request needs is deleted to make room.
-2. **Prefill** runs per new request, alone (``[1, L]``, no padding), with its adapter id, and keeps that
-   request's own KV cache (one ``(key, value)`` pair per layer, ``[1, heads, L, head_dim]``).
+2. **Prefill** runs the requests admitted in this step together: their prompts are right-padded to the
+   longest, with an attention mask that is 0 on the padding (a real token only attends to real tokens before
+   it, so its keys, values and logits are what it computes alone), one adapter id per row. Each request then
+   keeps its own KV cache (one ``(key, value)`` pair per layer, ``[1, heads, L, head_dim]``, cut to its
+   prompt length).
 3. **Decode** runs all running requests together: their caches are left-padded with zeros to the longest one
    and stacked, the attention mask is 0 on the padding and ``position_ids`` are each request's true position,
    so every row computes exactly what it would compute alone (masked keys get weight exactly 0). The
@@ -19,6 +22,16 @@ How a step runs (CPU reference design, chosen for being obviously correct):
 
 Sampling is per request: greedy (``temperature=0``) or temperature + top-p with the request's own seeded
 generator, so a seeded request draws the same tokens alone or in any batch.
+
+Adapters without a low-rank form (DoRA, ...) run through the per-group fallback of ``AdaptedLayer`` (one
+forward of the adapter per group of rows), or, with ``svd_rank``, are converted at install time to a rank-k
+approximation of their ``delta_weight`` (truncated SVD, as the serving spec allows for mergeable methods); the
+relative Frobenius error of each conversion is reported in :attr:`Engine.approximation_error`.
+
+The same engine also embeds and classifies (:meth:`Engine.embed`, :meth:`Engine.classify`), with the model
+it holds: an encoder (``BertModel``, e.g. the packaged all-MiniLM-L6-v2, or a sequence classifier) or a
+causal LM whose last hidden state is mean-pooled (decision: mean pooling over the real tokens, then L2
+normalisation, as sentence-transformers' MiniLM does and OpenAI's unit-length embeddings are).
 """
 
 from __future__ import annotations
@@ -36,14 +49,25 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from peftkit.core.base import BaseView
 from peftkit.core.errors import AdapterNotFoundError, InvalidConfigError, PeftkitError
 from peftkit.core.io import check_fingerprint
 from peftkit.core.model import AdaptedModel
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, skip_init
 from peftkit.core.registry import get_method
 
 from .cache import AdapterCache, AdapterLoadError, CachedAdapter
 
-__all__ = ["Engine", "EngineOverloadedError", "Request", "SamplingParams", "Tokenizer"]
+__all__ = [
+    "AdapterRankError",
+    "Engine",
+    "EngineClosedError",
+    "EngineOverloadedError",
+    "Request",
+    "SVDLowRank",
+    "SamplingParams",
+    "Tokenizer",
+]
 
 KV = list[tuple[Tensor, Tensor]]
 
@@ -60,6 +84,37 @@ class Tokenizer(Protocol):
 
 class EngineOverloadedError(PeftkitError, RuntimeError):
     """The waiting queue is full (servers answer 429)."""
+
+
+class EngineClosedError(PeftkitError, RuntimeError):
+    """The engine is shutting down and takes no new requests (servers answer 503)."""
+
+
+class AdapterRankError(InvalidConfigError):
+    """An adapter's rank exceeds the engine's ``max_rank`` (the bank's padded rank; vLLM's
+    ``max_lora_rank``)."""
+
+
+class SVDLowRank(Adapter):
+    """A rank-k stand-in for an adapter without a low-rank form: ``Δy = (x downᵀ) upᵀ`` with
+    ``up · down`` = the truncated SVD of the original adapter's ``delta_weight`` (built by the engine at
+    install time; never saved)."""
+
+    method = "svd-lowrank"
+
+    def __init__(self, base: BaseView, config: AdapterConfig, down: Tensor, up: Tensor) -> None:
+        super().__init__(base, config)
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        return add_lowrank(base_out, x @ self.down.T, self.up)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        return self.up @ self.down
+
+    def lowrank(self, base: BaseView) -> LowRank:
+        return LowRank(self.down, self.up, 1.0)
 
 
 @dataclass
@@ -146,7 +201,15 @@ class Engine:
         max_loras: adapters held in the model at once (the batch may mix all of them).
         max_batch: requests decoded together.
         max_queue: waiting requests; :meth:`submit` raises :class:`EngineOverloadedError` beyond it.
-        max_prefills_per_step: new requests admitted between two decode steps.
+        max_prefills_per_step: new requests admitted (and prefilled together) between two decode steps.
+        max_rank: the largest adapter rank accepted (checked on the saved config's ``r`` when the adapter is
+            loaded and on every module's low-rank form when it is installed); larger ones fail with
+            :class:`AdapterRankError` (servers: 422) and leave the engine and other adapters untouched.
+            Decision: 64 by default (vLLM's ``max_lora_rank`` defaults to 16; peftkit's banks pad to the
+            largest rank present, so the bound is about memory, not correctness).
+        svd_rank: convert adapters without a low-rank form but with a ``delta_weight`` (and no bias change) to
+            rank-``svd_rank`` truncated SVDs when installed, so they join the stacked bank; ``None`` (default)
+            keeps them exact on the per-group fallback path.
         record_logits: keep every step's logits on the request (tests).
     """
 
@@ -160,6 +223,8 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 256,
         max_prefills_per_step: int = 4,
+        max_rank: int = 64,
+        svd_rank: int | None = None,
         record_logits: bool = False,
     ) -> None:
         self.model = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
@@ -170,6 +235,10 @@ class Engine:
             cache.validate = self.check_compatible
         self.max_loras, self.max_batch, self.max_queue = max_loras, max_batch, max_queue
         self.max_prefills_per_step = max_prefills_per_step
+        if svd_rank is not None and not 0 < svd_rank <= max_rank:
+            raise InvalidConfigError(f"svd_rank must lie in [1, max_rank={max_rank}], got {svd_rank}")
+        self.max_rank, self.svd_rank = max_rank, svd_rank
+        self.approximation_error: dict[str, float] = {}  # adapter -> worst relative error of its SVD conversion
         self.record_logits = record_logits
         config = getattr(self.model.model, "config", None)
         self.max_len: int | None = getattr(config, "max_position_embeddings", None) or getattr(
@@ -186,10 +255,13 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._closed = False
+        self._token_times: deque[float] = deque(maxlen=1 << 16)  # for tokens_per_second
         self.metrics = {
             "requests_total": 0,
             "requests_finished": 0,
             "requests_failed": 0,
+            "requests_cancelled": 0,
             "tokens_generated": 0,
             "prompt_tokens": 0,
             "decode_steps": 0,
@@ -204,9 +276,12 @@ class Engine:
         check_fingerprint(self.model.model, meta["base_fingerprint"])
         method = get_method(meta["method"])
         try:
-            method.config_class.from_dict(meta["config"])
+            config = method.config_class.from_dict(meta["config"])
         except TypeError as exc:
             raise InvalidConfigError(f"the saved config does not fit method {meta['method']!r}: {exc}") from None
+        rank = getattr(config, "r", None)
+        if isinstance(rank, int) and rank > self.max_rank:
+            raise AdapterRankError(f"its rank r={rank} exceeds the engine's max_rank={self.max_rank}")
 
     def _install(self, entry: CachedAdapter) -> bool:
         """Put a loaded adapter into the model; ``False`` if every slot is held by running requests."""
@@ -221,7 +296,8 @@ class Engine:
             self._remove(victim)
         meta = entry.meta
         config = get_method(meta["method"]).config_class.from_dict(meta["config"])
-        self.model.add_adapter(name, config, activate=False)
+        with skip_init():  # every saved tensor is copied in below
+            self.model.add_adapter(name, config, activate=False)
         try:
             modules = self.model.adapter_modules(name)
             if sorted(modules) != sorted(meta["base_fingerprint"]):
@@ -238,14 +314,51 @@ class Engine:
                     if entry.tensors[key].shape != t.shape:
                         raise AdapterLoadError(name, f"tensor {key!r} has shape {tuple(entry.tensors[key].shape)}")
                     t.copy_(entry.tensors[key])
+            self._to_lowrank(name, config)
         except BaseException:
             self.model.delete_adapter(name)
+            self.approximation_error.pop(name, None)
             raise
         self._installed[name] = None
         self.metrics["adapter_loads"] += 1
         return True
 
+    @torch.no_grad()
+    def _to_lowrank(self, name: str, config: AdapterConfig) -> None:
+        """Check every module's rank against ``max_rank``; with ``svd_rank``, replace modules that have no
+        low-rank form by the truncated SVD of their ``delta_weight`` and record the worst relative error
+        ``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F`` (= the discarded singular values' share of the norm)."""
+        worst = None
+        for path, adapter in self.model.adapter_modules(name).items():
+            layer = self.model._layer(path)
+            form = adapter.lowrank(layer.base)
+            if form is not None:
+                if form.down.shape[0] > self.max_rank:
+                    raise AdapterLoadError(
+                        name, f"module {path!r} has rank {form.down.shape[0]} > max_rank={self.max_rank}"
+                    )
+                continue
+            if self.svd_rank is None or layer.base.kind != "linear" or adapter.delta_bias(layer.base) is not None:
+                continue  # exact per-group fallback
+            delta = adapter.delta_weight(layer.base)
+            if delta is None:
+                continue
+            u, sv, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+            k = min(self.svd_rank, sv.numel())
+            total = float(sv.square().sum())
+            error = float(sv[k:].square().sum() / total) ** 0.5 if total > 0 else 0.0
+            worst = error if worst is None else max(worst, error)
+            root = sv[:k].sqrt()
+            dtype = layer.base.dtype if layer.base.dtype.is_floating_point else torch.float32
+            down = (root[:, None] * vh[:k]).to(dtype)
+            up = (u[:, :k] * root).to(dtype)
+            layer.adapters[name] = SVDLowRank(layer.base, config, down, up)
+            layer._bank = None
+        if worst is not None:
+            self.approximation_error[name] = worst
+
     def _remove(self, name: str) -> None:
+        self.approximation_error.pop(name, None)
         self.model.delete_adapter(name)
         del self._installed[name]
         self.metrics["adapter_unloads"] += 1
@@ -267,16 +380,14 @@ class Engine:
     # --------------------------------------------------------------------------------------------- requests
     def submit(self, request: Request) -> Request:
         """Queue a request (thread-safe). Raises :class:`AdapterNotFoundError` for an unregistered adapter,
-        :class:`EngineOverloadedError` when the queue is full, ``InvalidConfigError`` for a prompt that
-        does not fit the model."""
+        :class:`EngineOverloadedError` when the queue is full, :class:`EngineClosedError` while shutting
+        down, ``InvalidConfigError`` for a prompt that does not fit the model."""
+        if self._closed:
+            raise EngineClosedError("the engine is shutting down")
         if request.adapter is not None and request.adapter not in self.cache:
             raise AdapterNotFoundError(request.adapter, self.cache.names())
-        ids = request.prompt if isinstance(request.prompt, list) else self._encode(request.prompt)
-        if not ids:
-            raise InvalidConfigError("the prompt is empty")
-        if self.max_len is not None and len(ids) >= self.max_len:
-            raise InvalidConfigError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_len}")
-        request.prompt_ids = list(ids)
+        ids = self._prompt_ids(request.prompt, reserve=1)
+        request.prompt_ids = ids
         seed = request.params.seed
         request._gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
         with self._lock:
@@ -304,8 +415,86 @@ class Engine:
                 next(r for r in requests if not r.finished).wait(0.05)
         return list(requests)
 
+    # ------------------------------------------------------------------------------- embeddings, classification
+    @torch.no_grad()
+    def encode(self, inputs: Sequence[str | list[int]], adapter: str | None = None, timeout: float = 60.0) -> Any:
+        """One forward of ``inputs`` (right-padded, attention mask) through the model with ``adapter`` on
+        every row (``None``: the base), with ``output_hidden_states``. Returns ``(output, mask)``.
+
+        Runs in the calling thread, between two generation steps (it takes the engine lock), and installs
+        the adapter like a generation request would; it waits up to ``timeout`` for a free adapter slot
+        (:class:`EngineOverloadedError` after that)."""
+        if self._closed:
+            raise EngineClosedError("the engine is shutting down")
+        if adapter is not None and adapter not in self.cache:
+            raise AdapterNotFoundError(adapter, self.cache.names())
+        if not inputs:
+            raise InvalidConfigError("the input is empty")
+        rows = [self._prompt_ids(x) for x in inputs]
+        entry = self.cache.get(adapter, timeout) if adapter is not None else None
+        lens = [len(r) for r in rows]
+        ids = torch.full((len(rows), max(lens)), _pad_id(self.tokenizer), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : lens[i]] = torch.tensor(row)
+            mask[i, : lens[i]] = 1
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if entry is None or self._install(entry):
+                    aid = self._adapter_id(adapter)
+                    out = self.model(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        adapter_ids=torch.full((len(rows),), aid),
+                        output_hidden_states=True,
+                        return_dict=True,
+                    )
+                    self.metrics["prompt_tokens"] += sum(lens)
+                    return out, mask
+            if time.monotonic() > deadline:
+                raise EngineOverloadedError(f"no adapter slot became free for {adapter!r} in {timeout} s")
+            time.sleep(0.01)
+
+    def embed(self, inputs: Sequence[str | list[int]], adapter: str | None = None) -> tuple[Tensor, int]:
+        """Unit-length embeddings ``[len(inputs), hidden]``: the mean of the last hidden state over each
+        input's tokens, L2-normalised; and the number of input tokens."""
+        out, mask = self.encode(inputs, adapter)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            hidden = out.hidden_states[-1]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1), int(mask.sum())
+
+    def classify(self, inputs: Sequence[str | list[int]], adapter: str | None = None) -> tuple[Tensor, int]:
+        """Class probabilities ``[len(inputs), classes]`` of a sequence-classification model (softmax of its
+        ``logits``), and the number of input tokens."""
+        out, mask = self.encode(inputs, adapter)
+        logits = getattr(out, "logits", None)
+        if logits is None or logits.dim() != 2:
+            raise InvalidConfigError("the served model is not a sequence classifier (no [batch, classes] logits)")
+        return torch.softmax(logits.float(), dim=-1), int(mask.sum())
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def cancel(self, request: Request) -> bool:
+        """Take ``request`` out of the queue or the running batch (a client went away); its KV cache is freed
+        and the batch goes on without it. Returns whether it was still unfinished."""
+        with self._lock:
+            if request.finished:
+                return False
+            if request in self.waiting:
+                self.waiting.remove(request)
+            self._finish(request, "cancelled")
+            self._retire()
+            return True
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window`` seconds."""
+        since = time.monotonic() - window
+        return sum(1 for t in list(self._token_times) if t >= since) / window
 
     # ------------------------------------------------------------------------------------------------ steps
     @torch.no_grad()
@@ -321,21 +510,26 @@ class Engine:
             return True
 
     def _admit(self) -> bool:
-        admitted = 0
+        new: list[Request] = []
         for req in list(self.waiting):
-            if len(self.running) >= self.max_batch or admitted >= self.max_prefills_per_step:
+            if len(self.running) + len(new) >= self.max_batch or len(new) >= self.max_prefills_per_step:
                 break
             if req.adapter is not None and req.adapter not in self._installed and not self._ready(req):
                 continue
             self.waiting.remove(req)
-            try:
-                self._prefill(req)
-            except Exception as exc:  # a failing request must not take the batch down
-                self._fail(req, exc)
-                continue
-            self.running.append(req)
-            admitted += 1
-        return admitted > 0
+            new.append(req)
+        if not new:
+            return False
+        try:
+            self._prefill(new)
+        except Exception:  # a failing request must not take the batch down: retry one by one
+            for req in new:
+                try:
+                    self._prefill([req])
+                except Exception as exc:
+                    self._fail(req, exc)
+        self.running += [r for r in new if not r.finished]
+        return True
 
     def _ready(self, req: Request) -> bool:
         """Start or finish the fetch of ``req``'s adapter; install it when it arrives."""
@@ -369,14 +563,27 @@ class Engine:
         self._installed.move_to_end(name)
         return self.model.adapter_names.index(name)
 
-    def _prefill(self, req: Request) -> None:
-        ids = torch.tensor([req.prompt_ids])
+    def _prefill(self, reqs: list[Request]) -> None:
+        """One forward over the new requests' prompts, right-padded (mask 0 on the padding)."""
+        lens = [len(r.prompt_ids) for r in reqs]
+        longest = max(lens)
+        ids = torch.zeros(len(reqs), longest, dtype=torch.long)
+        mask = torch.zeros(len(reqs), longest, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, : lens[i]] = torch.tensor(r.prompt_ids)
+            mask[i, : lens[i]] = 1
         out = self.model(
-            input_ids=ids, adapter_ids=torch.tensor([self._adapter_id(req.adapter)]), use_cache=True, return_dict=True
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_ids=torch.tensor([self._adapter_id(r.adapter) for r in reqs]),
+            use_cache=True,
+            return_dict=True,
         )
-        req._kv = _kv_of(_cache_of(out))
-        self.metrics["prompt_tokens"] += len(req.prompt_ids)
-        self._emit(req, out.logits[0, -1])
+        kv = _kv_of(_cache_of(out))
+        for i, (req, n) in enumerate(zip(reqs, lens)):
+            req._kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
+            self.metrics["prompt_tokens"] += n
+            self._emit(req, out.logits[i, n - 1])
 
     def _decode(self) -> None:
         batch = [r for r in self.running if not r.finished]
@@ -422,6 +629,7 @@ class Engine:
         else:
             req.output_ids.append(token)
             self.metrics["tokens_generated"] += 1
+            self._token_times.append(time.monotonic())
         full = self._decode_text(req.output_ids)
         cut = min((i for i in (full.find(s) for s in p.stop if s) if i >= 0), default=-1)
         if cut >= 0:
@@ -438,12 +646,16 @@ class Engine:
         if reason:
             self._finish(req, reason, delta)
         elif req.on_event is not None and delta:
-            req.on_event(req, delta, False)
+            try:
+                req.on_event(req, delta, False)
+            except Exception:  # a broken listener must not stop the engine
+                pass
 
     def _finish(self, req: Request, reason: str, delta: str = "") -> None:
         req.finish_reason = reason
         req._kv = None
-        self.metrics["requests_failed" if reason == "error" else "requests_finished"] += 1
+        counter = {"error": "requests_failed", "cancelled": "requests_cancelled"}.get(reason, "requests_finished")
+        self.metrics[counter] += 1
         req._done.set()
         if req.on_event is not None:
             try:
@@ -467,6 +679,16 @@ class Engine:
             self._unload_later.discard(name)
             if name in self._installed:
                 self._remove(name)
+
+    def _prompt_ids(self, prompt: str | list[int], reserve: int = 0) -> list[int]:
+        """Token ids of a prompt; ``InvalidConfigError`` if it is empty or leaves fewer than ``reserve``
+        positions of the model's context."""
+        ids = list(prompt) if isinstance(prompt, list) else self._encode(prompt)
+        if not ids:
+            raise InvalidConfigError("the prompt is empty")
+        if self.max_len is not None and len(ids) + reserve > self.max_len:
+            raise InvalidConfigError(f"the input has {len(ids)} tokens; the model's context is {self.max_len}")
+        return ids
 
     def _encode(self, text: str) -> list[int]:
         try:
@@ -503,12 +725,29 @@ class Engine:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = False, timeout: float = 60.0) -> None:
+        """Stop the background loop. With ``drain``, first refuse new requests (:class:`EngineClosedError`)
+        and let the queued and running ones finish (graceful shutdown), for at most ``timeout`` seconds;
+        whatever is left then fails with :class:`EngineClosedError`."""
+        if drain:
+            self._closed = True
+            deadline = time.monotonic() + timeout
+            while self.has_work() and time.monotonic() < deadline:
+                if self._thread is None:
+                    self.step()
+                else:
+                    time.sleep(0.01)
         self._stop = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if drain:
+            with self._lock:
+                for req in [*self.waiting, *self.running]:
+                    self._fail(req, EngineClosedError("the engine stopped before the request finished"))
+                self.waiting.clear()
+                self.running = []
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -532,6 +771,11 @@ def _cache_of(out: Any) -> Any:
 def _kv_of(cache: Any) -> KV:
     """Per-layer ``(key, value)`` tensors of a transformers ``DynamicCache``."""
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
 
 
 def _left_pad(t: Tensor, length: int) -> Tensor:
