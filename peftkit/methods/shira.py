@@ -14,27 +14,48 @@ Masks (``mask_type``):
   ``values[i]`` belongs to the i-th one in that order, exactly as PEFT.
 * ``"magnitude"`` (SHiRA-WM, paper variant): the ``n`` entries of largest ``|W|`` (ties broken by
   ``torch.topk``).
+* ``"gradient"`` (SHiRA-Grad) and ``"snip"`` (SHiRA-SNIP), paper variants that need calibration data: the ``n``
+  entries of largest ``|G|`` or ``|W ⊙ G|``, ``G = ∇_W Σ_batches loss`` the gradient of the summed calibration
+  loss of the **base** model (adapters disabled; *inferred*: the paper says "top-|grad| entries on calibration
+  data" without fixing the accumulation). Build the adapter, then call :func:`shira_gradient_masks` with
+  calibration batches; until then the adapter refuses to run (:class:`MaskNotCalibratedError`) instead of
+  silently training a placeholder mask. The chosen indices are saved, so :func:`peftkit.load` restores them.
+
+Every mask is stored as ``indices [2, n]`` + ``values [n]`` (the only saved tensors), so applying or switching
+an adapter is one ``O(n)`` scatter (``index_put``) into ``W``, never a dense product.
 
 Decisions: the indices are a persistent ``int32`` buffer ``indices [2, n]`` (spec decision: PEFT keeps them
 in a plain dict; saving them makes a reload exact whatever the seed). *Inferred*: with ``random_seed=None``
 the generator is seeded by the config's ``seed`` if set, else left at ``torch.Generator()``'s fixed default
 seed (PEFT's behaviour, so the mask is still deterministic). Scaling ``s = scale`` (default 1.0, PEFT's
 ``set_scale``). Init ``values = 0`` → identity; ``init="randn"`` (PEFT ``init_weights=False``) for tests.
-SHiRA-Grad / SNIP need calibration gradients and are not implemented here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
+from peftkit.core.errors import InvalidConfigError, PeftkitError
+from peftkit.core.model import AdaptedModel
 from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
+
+MASK_TYPES = ("random", "magnitude", "gradient", "snip")
+#: mask types whose entries come from calibration gradients, and their score from (W, G)
+GRADIENT_SCORES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gradient": lambda weight, grad: grad.abs(),
+    "snip": lambda weight, grad: (weight * grad).abs(),
+}
+
+
+class MaskNotCalibratedError(PeftkitError, RuntimeError):
+    """A gradient-based SHiRA mask was used before :func:`shira_gradient_masks` chose its entries."""
 
 
 @dataclass(kw_only=True)
@@ -43,22 +64,24 @@ class SHiRAConfig(AdapterConfig):
 
     Attributes:
         r: sets the number of trainable entries per layer, ``n = r·(d_in + d_out)`` (not a rank limit).
-        mask_type: ``"random"`` (PEFT) or ``"magnitude"`` (SHiRA-WM: top-``n`` ``|W|``).
+        mask_type: ``"random"`` (PEFT), ``"magnitude"`` (SHiRA-WM: top-``n`` ``|W|``), ``"gradient"``
+            (SHiRA-Grad: top-``n`` ``|∇W|``) or ``"snip"`` (SHiRA-SNIP: top-``n`` ``|W ⊙ ∇W|``); the last two are
+            set by :func:`shira_gradient_masks` from calibration batches.
         random_seed: seed of the random mask (see the module docstring for ``None``).
         scale: multiplies the sparse update (PEFT's ``scaling``, 1.0 in training).
         init: ``"zeros"`` (identity at init) or ``"randn"`` (PEFT ``init_weights=False``; tests).
     """
 
     r: int = 32
-    mask_type: Literal["random", "magnitude"] = "random"
+    mask_type: Literal["random", "magnitude", "gradient", "snip"] = "random"
     random_seed: int | None = None
     scale: float = 1.0
     init: Literal["zeros", "randn"] = "zeros"
 
     def validate(self) -> None:
         require_positive_int("r", self.r)
-        if self.mask_type not in ("random", "magnitude"):
-            raise InvalidConfigError(f"mask_type must be 'random' or 'magnitude', got {self.mask_type!r}")
+        if self.mask_type not in MASK_TYPES:
+            raise InvalidConfigError(f"mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}")
         if self.init not in ("zeros", "randn"):
             raise InvalidConfigError(f"init must be 'zeros' or 'randn', got {self.init!r}")
 
@@ -83,12 +106,23 @@ def random_mask(d_out: int, d_in: int, n: int, seed: int | None) -> Tensor:
     return mask.view(d_out, d_in)
 
 
+def top_mask(score: Tensor, n: int) -> Tensor:
+    """Ones at the ``n`` largest entries of ``score`` (ties broken by ``torch.topk``)."""
+    idx = score.detach().flatten().float().topk(n).indices.cpu()
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[idx] = True
+    return mask.view(score.shape)
+
+
 def magnitude_mask(weight: Tensor, n: int) -> Tensor:
     """SHiRA-WM: ones at the ``n`` largest ``|W|`` entries."""
-    idx = weight.detach().abs().flatten().float().topk(n).indices.cpu()
-    mask = torch.zeros(weight.numel(), dtype=torch.bool)
-    mask[idx] = True
-    return mask.view(weight.shape)
+    return top_mask(weight.abs(), n)
+
+
+def _mask_indices(mask: Tensor) -> Tensor:
+    """``[2, n]`` int32 (row, col) of the ones, row-major sorted (``torch.where``), as PEFT stores them."""
+    rows, cols = torch.where(mask)
+    return torch.stack([rows, cols]).to(torch.int32)
 
 
 @register("shira", SHiRAConfig)
@@ -108,19 +142,39 @@ class SHiRA(Adapter):
             )
         if config.mask_type == "magnitude":
             mask = magnitude_mask(base.weight, n)
-        else:
+        else:  # random, and the placeholder of a gradient mask until shira_gradient_masks sets it
             mask = random_mask(d_out, d_in, n, config.random_seed if config.random_seed is not None else config.seed)
-        rows, cols = torch.where(mask)
-        self.register_buffer("indices", torch.stack([rows, cols]).to(torch.int32).to(base.device))
+        self.register_buffer("indices", _mask_indices(mask).to(base.device))
         self.values = nn.Parameter(torch.empty(n, device=base.device))
+        self.weight_shape = torch.Size(base.weight_shape)
+        # Loading skips reset_parameters: a loaded gradient mask is the saved, calibrated one.
+        self.needs_calibration = False
 
     def reset_parameters(self, base: BaseView) -> None:
+        self.needs_calibration = self.config.mask_type in GRADIENT_SCORES
         if self.config.init == "randn":
             self.values.normal_()
         else:
             self.values.zero_()
 
+    def set_mask(self, mask: Tensor) -> None:
+        """Use the ``n`` ones of ``mask`` (canonical ``[out, in]``) as the trainable entries; values restart at 0."""
+        if mask.shape != self.weight_shape or int(mask.sum()) != self.values.numel():
+            raise InvalidConfigError(
+                f"a SHiRA mask must be {tuple(self.weight_shape)} with exactly {self.values.numel()} "
+                f"ones, got {tuple(mask.shape)} with {int(mask.sum())}"
+            )
+        with torch.no_grad():
+            self.indices.copy_(_mask_indices(mask.bool()))
+            self.values.zero_()
+        self.needs_calibration = False
+
     def _index(self) -> tuple[Tensor, Tensor]:
+        if self.needs_calibration:
+            raise MaskNotCalibratedError(
+                f"this SHiRA adapter has mask_type={self.config.mask_type!r}: call "
+                "peftkit.methods.shira.shira_gradient_masks(model, batches, loss_fn) before using it"
+            )
         idx = self.indices.long()
         return idx[0], idx[1]
 
@@ -136,3 +190,66 @@ class SHiRA(Adapter):
     @classmethod
     def expected_trainable(cls, base: BaseView, config: SHiRAConfig) -> int:
         return config.r * (base.in_features + base.out_features)
+
+
+def shira_gradient_masks(
+    model: AdaptedModel,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    adapter: str | None = None,
+) -> dict[str, Tensor]:
+    """Choose the entries of every gradient-based SHiRA mask (``mask_type="gradient"`` or ``"snip"``) of one
+    adapter from calibration data: the ``n`` largest ``|G|`` (or ``|W ⊙ G|``), ``G`` the gradient of
+    ``Σ_batches loss_fn(model, batch)`` with respect to each adapted base weight, computed on the base model
+    (adapters disabled; the base weights are not changed and get no ``.grad``). The adapter's values restart at
+    zero, so the model is still the base model.
+
+    Args:
+        model: the adapted model holding the SHiRA adapter.
+        batches: calibration batches (any objects ``loss_fn`` understands).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``.
+        adapter: the adapter to calibrate (default: the single active one).
+
+    Returns:
+        ``{module path: [2, n] indices}`` chosen for each module.
+
+    Raises:
+        InvalidConfigError: the adapter is not a gradient-based SHiRA adapter, no batch was given, or the loss
+            does not depend on an adapted module.
+    """
+    name = adapter or model._single_active()
+    config = model.configs[name]
+    if not isinstance(config, SHiRAConfig) or config.mask_type not in GRADIENT_SCORES:
+        raise InvalidConfigError(
+            f"adapter {name!r} is not a SHiRA adapter with mask_type in {sorted(GRADIENT_SCORES)}: nothing to calibrate"
+        )
+    modules = model.adapter_modules(name)
+    views = {path: model.model.get_submodule(path).base for path in modules}
+    weights = [view.module.weight for view in views.values()]
+    grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    flags = [w.requires_grad for w in weights]
+    seen = 0
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        with model.adapters_disabled():
+            for batch in batches:
+                found = torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
+                for path, total, g in zip(views, grads, found):
+                    if g is None:
+                        raise InvalidConfigError(f"the calibration loss does not depend on adapted module {path!r}")
+                    total += g.float()
+                seen += 1
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    if seen == 0:
+        raise InvalidConfigError("shira_gradient_masks needs at least one calibration batch")
+    chosen = {}
+    for (path, view), total in zip(views.items(), grads):
+        canonical = total.T if view.transposed else total
+        a = modules[path]
+        score = GRADIENT_SCORES[config.mask_type](view.weight.detach().float(), canonical)
+        a.set_mask(top_mask(score, a.values.numel()).to(a.indices.device))
+        chosen[path] = a.indices
+    return chosen

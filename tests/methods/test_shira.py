@@ -3,16 +3,18 @@ after training, rank above r, exact merge) and parity with PEFT's ``ShiraConfig`
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _structured_parity import assert_grad_parity, assert_parity, fill, peft_model
-from conftest import make_tiny_net, tiny_bert
+from conftest import make_tiny_net, tiny_bert, tiny_gpt2
 from torch import nn
 
 import peftkit as pk
 from peftkit.core.base import BaseView
 from peftkit.errors import InvalidConfigError
-from peftkit.methods.shira import SHiRA, SHiRAConfig, random_mask
+from peftkit.methods.shira import MaskNotCalibratedError, SHiRA, SHiRAConfig, random_mask, shira_gradient_masks
 
 
 def _adapter(**kw: object) -> tuple[SHiRA, BaseView, nn.Linear]:
@@ -122,3 +124,115 @@ def test_peft_parity(case: str) -> None:
     x = torch.randint(0, vocab, (3, 6), generator=torch.Generator().manual_seed(1))
     assert_parity(pm, ours, x)
     assert_grad_parity(pm, ours, x, "shira_", rename=lambda n: "weight")
+
+
+# ------------------------------------------------------------------ gradient-based masks (SHiRA-Grad / SNIP)
+def _calibration(vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, vocab, (4, 6), generator=g) for _ in range(3)]
+
+
+def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    out = model(batch)
+    return (out if isinstance(out, torch.Tensor) else out.logits).pow(2).mean()
+
+
+def _base_grads(net: nn.Module, paths: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """∇W of the summed calibration loss on a plain copy of the base, in canonical [out, in] layout."""
+    net = copy.deepcopy(net)
+    weights = {p: net.get_submodule(p).weight for p in paths}
+    total = sum(_loss(net, b) for b in batches)
+    grads = torch.autograd.grad(total, list(weights.values()))
+    return {p: g if isinstance(net.get_submodule(p), nn.Linear) else g.T for p, g in zip(weights, grads)}
+
+
+@pytest.mark.parametrize("mask_type", ["gradient", "snip"])
+@pytest.mark.parametrize("factory", [make_tiny_net, tiny_gpt2], ids=["linear", "gpt2-conv1d"])
+def test_gradient_masks_take_top_calibration_scores(mask_type: str, factory) -> None:
+    net = factory()
+    paths = ["fc1", "fc2"] if factory is make_tiny_net else ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    batches = _calibration(40 if factory is make_tiny_net else 64)
+    expected_grads = _base_grads(net, paths, batches)
+    model = pk.adapt(net, SHiRAConfig(r=1, targets=paths, mask_type=mask_type), name="g")
+    with pytest.raises(MaskNotCalibratedError, match="shira_gradient_masks"):
+        model(batches[0])
+    chosen = shira_gradient_masks(model, batches, _loss)
+    assert sorted(chosen) == sorted(paths)
+    for path, a in model.adapter_modules("g").items():
+        view = model.model.get_submodule(path).base
+        g = expected_grads[path]
+        score = g.abs() if mask_type == "gradient" else (view.weight.detach() * g).abs()
+        picked = score[a.indices[0].long(), a.indices[1].long()]
+        n = a.values.numel()
+        assert n == view.in_features + view.out_features
+        assert picked.min() >= score.flatten().sort(descending=True).values[n - 1] * (1 - 1e-5)
+        flat = a.indices[0].long() * view.in_features + a.indices[1].long()
+        assert torch.equal(flat, flat.unique())  # distinct, row-major sorted (as PEFT stores them)
+        assert torch.count_nonzero(a.values) == 0
+    assert all(not p.requires_grad and p.grad is None for n, p in model.model.named_parameters() if "values" not in n)
+
+
+def test_gradient_mask_trains_on_its_entries_and_reloads_without_calibration(tmp_path) -> None:
+    batches = _calibration(40)
+    model = pk.adapt(make_tiny_net(), SHiRAConfig(r=1, targets=["fc1", "fc2"], mask_type="gradient"), name="g")
+    shira_gradient_masks(model, batches, _loss, adapter="g")
+    with torch.no_grad():
+        torch.testing.assert_close(model(batches[0]), make_tiny_net()(batches[0]))  # values start at zero
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    _loss(model, batches[0]).backward()
+    opt.step()
+    for path, a in model.adapter_modules("g").items():
+        d = a.delta_weight(model.model.get_submodule(path).base)
+        mask = torch.zeros_like(d, dtype=torch.bool)
+        mask[a.indices[0].long(), a.indices[1].long()] = True
+        assert torch.count_nonzero(d[~mask]) == 0 and torch.count_nonzero(d[mask]) > 0
+    model.save(tmp_path / "g")
+    loaded = pk.load(make_tiny_net(), tmp_path / "g")  # the saved indices are the calibrated mask
+    for path, a in loaded.adapter_modules("g").items():
+        assert torch.equal(a.indices, model.adapter_modules("g")[path].indices)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batches[1]), model(batches[1]))
+
+
+def test_gradient_mask_errors() -> None:
+    random_model = pk.adapt(make_tiny_net(), SHiRAConfig(r=1, targets=["fc1"]))
+    with pytest.raises(InvalidConfigError, match="nothing to calibrate"):
+        shira_gradient_masks(random_model, _calibration(40), _loss)
+    model = pk.adapt(make_tiny_net(), SHiRAConfig(r=1, targets=["fc1"], mask_type="snip"))
+    with pytest.raises(InvalidConfigError, match="at least one calibration batch"):
+        shira_gradient_masks(model, [], _loss)
+    with pytest.raises(InvalidConfigError, match="mask_type must be one of"):
+        SHiRAConfig(mask_type="grad")
+    a = model.adapter_modules("default")["fc1"]
+    with pytest.raises(InvalidConfigError, match="exactly 48 ones"):
+        a.set_mask(torch.ones(32, 16, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mask_type", ["random", "magnitude", "gradient"])
+def test_adapter_is_indices_and_values_so_switching_is_a_scatter(mask_type: str) -> None:
+    """Only ``indices`` and ``values`` are saved, and applying / switching an adapter changes exactly its n
+    entries of W (a scatter), for every mask type."""
+    net = make_tiny_net()
+    base_w = net.fc1.weight.detach().clone()
+    model = pk.adapt(net, SHiRAConfig(r=1, targets=["fc1"], mask_type=mask_type, random_seed=1), name="a")
+    if mask_type == "gradient":
+        shira_gradient_masks(model, _calibration(40), _loss)
+    model.add_adapter("b", SHiRAConfig(r=1, targets=["fc1"], random_seed=2, init="randn"))
+    for name in ("a", "b"):
+        a = model.adapter_modules(name)["fc1"]
+        assert set(a.state_dict()) == {"indices", "values"} and a.indices.shape == (2, 48)
+        with torch.no_grad():
+            a.values.normal_()
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        before = model.model.fc1.base.weight.detach().clone()
+        model.merge(unload=False)
+        a = model.adapter_modules(name)["fc1"]
+        changed = (model.model.fc1.base.weight != before).nonzero().T
+        assert torch.equal(changed, a.indices.long())  # exactly its entries (values are nonzero, sorted order)
+        model.unmerge()
+        restored = model.model.fc1.base.weight.detach()
+        torch.testing.assert_close(restored, base_w, atol=1e-6, rtol=0)  # W + d - d, rounded on the n entries
+        off = torch.ones_like(base_w, dtype=torch.bool)
+        off[a.indices[0].long(), a.indices[1].long()] = False
+        assert torch.equal(restored[off], before[off])
