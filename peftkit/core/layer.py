@@ -28,12 +28,17 @@ class Routing:
         active: names applied to every row when no ``adapter_ids`` are given.
         enabled: ``False`` runs the bare base model.
         adapter_ids: per-row adapter ids of the forward call in flight (set only for the duration of a call).
+        task_ids: per-row task ids of the forward call in flight (``model(..., task_ids=ids)``; set only for
+            the duration of a call). Independent of ``adapter_ids``: they say which *task* a row belongs to, for
+            methods whose adapter depends on it (task-routed inventories such as Poly/MHR). Only adapters that
+            declare ``uses_task_ids = True`` receive them (as ``forward(..., task_ids=rows' ids)``).
     """
 
     order: list[str] = field(default_factory=list)
     active: tuple[str, ...] = ()
     enabled: bool = True
     adapter_ids: Tensor | None = None
+    task_ids: Tensor | None = None
 
 
 class _Bank(NamedTuple):
@@ -77,11 +82,21 @@ class AdaptedLayer(nn.Module):
         if not active:
             return base_out
         if len(active) == 1:
-            return self.adapters[active[0]](x, base_out, self.base)
+            return self._apply(self.adapters[active[0]], x, base_out)
         out = base_out
         for name in active:  # several active adapters: their changes to the base output add up
-            out = out + (self.adapters[name](x, base_out, self.base) - base_out)
+            out = out + (self._apply(self.adapters[name], x, base_out) - base_out)
         return out
+
+    def _apply(self, adapter: Adapter, x: Tensor, base_out: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Run one adapter on ``x`` (the batch rows ``rows`` of the call, or all of them); adapters that declare
+        ``uses_task_ids`` also get the task ids of those rows (``None`` when the call gave none)."""
+        if not adapter.uses_task_ids:
+            return adapter(x, base_out, self.base)
+        task_ids = self.routing.task_ids
+        if task_ids is not None and rows is not None:
+            task_ids = task_ids[rows.to(task_ids.device)]
+        return adapter(x, base_out, self.base, task_ids=task_ids)
 
     def _forward_mixed(self, x: Tensor, base_out: Tensor, ids: Tensor) -> Tensor:
         if self.merged:
@@ -102,7 +117,7 @@ class AdaptedLayer(nn.Module):
             if i < 0 or self.routing.order[i] not in self.adapters:
                 continue
             rows = (ids == i).nonzero().flatten()
-            adapted = self.adapters[self.routing.order[i]](x[rows], base_out[rows], self.base)
+            adapted = self._apply(self.adapters[self.routing.order[i]], x[rows], base_out[rows], rows)
             out = out.index_copy(0, rows, adapted)
         return out
 

@@ -83,8 +83,9 @@ class AdaptedModel(nn.Module):
             params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
             var_kw = [p for p in base.parameters.values() if p.kind is p.VAR_KEYWORD]
             ids = inspect.Parameter("adapter_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+            tasks = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
             this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-            sig = inspect.Signature([this, *params, ids, *var_kw])
+            sig = inspect.Signature([this, *params, ids, tasks, *var_kw])
         except (TypeError, ValueError):
             return
         fn = AdaptedModel.forward
@@ -94,16 +95,42 @@ class AdaptedModel(nn.Module):
         self.__dict__["forward"] = types.MethodType(copy, self)
 
     # ---------------------------------------------------------------------------------------------- forward
-    def forward(self, *args: Any, adapter_ids: Tensor | Sequence[int | str] | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        *args: Any,
+        adapter_ids: Tensor | Sequence[int | str] | None = None,
+        task_ids: Tensor | Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run the base model. ``adapter_ids``: one entry per batch row, an adapter index (position in
-        :attr:`adapter_names`), an adapter name, or ``-1`` / ``None`` for the base model alone."""
-        if adapter_ids is None:
+        :attr:`adapter_names`), an adapter name, or ``-1`` / ``None`` for the base model alone. ``task_ids``:
+        one task index per batch row, handed to the adapters that declare ``uses_task_ids`` (task-routed
+        methods such as Poly/MHR); other adapters ignore them."""
+        if adapter_ids is None and task_ids is None:
             return self.model(*args, **kwargs)
-        self.routing.adapter_ids = self._check_ids(adapter_ids, args, kwargs)
+        if adapter_ids is not None:
+            self.routing.adapter_ids = self._check_ids(adapter_ids, args, kwargs)
+        if task_ids is not None:
+            self.routing.task_ids = self._check_task_ids(task_ids, args, kwargs)
         try:
             return self.model(*args, **kwargs)
         finally:
             self.routing.adapter_ids = None
+            self.routing.task_ids = None
+
+    def _check_task_ids(self, ids: Tensor | Sequence[int], args: tuple, kwargs: dict) -> Tensor:
+        if not isinstance(ids, Tensor):
+            ids = torch.tensor(list(ids), dtype=torch.long)
+        if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            raise AdapterIdsError(f"task_ids must be an integer tensor, got dtype {ids.dtype}")
+        if ids.dim() != 1:
+            raise AdapterIdsError(f"task_ids must be 1-D (one task per batch row), got shape {tuple(ids.shape)}")
+        if ids.numel() and int(ids.min()) < 0:
+            raise AdapterIdsError(f"task_ids must be non-negative, got {int(ids.min())}")
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if first is not None and first.dim() > 0 and first.shape[0] != ids.shape[0]:
+            raise AdapterIdsError(f"task_ids has {ids.shape[0]} entries but the batch has {first.shape[0]} rows")
+        return ids.long()
 
     def _check_ids(self, ids: Tensor | Sequence[int | str], args: tuple, kwargs: dict) -> Tensor:
         order = self.routing.order

@@ -178,6 +178,10 @@ class Adapter(nn.Module, metaclass=_AdapterType):
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     method: ClassVar[str] = ""
     exempt: ClassVar[dict[str, str]] = {}
+    # True: forward is called as ``forward(x, base_out, base, task_ids=...)`` with the per-row task ids the
+    # caller passed as ``model(..., task_ids=ids)`` (``None`` when it passed none), already restricted to the
+    # rows this adapter runs on in a mixed batch. For methods whose update depends on the task (Poly/MHR).
+    uses_task_ids: ClassVar[bool] = False
 
     def __init__(self, base: BaseView, config: AdapterConfig) -> None:
         super().__init__()
