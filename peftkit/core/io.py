@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import AdapterFileError, BaseModelMismatch, FormatVersionError, InvalidConfigError
-from .protocol import skip_init
+from .protocol import Adapter, skip_init
 from .registry import get_method
 
 FORMAT = "peftkit-adapter"
@@ -186,9 +186,21 @@ def load_adapter(model: Any, path: str | Path, name: str | None = None, activate
 def _assign(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path) -> None:
     # One pass over the adapter's modules; tensors are copied straight into the parameters and buffers that
     # ``state_dict`` names (what ``save`` wrote), which is ``load_state_dict`` without its per-module overhead.
+    modules = model.adapter_modules(name)
+    if any(type(a).fit_state is not Adapter.fit_state for a in modules.values()):
+        per_module: dict[str, dict[str, Tensor]] = {p: {} for p in modules}
+        for key, t in tensors.items():
+            module_path, _, local = key.rpartition(".")
+            while module_path and module_path not in per_module:  # keys of nested tensors: "A.0" under "x.y"
+                module_path, _, head = module_path.rpartition(".")
+                local = f"{head}.{local}"
+            if module_path:
+                per_module[module_path][local] = t
+        for module_path, adapter in modules.items():
+            adapter.fit_state(per_module[module_path])
     expected = {
         f"{module_path}.{key}": t
-        for module_path, adapter in model.adapter_modules(name).items()
+        for module_path, adapter in modules.items()
         for key, t in adapter.state_dict(keep_vars=True).items()
     }
     missing = sorted(set(expected) - set(tensors))

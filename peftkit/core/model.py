@@ -186,7 +186,7 @@ class AdaptedModel(nn.Module):
             for path, cls in [(p, method) for p in paths] + [(p, dense) for p in save_paths]:
                 module = inject.submodule(self.model, path)
                 base = module.base if isinstance(module, AdaptedLayer) else BaseView(module)
-                built.append((path, inject.build_adapter(cls, base, config, path)))
+                built.append((path, inject.build_adapter(cls, base, config.for_module(path), path)))
         for path, adapter in built:
             layer = inject.wrap(self.model, path, self.routing)
             layer.add(name, adapter)

@@ -40,6 +40,10 @@ class AdapterConfig:
             say). They are adapted with a dense delta that starts at zero, so they save, merge, disable and
             mix in batches like every other adapter.
         seed: if set, the adapter's random initialisation is drawn from this seed (reproducible adapters).
+        overrides: per-module settings, ``{module path or name suffix: {field: value}}`` (PEFT's
+            ``rank_pattern`` / ``alpha_pattern``, for any field of the method): ``{"query": {"r": 16}}`` gives every
+            ``*.query`` rank 16. An exact path wins over a suffix, a longer suffix over a shorter one. Saved with
+            the config, so a reloaded adapter gets the same per-module shapes.
     """
 
     method: ClassVar[str] = ""
@@ -48,6 +52,7 @@ class AdapterConfig:
     exclude: Targets | None = None
     modules_to_save: list[str] = field(default_factory=list)
     seed: int | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, tuple):
@@ -60,6 +65,41 @@ class AdapterConfig:
             except re.error as exc:
                 raise InvalidConfigError(f"targets {self.targets!r} is not a valid regular expression: {exc}") from None
         self.validate()
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        if not self.overrides:
+            return
+        per_module = {f.name for f in dataclasses.fields(self)} - _SHARED_FIELDS
+        for key, changes in self.overrides.items():
+            if not isinstance(key, str) or not key or not isinstance(changes, dict):
+                raise InvalidConfigError(
+                    f"overrides must map a module path or suffix to a dict of fields, got {key!r}: {changes!r}"
+                )
+            unknown = sorted(set(changes) - per_module)
+            if unknown:
+                raise InvalidConfigError(
+                    f"overrides[{key!r}] sets {unknown}, which cannot vary per module; "
+                    f"fields that can: {sorted(per_module)}"
+                )
+            try:
+                self.for_module(key)  # validates the per-module config now, not at injection time
+            except InvalidConfigError as exc:
+                raise InvalidConfigError(f"overrides[{key!r}]: {exc}") from None
+
+    def for_module(self, path: str) -> AdapterConfig:
+        """The settings for the module at ``path``: this config with the matching :attr:`overrides` applied
+        (the core builds each module's adapter from it)."""
+        if not self.overrides:
+            return self
+        if path in self.overrides:
+            changes = self.overrides[path]
+        else:
+            hits = [k for k in self.overrides if path.endswith("." + k)]
+            if not hits:
+                return self
+            changes = self.overrides[max(hits, key=len)]
+        return dataclasses.replace(self, **changes, overrides={})
 
     def validate(self) -> None:
         """Check method-specific fields; raise :class:`InvalidConfigError` naming the bad field."""
@@ -88,6 +128,10 @@ class AdapterConfig:
         if unknown:
             raise InvalidConfigError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(names)}")
         return cls(**data)
+
+
+# Fields that select modules or seed the whole adapter: they cannot differ per module.
+_SHARED_FIELDS = frozenset({"targets", "exclude", "modules_to_save", "seed", "overrides"})
 
 
 @dataclass(kw_only=True)
@@ -225,6 +269,12 @@ class Adapter(nn.Module, metaclass=_AdapterType):
 
     def step(self, global_step: int) -> None:
         """Called once per optimizer step by the trainer (rank schedules and the like); default: nothing."""
+
+    def fit_state(self, state: dict[str, Tensor]) -> None:
+        """Reshape to a saved state before loading copies it in; ``state`` maps this module's ``state_dict``
+        keys to the saved tensors. Default: nothing (a fresh module built from the config already has the saved
+        shapes). Methods whose structure changes while training (IncreLoRA grows components) add what the
+        saved state has, so a trained adapter reloads from its file with ``pk.load``."""
 
     def effective_rank(self) -> int | None:
         """Optional: the rank this module's update currently has (learned, pruned or chosen), for rank

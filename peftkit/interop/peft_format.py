@@ -25,8 +25,10 @@ Design decisions:
 * Targets are written as the explicit list of module paths, and on import the adapted modules are read from
   the tensor keys, not re-derived from ``target_modules``. PEFT's ``layers_to_transform``, ``layers_pattern``
   and ``exclude_modules`` therefore import correctly (the keys already say which layers were adapted).
-* ``rank_pattern`` / ``alpha_pattern`` import when they give every adapted module the same rank and alpha
-  (one peftkit config per adapter); otherwise :class:`UnsupportedAdapterError`.
+* Per-module ranks and alphas: PEFT's ``rank_pattern`` / ``alpha_pattern`` <-> our config ``overrides``
+  (``{module path: {"r": ..., "alpha": ...}}``). Export writes one escaped full-path pattern per module whose
+  rank or alpha differs; import writes an override for every module that differs from the most common pair.
+  Overrides of any other field have no PEFT equivalent (:class:`ExportError`).
 * Refused with a clear error: other ``peft_type`` s, ``bias != "none"``, initialisations that rewrite the
   base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA: convert them to plain LoRA in PEFT first), LoRA variants
   with their own forward (aLoRA, QALoRA, BD-LoRA, Arrow, MonteCLoRA, VeLoRA, KaSA), ``target_parameters``,
@@ -36,6 +38,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -98,7 +101,9 @@ CONFIG_FIELDS = {
     "bias": "lora_bias",
 }
 # Our fields that need no PEFT counterpart (written another way, or irrelevant to a trained adapter).
-_OTHER_FIELDS = {"targets", "exclude", "modules_to_save", "seed", "init"}
+_OTHER_FIELDS = {"targets", "exclude", "modules_to_save", "seed", "init", "overrides"}
+# Config fields PEFT can set per module, and the pattern dict that carries each.
+_PATTERNS = {"r": "rank_pattern", "alpha": "alpha_pattern"}
 # Our dense adapter's tensors -> the module's own parameter names (PEFT saves the whole module).
 _DENSE_NAMES = {"weight_delta": "weight", "bias_delta": "bias"}
 
@@ -150,6 +155,7 @@ def export_peft(
         )
     _check_fields(config)
     tensors: dict[str, Tensor] = {}
+    patterns: dict[str, dict[str, Any]] = {peft: {} for peft in _PATTERNS.values()}
     targets: list[str] = []
     saved: list[str] = []
     conv1d = False
@@ -174,12 +180,14 @@ def export_peft(
             shape = _PEFT_SHAPE.get((base.kind, ours), tuple)(tuple(t.shape))
             tensors[f"{PREFIX}{module_path}.{names[ours]}"] = t.detach().reshape(shape).contiguous().cpu()
         targets.append(module_path)
+        for ours, peft in _PATTERNS.items():
+            if getattr(module.config, ours) != getattr(config, ours):
+                patterns[peft][re.escape(module_path)] = _peft_number(getattr(module.config, ours))
         conv1d |= base.kind == "linear" and base.transposed
     if not targets:
         raise ExportError(f"adapter {name!r} adapts no module with {method!r} (only modules_to_save): PEFT needs one")
     fields = {peft: getattr(config, ours) for ours, peft in CONFIG_FIELDS.items()}
-    alpha = fields["lora_alpha"]
-    fields["lora_alpha"] = int(alpha) if float(alpha).is_integer() else float(alpha)
+    fields["lora_alpha"] = _peft_number(fields["lora_alpha"])
     peft_config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -197,8 +205,7 @@ def export_peft(
         "init_lora_weights": "gaussian" if config.init == "gaussian" and not config.bias else True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        **patterns,
     }
     from peftkit import __version__
 
@@ -211,6 +218,11 @@ def export_peft(
     return target
 
 
+def _peft_number(value: float) -> int | float:
+    """PEFT writes integral alphas as ints."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def _check_fields(config: Any) -> None:
     """Refuse config fields the PEFT format cannot carry (a future variant's extra setting, say)."""
     for f in dataclasses.fields(config):
@@ -219,6 +231,12 @@ def _check_fields(config: Any) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if getattr(config, f.name) != default:
             raise ExportError(f"config field {f.name}={getattr(config, f.name)!r} has no PEFT equivalent")
+    for key, changes in config.overrides.items():
+        other = sorted(set(changes) - set(_PATTERNS))
+        if other:
+            raise ExportError(
+                f"overrides[{key!r}] sets {other} per module; PEFT can only vary {sorted(_PATTERNS)} per module"
+            )
 
 
 def _check_peft_conv(base: BaseView, module_path: str, error: type[Exception]) -> None:
@@ -273,7 +291,7 @@ def import_peft(base_model: nn.Module, path: str | Path, name: str = "default") 
     net = model.model if model is not None else base_model
     modules = dict(inject.base_modules(net))
     lora, dense, base_weights = _split_keys(tensors, folder)
-    r, alpha = _rank_and_alpha(raw, lora, folder)
+    r, alpha, overrides = _rank_and_alpha(raw, lora, folder)
     for module_path in [*lora, *dense]:
         module = modules.get(module_path)
         if module is None:
@@ -296,6 +314,7 @@ def import_peft(base_model: nn.Module, path: str | Path, name: str = "default") 
         config = cls.config_class(
             targets=_exact_targets(sorted(lora), modules),
             modules_to_save=sorted(dense),
+            overrides=overrides,
             init="gaussian" if raw.get("init_lora_weights") == "gaussian" else "kaiming",
             **fields,
         )
@@ -446,8 +465,10 @@ def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> 
     return default
 
 
-def _rank_and_alpha(raw: dict[str, Any], lora: dict[str, dict[str, Tensor]], folder: Path) -> tuple[int, float]:
-    """The one (rank, alpha) of every adapted module; refuse patterns that give modules different ones."""
+def _rank_and_alpha(
+    raw: dict[str, Any], lora: dict[str, dict[str, Tensor]], folder: Path
+) -> tuple[int, float, dict[str, dict[str, Any]]]:
+    """The most common (rank, alpha) of the adapted modules, and overrides for the modules that differ."""
     rank_pattern = raw.get("rank_pattern") or {}
     alpha_pattern = raw.get("alpha_pattern") or {}
     pairs = {}
@@ -459,16 +480,18 @@ def _rank_and_alpha(raw: dict[str, Any], lora: dict[str, dict[str, Tensor]], fol
         if down.shape[0] != r:
             raise AdapterFileError(f"{folder}: {module_path!r} has rank {down.shape[0]} but the config says {r}")
         pairs[module_path] = (r, _pattern_value(alpha_pattern, module_path, raw.get("lora_alpha", 8)))
-    distinct = sorted(set(pairs.values()))
-    if len(distinct) > 1:
-        raise UnsupportedAdapterError(
-            f"{folder}: rank_pattern/alpha_pattern give the modules different (r, alpha) {distinct}; a peftkit "
-            "adapter has one rank and alpha (import each group as its own adapter)"
-        )
-    r, alpha = distinct[0]
-    if not isinstance(r, int) or isinstance(r, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise AdapterFileError(f"{folder}: invalid r={r!r} or lora_alpha={alpha!r}")
-    return r, float(alpha)
+    for r, alpha in set(pairs.values()):
+        bad_r = not isinstance(r, int) or isinstance(r, bool)
+        if bad_r or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise AdapterFileError(f"{folder}: invalid r={r!r} or lora_alpha={alpha!r}")
+    counts = collections.Counter(pairs.values())
+    r, alpha = max(sorted(counts), key=lambda pair: counts[pair])
+    overrides: dict[str, dict[str, Any]] = {}
+    for module_path, (r_m, alpha_m) in pairs.items():
+        changes = {k: v for k, v, default in (("r", r_m, r), ("alpha", float(alpha_m), float(alpha))) if v != default}
+        if changes:
+            overrides[module_path] = changes
+    return r, float(alpha), overrides
 
 
 def _exact_targets(paths: list[str], modules: dict[str, nn.Module]) -> list[str] | str:

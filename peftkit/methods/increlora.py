@@ -248,20 +248,22 @@ class IncreLoRA(Adapter):
         self.E_res.zero_()
 
     # ---------------------------------------------------------------------------------------------- loading
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # A grown adapter has more chunks than a fresh one: grow the lists to fit before they are loaded.
+    def fit_state(self, state: dict[str, Tensor]) -> None:
+        """A grown adapter has more chunks than a fresh one: add them (empty) before the saved ones are
+        copied in. A loaded adapter is not in its growth phase (create an :class:`IncreLoRAAllocator` to
+        resume)."""
         for name in ("A", "B", "E"):
             plist: nn.ParameterList = getattr(self, name)
-            while f"{prefix}{name}.{len(plist)}" in state_dict:
-                src = state_dict[f"{prefix}{name}.{len(plist)}"]
-                plist.append(
-                    nn.Parameter(
-                        torch.empty_like(src, device=self.A_res.device, dtype=self.A_res.dtype),
-                        requires_grad=self.A_res.requires_grad,
-                    )
-                )
+            while f"{name}.{len(plist)}" in state:
+                src = state[f"{name}.{len(plist)}"]
+                like = {"device": self.A_res.device, "dtype": self.A_res.dtype}
+                plist.append(nn.Parameter(torch.empty_like(src, **like), requires_grad=self.A_res.requires_grad))
+        self.tracking = False
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # torch's load_state_dict path (pk.load uses fit_state directly)
+        self.fit_state({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.tracking = False  # a loaded adapter is not in its growth phase (call IncreLoRAAllocator to resume)
 
 
 def _modules(model: nn.Module, adapter: str | None) -> dict[str, IncreLoRA]:

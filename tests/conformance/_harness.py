@@ -406,7 +406,7 @@ def check_trainable_count(c: Combo, tmp_path: Path) -> None:
     model = c.adapted()
     config = model.configs["a"]
     want = sum(
-        type(adapter).expected_trainable(model.get_submodule(f"model.{path}").base, config)
+        type(adapter).expected_trainable(model.get_submodule(f"model.{path}").base, config.for_module(path))
         for path, adapter in model.adapter_modules("a").items()
     )
     assert model.trainable_parameters().trainable == want

@@ -53,11 +53,13 @@ def test_pilot_then_per_layer_lora_save_load(tmp_path) -> None:
             m.B.normal_()
         model.eval()
         out = model(input_ids=IDS).last_hidden_state
+        for path, m in model.adapter_modules("co").items():  # each layer allocates exactly its own rank
+            assert m.A.shape[0] == m.B.shape[1] == ranks[path]
         path, m = next(iter(model.adapter_modules("co").items()))
-        k = ranks[path]
         x = torch.randn(3, 32)
         got = m(x, torch.zeros(3, 32), model.get_submodule(f"model.{path}").base)
-        torch.testing.assert_close(got, x @ m.A[:k].T @ m.B[:, :k].T)
+        torch.testing.assert_close(got, x @ m.A.T @ m.B.T)
+    assert model.trainable_parameters().trainable == sum(r * (32 + 32) for r in ranks.values())
     model.save(tmp_path / "co", adapter="co")
     loaded = pk.load(tiny_bert(), tmp_path / "co")
     assert rank_report(loaded) == ranks

@@ -102,6 +102,25 @@ def test_grown_adapter_reloads_with_load_state_dict() -> None:
         torch.testing.assert_close(fresh(input_ids=IDS).last_hidden_state, model(input_ids=IDS).last_hidden_state)
 
 
+def test_grown_adapter_reloads_with_pk_load(tmp_path) -> None:
+    model = model_with(r=1, target_rank=4, top_h=2, init_warmup=0, incre_interval=1)
+    alloc = IncreLoRAAllocator(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in (1, 2):
+        train_step(model, opt)
+        model.step_adapters(step)
+        opt.add_param_group({"params": alloc.step(step)})
+    ranks = rank_report(model)
+    assert len(set(ranks.values())) > 1  # some modules grew, others did not: per-module shapes differ
+    model.save(tmp_path / "grown")
+    loaded = pk.load(tiny_bert(), tmp_path / "grown").eval()
+    assert rank_report(loaded) == ranks
+    assert not any(m.tracking for m in loaded.adapter_modules("default").values())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).last_hidden_state, model(input_ids=IDS).last_hidden_state)
+
+
 def test_identity_at_init_spec_decision() -> None:
     base = tiny_bert()
     with torch.no_grad():

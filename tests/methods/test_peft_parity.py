@@ -196,6 +196,17 @@ EXPORTS = {
     ),
     "net-dora": (make_tiny_net, pk.DoRAConfig(r=2, alpha=4, targets=["fc2", "conv"], modules_to_save=["emb"])),
     "net-lora-bias-gaussian": (make_tiny_net, pk.LoRAConfig(r=2, bias=True, init="gaussian", targets=["conv", "fc2"])),
+    # per-module rank / alpha (overrides) <-> PEFT's rank_pattern / alpha_pattern, both ways
+    "bert-lora-overrides": (
+        tiny_bert,
+        pk.LoRAConfig(
+            r=2,
+            alpha=4,
+            rslora=True,
+            targets=["query", "value"],
+            overrides={"value": {"r": 3}, "encoder.layer.1.attention.self.query": {"alpha": 8.0}},
+        ),
+    ),
 }
 
 
@@ -382,7 +393,6 @@ def edit_config(folder: Path, **changes: object) -> None:
         (dict(init_lora_weights="pissa"), "rewrites the base weights"),
         (dict(bias="all"), "bias='all'"),
         (dict(use_qalora=True), "QALoRA"),
-        (dict(rank_pattern={"query": 4}, alpha_pattern={"value": 16}), "different"),
     ],
 )
 def test_import_refuses_unsupported_options(changes: dict, match: str, tmp_path: Path) -> None:
@@ -436,7 +446,33 @@ def test_export_errors(tmp_path: Path) -> None:
     dilated.conv = nn.Conv2d(4, 6, kernel_size=3, padding=2, dilation=2)
     with pytest.raises(ExportError, match="dilation"):
         pk.export_peft(pk.adapt(dilated, pk.LoRAConfig(r=2, targets=["conv"])), tmp_path / "x")
+    per_module_dropout = pk.LoRAConfig(r=2, targets=["fc1", "fc2"], overrides={"fc1": {"dropout": 0.1}})
+    with pytest.raises(ExportError, match=r"overrides\['fc1'\] sets \['dropout'\]"):
+        pk.export_peft(pk.adapt(make_tiny_net(), per_module_dropout), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_import_per_module_ranks_and_alphas(tmp_path: Path) -> None:
+    base = tiny_bert()
+    pm = quiet_peft(
+        copy.deepcopy(base),
+        r=2,
+        lora_alpha=3,
+        target_modules=["query", "value"],
+        rank_pattern={"query": 4},
+        alpha_pattern={"layer.1.attention.self.value": 16},
+    )
+    fill_peft(pm)
+    pm.save_pretrained(tmp_path / "p")
+    ours = pk.import_peft(copy.deepcopy(base), tmp_path / "p").eval()
+    ranks = {p: (m.A.shape[0], m.config.alpha) for p, m in ours.adapter_modules("default").items()}
+    assert ranks == {
+        "encoder.layer.0.attention.self.query": (4, 3.0),
+        "encoder.layer.0.attention.self.value": (2, 3.0),
+        "encoder.layer.1.attention.self.query": (4, 3.0),
+        "encoder.layer.1.attention.self.value": (2, 16.0),
+    }
+    torch.testing.assert_close(run(ours, ids()), run(pm.eval(), ids()), atol=ATOL, rtol=0)
 
 
 def test_interop_does_not_import_peft() -> None:
