@@ -12,6 +12,10 @@ Canonical layouts:
 * ``nn.Embedding``: a lookup is a product with a one-hot vector, so ``in = num_embeddings`` and
   ``out = embedding_dim``; the view shows ``weight.T`` (``[dim, vocab]``).
 * ``nn.Conv2d``: ``[out, in/groups, kh, kw]`` as stored.
+* any other ``nn.Module`` (kind ``"module"``: a whole MLP, block or norm, for block-level adapters such as
+  parallel bottleneck adapters): no weight. ``in_features`` / ``out_features`` are the input width of its first
+  and the output width of its last weight layer (Linear, Conv1D, Conv2d, Embedding) or LayerNorm; adapters get
+  ``x`` = the module's first positional input and ``base_out`` = its output (which must be a tensor).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-LayerKind = Literal["linear", "conv2d", "embedding"]
+LayerKind = Literal["linear", "conv2d", "embedding", "module"]
 
 
 def _hf_conv1d_type() -> type | None:
@@ -47,6 +51,10 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def _widths(view: BaseView) -> tuple[int, int]:
+    return view.in_features, view.out_features
+
+
 class BaseView:
     """Read access to a wrapped module's weight, shape and operation.
 
@@ -56,9 +64,10 @@ class BaseView:
 
     def __init__(self, module: nn.Module) -> None:
         kind = layer_kind(module)
-        if kind is None:
-            raise TypeError(f"peftkit cannot wrap a {type(module).__name__}")
         self.module: Any = module  # one of the layer kinds above (typed Any: nn.Module attributes are dynamic)
+        if kind is None:
+            self._init_module_kind(module)
+            return
         self.kind: LayerKind = kind
         self.transposed = kind == "embedding" or (kind == "linear" and not isinstance(module, nn.Linear))
         stored = cast(Tensor, module.weight)
@@ -66,6 +75,33 @@ class BaseView:
         self.out_features: int = shape[0]
         self.in_features: int = shape[1] if kind != "conv2d" else shape[1] * int(cast(int, module.groups))
         self.weight_shape: tuple[int, ...] = shape
+
+    def _init_module_kind(self, module: nn.Module) -> None:
+        """A view of a weightless ``"module"`` (see the module docstring): widths from its weight layers."""
+        from .errors import UnsupportedLayerError
+        from .layer import AdaptedLayer  # (layer imports base)
+
+        if any(isinstance(m, AdaptedLayer) for m in module.modules()):
+            raise UnsupportedLayerError(
+                f"cannot wrap a {type(module).__name__} that contains wrapped layers (wrappers never nest); "
+                "add the block-level adapter first, or target its layers instead"
+            )
+        widths = [
+            (int(m.normalized_shape[-1]),) * 2 if isinstance(m, nn.LayerNorm) else _widths(BaseView(m))
+            for m in module.modules()
+            if layer_kind(m) is not None or isinstance(m, nn.LayerNorm)
+        ]
+        params = [*module.parameters(), *module.buffers()]
+        if not widths or not params:
+            raise UnsupportedLayerError(
+                f"peftkit cannot wrap a {type(module).__name__}: it has no weight layer to read widths from"
+            )
+        self.kind = "module"
+        self.transposed = False
+        self.in_features = int(widths[0][0])
+        self.out_features = int(widths[-1][1])
+        self.weight_shape = (self.out_features, self.in_features)
+        self._like = params[0]
 
     # ----------------------------------------------------------------------------------------------- reading
     @property
@@ -80,11 +116,11 @@ class BaseView:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.weight.dtype
+        return (self._like if self.kind == "module" else self.module.weight).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.module.weight.device
+        return (self._like if self.kind == "module" else self.module.weight).device
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -100,6 +136,8 @@ class BaseView:
         For a convolution this keeps the base stride, padding, dilation and groups; for an embedding it
         keeps ``padding_idx`` and ``max_norm`` semantics of the lookup (``x`` holds ids).
         """
+        if self.kind == "module":
+            raise TypeError(f"a {type(self.module).__name__} module has no weight to run with another one")
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         if self.kind == "conv2d":
@@ -142,5 +180,8 @@ class BaseView:
             b.copy_((b.float() + sign * delta_bias.float()).to(b.dtype))
 
     def describe(self) -> dict[str, object]:
-        """Kind and shape, as recorded in a saved adapter's base-model fingerprint."""
+        """Kind and shape, as recorded in a saved adapter's base-model fingerprint (a weightless module: its
+        type, the form the loader's fingerprint check uses for any module that is not a weight layer)."""
+        if self.kind == "module":
+            return {"type": type(self.module).__name__}
         return {"kind": self.kind, "type": type(self.module).__name__, "shape": list(self.weight_shape)}
