@@ -82,13 +82,13 @@ class AdaptedLayer(nn.Module):
         if not active:
             return base_out
         if len(active) == 1:
-            return self._apply(self.adapters[active[0]], x, base_out)
+            return self._run_adapter(self.adapters[active[0]], x, base_out)
         out = base_out
         for name in active:  # several active adapters: their changes to the base output add up
-            out = out + (self._apply(self.adapters[name], x, base_out) - base_out)
+            out = out + (self._run_adapter(self.adapters[name], x, base_out) - base_out)
         return out
 
-    def _apply(self, adapter: Adapter, x: Tensor, base_out: Tensor, rows: Tensor | None = None) -> Tensor:
+    def _run_adapter(self, adapter: Adapter, x: Tensor, base_out: Tensor, rows: Tensor | None = None) -> Tensor:
         """Run one adapter on ``x`` (the batch rows ``rows`` of the call, or all of them); adapters that declare
         ``uses_task_ids`` also get the task ids of those rows (``None`` when the call gave none)."""
         if not adapter.uses_task_ids:
@@ -117,7 +117,7 @@ class AdaptedLayer(nn.Module):
             if i < 0 or self.routing.order[i] not in self.adapters:
                 continue
             rows = (ids == i).nonzero().flatten()
-            adapted = self._apply(self.adapters[self.routing.order[i]], x[rows], base_out[rows], rows)
+            adapted = self._run_adapter(self.adapters[self.routing.order[i]], x[rows], base_out[rows], rows)
             out = out.index_copy(0, rows, adapted)
         return out
 

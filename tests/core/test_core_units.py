@@ -200,3 +200,10 @@ def test_overrides_are_checked_when_the_config_is_made() -> None:
         pk.LoRAConfig(overrides={"query": {"targets": ["key"]}})
     with pytest.raises(pk.errors.InvalidConfigError, match=r"sets \['rank'\]"):
         pk.LoRAConfig(overrides={"query": {"rank": 4}})
+
+
+def test_model_to_dtype_converts_base_and_adapters(tiny_net: TinyNet, token_batch) -> None:
+    model = pk.adapt(tiny_net, pk.LoRAConfig(r=2, targets=["fc1", "conv"]))
+    model.to(torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(token_batch).dtype == torch.float64
