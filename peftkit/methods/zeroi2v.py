@@ -1,0 +1,148 @@
+"""ZeroI2V linear adapters: zero-cost adaptation by structural re-parametrisation (spec
+``shared/methods/adapters.md``, "ZeroI2V — linear adapter"; official MCG-NJU/ZeroI2V ``vit_zero_clip.py``,
+``tools/weight_reparam.py``).
+
+A linear adapter ``A(h) = h + s · fc2(drop(fc1(h)))`` (no activation; ``fc1: d→r``, ``fc2: r→d``, biases;
+``2rd + r + d`` trainable) next to a frozen linear ``(W, b)``. With ``M = I + s·W₂W₁`` and
+``c = s·(W₂b₁ + b₂)``:
+
+* ``side="output"`` (``S_Adapter`` after the attention out-projection, ``MLP_Adapter_out`` after ``fc2``):
+  ``y = A(W x + b)``, folded as ``W' = M W``, ``b' = M b + c``;
+* ``side="input"`` (``T_Adapter_in`` before q/k/v, ``MLP_Adapter`` before ``fc1``): ``y = W A(x) + b``, folded as
+  ``W' = W M``, ``b' = W c + b``.
+
+Both are exact (``delta_weight`` / ``delta_bias``), so ``merge()`` leaves exactly the base's parameters.
+Init: ``fc1`` trunc-normal std 0.02, bias 0; ``fc2`` weight and bias 0 (identity at init).
+Defaults: ``s = 0.5``, ``r = d/4``, dropout 0.1.
+
+*Decisions*: one adapter per adapted module (the official ``T_Adapter_in`` is one adapter shared by q, k and v
+of a fused ``in_proj``; HF models have three projections, so each gets its own input-side adapter, 3× its
+parameters — folding is then per projection, as the spec's "all three slices" rule). Which modules are input-side
+is set per module with ``overrides`` (:func:`zeroi2v_config` builds the spec's placement for HF ViT / CLIP
+names). STDHA (the zero-parameter temporal head shift) is an attention change, not an adapter: not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
+from peftkit.core.registry import register
+
+
+@dataclass(kw_only=True)
+class ZeroI2VConfig(AdapterConfig):
+    """Settings of a ZeroI2V linear adapter.
+
+    Attributes:
+        side: ``"output"`` (adapter on the module's output) or ``"input"`` (on its input); vary it per module
+            with ``overrides`` (see :func:`zeroi2v_config`).
+        r: bottleneck width; ``None``: ``max(1, round(ratio · d))`` with ``d`` the adapted width.
+        ratio: ``r / d`` when ``r`` is ``None`` (official 0.25).
+        scale: ``s`` (official ``adapter_scale`` 0.5).
+        dropout: dropout between ``fc1`` and ``fc2`` (off in eval mode).
+    """
+
+    side: Literal["output", "input"] = "output"
+    r: int | None = None
+    ratio: float = 0.25
+    scale: float = 0.5
+    dropout: float = 0.1
+
+    def validate(self) -> None:
+        if self.side not in ("output", "input"):
+            raise InvalidConfigError(f"side must be 'output' or 'input', got {self.side!r}")
+        if self.r is not None:
+            require_positive_int("r", self.r)
+        if not 0.0 < self.ratio <= 1.0:
+            raise InvalidConfigError(f"ratio must lie in (0, 1], got {self.ratio!r}")
+        require_probability("dropout", self.dropout)
+
+    def width(self, d: int) -> int:
+        return self.r if self.r is not None else max(1, round(self.ratio * d))
+
+    @classmethod
+    def tiny(cls) -> ZeroI2VConfig:
+        return cls(r=4)
+
+    @classmethod
+    def tiny_variants(cls) -> list[AdapterConfig]:
+        return [cls.tiny(), cls(r=4, side="input", dropout=0.0)]
+
+
+def zeroi2v_config(
+    *,
+    attention_in: tuple[str, ...] = ("q_proj", "k_proj", "v_proj"),
+    attention_out: str = "o_proj",
+    mlp_in: str = "fc1",
+    mlp_out: str | None = "fc2",
+    **fields: Any,
+) -> ZeroI2VConfig:
+    """The spec's placement (``T_Adapter_in`` on the attention input, ``S_Adapter`` on its output,
+    ``MLP_Adapter`` on the MLP input, ``MLP_Adapter_out`` on its output when ``mlp_out`` is set,
+    ``num_tadapter=2``) for module names of HF ViT (defaults) or CLIP (``attention_out="out_proj"``)."""
+    inputs = (*attention_in, mlp_in)
+    outputs = (attention_out,) + ((mlp_out,) if mlp_out else ())
+    overrides = {name: {"side": "input"} for name in inputs}
+    return ZeroI2VConfig(targets=[*inputs, *outputs], overrides=overrides, **fields)
+
+
+@register("zeroi2v", ZeroI2VConfig)
+class ZeroI2V(Adapter):
+    """A linear adapter beside a frozen linear, folded into it on merge; see the module docstring."""
+
+    config: ZeroI2VConfig
+
+    def __init__(self, base: BaseView, config: ZeroI2VConfig) -> None:
+        super().__init__(base, config)
+        self.input_side = config.side == "input"
+        d = base.in_features if self.input_side else base.out_features
+        r = config.width(d)
+        self.fc1 = nn.Linear(d, r)
+        self.fc2 = nn.Linear(r, d)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+
+    @torch.no_grad()
+    def reset_parameters(self, base: BaseView) -> None:
+        nn.init.trunc_normal_(self.fc1.weight, std=0.02)
+        for t in (self.fc1.bias, self.fc2.weight, self.fc2.bias):
+            t.zero_()
+
+    def change(self, h: Tensor) -> Tensor:
+        """``A(h) − h = s · fc2(drop(fc1(h)))``."""
+        z = self.fc1(h)
+        return self.config.scale * self.fc2(self.dropout(z) if self.dropout is not None else z)
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        if self.input_side:  # W A(x) + b = base_out + W (A(x) − x)
+            return base_out + base.apply(self.change(x), base.weight)
+        return base_out + self.change(base_out)
+
+    def _m_minus_identity(self) -> Tensor:
+        return self.config.scale * (self.fc2.weight @ self.fc1.weight)  # M − I = s W₂W₁
+
+    def _c(self) -> Tensor:
+        return self.config.scale * (self.fc2.weight @ self.fc1.bias + self.fc2.bias)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        m = self._m_minus_identity()
+        return base.weight @ m if self.input_side else m @ base.weight
+
+    def delta_bias(self, base: BaseView) -> Tensor:
+        if self.input_side:  # b' − b = W c
+            return base.weight @ self._c()
+        bias = base.bias
+        folded = self._m_minus_identity() @ bias if bias is not None else 0.0
+        return folded + self._c()  # b' − b = (M − I) b + c
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: ZeroI2VConfig) -> int:
+        d = base.in_features if config.side == "input" else base.out_features
+        r = config.width(d)
+        return 2 * r * d + r + d

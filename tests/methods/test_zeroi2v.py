@@ -1,0 +1,87 @@
+"""ZeroI2V linear adapters: identity at init, exact structural re-parametrisation (merge(unload=True) leaves
+exactly the base's parameter count and the same outputs), the parameter count and the folding formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_bottleneck import tiny_vit
+from torch import nn
+
+import peftkit as pk
+from peftkit.core.base import BaseView
+from peftkit.core.errors import InvalidConfigError
+from peftkit.methods.zeroi2v import ZeroI2V, ZeroI2VConfig, zeroi2v_config
+
+
+def _randomise(model: pk.AdaptedModel) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in model.adapter_modules("default").values():
+            for p in a.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_vit_placement_merges_to_the_base_parameter_count() -> None:
+    base = tiny_vit()
+    n_base = sum(p.numel() for p in base.parameters())
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = base(pixel_values=x).logits
+    model = pk.adapt(base, zeroi2v_config()).eval()  # r = d/4 = 8, four kinds of adapter per block
+    sides = {p.rsplit(".", 1)[-1]: a.input_side for p, a in model.adapter_modules("default").items()}
+    assert sides == {"q_proj": True, "k_proj": True, "v_proj": True, "fc1": True, "o_proj": False, "fc2": False}
+    per = 2 * 8 * 32 + 8 + 32
+    assert model.trainable_parameters().trainable == 2 * 6 * per  # 2 blocks × 6 adapted linears
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).logits, want, atol=1e-6, rtol=0)  # fc2 = 0
+    _randomise(model)
+    with torch.no_grad():
+        adapted = model(pixel_values=x).logits
+    assert not torch.allclose(adapted, want, atol=1e-4)
+    plain = model.merge(unload=True)
+    assert sum(p.numel() for p in plain.parameters()) == n_base
+    assert not any(type(m).__module__.startswith("peftkit") for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(pixel_values=x).logits, adapted, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_folding_formulas(side: str) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 10).double()
+    base = BaseView(lin)
+    a = ZeroI2V(base, ZeroI2VConfig(side=side, r=3, scale=0.5, dropout=0.0)).double()
+    for p in a.parameters():
+        with torch.no_grad():
+            p.normal_()
+    w1, b1, w2, b2 = a.fc1.weight, a.fc1.bias, a.fc2.weight, a.fc2.bias
+    d = 6 if side == "input" else 10
+    m = torch.eye(d, dtype=torch.double) + 0.5 * w2 @ w1
+    c = 0.5 * (w2 @ b1 + b2)
+    if side == "output":  # W' = M W, b' = M b + c
+        w_new, b_new = m @ lin.weight, m @ lin.bias + c
+    else:  # W' = W M, b' = W c + b
+        w_new, b_new = lin.weight @ m, lin.weight @ c + lin.bias
+    torch.testing.assert_close(lin.weight + a.delta_weight(base), w_new)
+    torch.testing.assert_close(lin.bias + a.delta_bias(base), b_new)
+    x = torch.randn(4, 6, dtype=torch.double)
+    torch.testing.assert_close(a(x, lin(x), base), x @ w_new.T + b_new)
+
+    def adapter_by_hand(h: torch.Tensor) -> torch.Tensor:
+        return h + 0.5 * (h @ w1.T + b1) @ w2.T + 0.5 * b2
+
+    want = adapter_by_hand(lin(x)) if side == "output" else lin(adapter_by_hand(x))
+    torch.testing.assert_close(a(x, lin(x), base), want)
+    assert sum(p.numel() for p in a.parameters()) == ZeroI2V.expected_trainable(base, a.config) == 2 * 3 * d + 3 + d
+
+
+def test_defaults_and_errors() -> None:
+    cfg = ZeroI2VConfig()
+    assert (cfg.scale, cfg.dropout, cfg.width(768)) == (0.5, 0.1, 192)
+    with pytest.raises(InvalidConfigError, match="side"):
+        ZeroI2VConfig(side="both")
+    with pytest.raises(InvalidConfigError, match="ratio"):
+        ZeroI2VConfig(ratio=0.0)
+    clip = zeroi2v_config(attention_out="out_proj")
+    assert "out_proj" in clip.targets and clip.overrides["fc1"] == {"side": "input"}
