@@ -14,6 +14,14 @@ Mapping (peftkit -> PEFT):
   ``[1, out, 1, 1]`` on Conv2d).
 * ``modules_to_save`` (our dense ``full`` adapter): PEFT stores the whole trained module, so the export
   writes ``W + ΔW`` and ``b + Δb`` in the module's own layout, and the import takes ``W_saved − W``.
+* SHiRA, RandLoRA, FourierFT, MiSS / Bone (MiSS's ``bat`` mode; PEFT dropped ``BoneConfig``), LoKr, LoHa: one
+  :class:`PeftFormat` entry each in :data:`PEFT_FORMATS` (PEFT type, tensor names, config fields). Export
+  reads the folder's config back as PEFT will and refuses (``ExportError`` naming the field) any setting it
+  does not carry (SHiRA ``scale``, RandLoRA ``scale_by_sqrt_bases``) and any frozen tensor PEFT would rebuild
+  differently (RandLoRA's bases: PEFT shares one set sized by the elementwise max of the adapted layers, so
+  ``projection_shape`` must be that max unless all layers have one shape). Frozen tensors rebuilt from a seed
+  are never written (RandLoRA ``save_projection=False``; FourierFT's locations); SHiRA's indices are (PEFT
+  reads ``shira_indices`` back, so every SHiRA mask exports). Import checks saved bases against the rebuilt ones.
 
 Design decisions:
 
@@ -64,9 +72,19 @@ from peftkit.core.errors import (
 )
 from peftkit.core.io import atomic_write_dir
 from peftkit.core.model import DENSE_METHOD, AdaptedModel
+from peftkit.core.protocol import skip_init
 from peftkit.core.registry import get_method
 
-__all__ = ["CONFIG_FIELDS", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "TENSOR_NAMES", "export_peft", "import_peft"]
+__all__ = [
+    "CONFIG_FIELDS",
+    "PEFT_CONFIG_FILE",
+    "PEFT_FORMATS",
+    "PEFT_WEIGHTS_FILE",
+    "TENSOR_NAMES",
+    "PeftFormat",
+    "export_peft",
+    "import_peft",
+]
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -148,10 +166,12 @@ def export_peft(
     model._require(name)
     config = model.configs[name]
     method = type(config).method
+    if method in PEFT_FORMATS:
+        return _export_format(model, name, config, PEFT_FORMATS[method], Path(path), task_type)
     if method not in TENSOR_NAMES:
         raise ExportError(
             f"adapter {name!r} uses method {method!r}, which has no Hugging Face PEFT equivalent; "
-            f"PEFT folders hold {sorted(TENSOR_NAMES)} adapters (plus modules_to_save)"
+            f"PEFT folders hold {sorted([*TENSOR_NAMES, *PEFT_FORMATS])} adapters (plus modules_to_save)"
         )
     _check_fields(config)
     tensors: dict[str, Tensor] = {}
@@ -285,6 +305,9 @@ def import_peft(base_model: nn.Module, path: str | Path, name: str = "default") 
     """
     folder = Path(path)
     raw = _read_peft_config(folder)
+    fmt = next((f for f in PEFT_FORMATS.values() if f.peft_type == raw.get("peft_type")), None)
+    if fmt is not None:
+        return _import_format(base_model, folder, raw, fmt, name)
     method = _check_options(raw, folder)
     tensors = _read_peft_tensors(folder)
     model = base_model if isinstance(base_model, AdaptedModel) else None
@@ -393,7 +416,7 @@ def _check_options(raw: dict[str, Any], folder: Path) -> str:
     if peft_type != "LORA":
         raise UnsupportedAdapterError(
             f"{folder}: peft_type {peft_type!r} is not supported; peftkit imports LORA adapters "
-            "(LoRA, rsLoRA, DoRA, lora_bias)"
+            f"(LoRA, rsLoRA, DoRA, lora_bias) and {sorted(f.peft_type for f in PEFT_FORMATS.values())}"
         )
     for option, why in _REFUSED_OPTIONS.items():
         if raw.get(option) not in (None, False, [], {}):
@@ -541,4 +564,330 @@ def _dense_from_peft(
         state = {"weight_delta": canonical.float() - base.weight.float()}
         if "bias" in parts:
             state["bias_delta"] = parts["bias"].float() - base.bias.float()
+    return state
+
+
+# ------------------------------------------------------------------------------- other PEFT tuners (table)
+@dataclasses.dataclass(frozen=True)
+class PeftFormat:
+    """How one peftkit method is written as one PEFT tuner (data; the flow below is shared by all of them).
+
+    Attributes:
+        peft_type: PEFT's ``peft_type``.
+        tensors: layer kind (``"linear"``, ``"conv1d"`` for GPT-2's Conv1D, ``"conv2d"``) -> our saved tensor ->
+            PEFT key suffix. A kind missing here is not expressible in PEFT.
+        fields: our config field -> PEFT config field holding the same value.
+        values: our config field -> (PEFT field, {our value: PEFT value}, {extra PEFT value: our value}); the
+            import reads the inverse of the first map plus the second.
+        fixed: PEFT config fields written with a fixed value.
+        ignored: our config fields that do not change a trained adapter (its init, or what the frozen-tensor
+            check below verifies instead).
+        frozen: PEFT suffix of a saved frozen tensor -> our unsaved buffer it must begin with (import check).
+        required: PEFT field -> the values peftkit can import.
+        fan_in_fan_out: PEFT needs ``fan_in_fan_out=True`` when a GPT-2 Conv1D is targeted.
+        implied: our config fields that PEFT derives from all adapted layers at once (RandLoRA's shared bases).
+    """
+
+    peft_type: str
+    tensors: dict[str, dict[str, str]]
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+    values: dict[str, tuple[str, dict[Any, Any], dict[Any, Any]]] = dataclasses.field(default_factory=dict)
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ignored: frozenset[str] = frozenset()
+    frozen: dict[str, str] = dataclasses.field(default_factory=dict)
+    required: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    implied: Callable[[list[BaseView]], dict[str, Any]] | None = None
+
+
+def _lycoris(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    return {kind: {n: prefix + n for n in names} for kind in ("linear", "conv2d")}
+
+
+def _randlora_projection(views: list[BaseView]) -> dict[str, Any]:
+    """PEFT sizes RandLoRA's shared bases by the elementwise max of the adapted layers' ``(out, in)``."""
+    return {"projection_shape": [max(v.out_features for v in views), max(v.in_features for v in views)]}
+
+
+_NO_PATTERNS: dict[str, tuple[Any, ...]] = {"rank_pattern": ({}, None), "alpha_pattern": ({}, None)}
+_INIT_TRUE_FALSE = {"zeros": True, "randn": False}
+#: method -> its PEFT tuner (methods other than LoRA / DoRA, whose tables are above).
+PEFT_FORMATS: dict[str, PeftFormat] = {
+    "shira": PeftFormat(
+        "SHIRA",
+        {"linear": {"values": "shira_weight", "indices": "shira_indices"}},
+        fields={"r": "r", "random_seed": "random_seed"},
+        values={"init": ("init_weights", _INIT_TRUE_FALSE, {})},
+        fixed={"mask_type": "random"},  # PEFT loads the saved shira_indices, so any of our masks is expressible
+        ignored=frozenset({"mask_type"}),
+    ),
+    "randlora": PeftFormat(
+        "RANDLORA",
+        {kind: {"lam": "randlora_lambda", "gamma": "randlora_gamma"} for kind in ("linear", "conv1d")},
+        fields={
+            "r": "r",
+            "alpha": "randlora_alpha",
+            "dropout": "randlora_dropout",
+            "projection_prng_key": "projection_prng_key",
+            "sparse": "sparse",
+            "very_sparse": "very_sparse",
+        },
+        fixed={"save_projection": False, "bias": "none"},  # bases regenerated from the key, never saved
+        ignored=frozenset({"projection_shape"}),
+        frozen={"randlora_A": "A", "randlora_B": "B"},
+        required={"bias": ("none", None)},
+        fan_in_fan_out=True,
+        implied=_randlora_projection,
+    ),
+    "fourierft": PeftFormat(
+        "FOURIERFT",
+        {kind: {"spectrum": "fourierft_spectrum"} for kind in ("linear", "conv1d")},
+        fields={"n_frequency": "n_frequency", "scaling": "scaling", "random_loc_seed": "random_loc_seed"},
+        values={"init": ("init_weights", _INIT_TRUE_FALSE, {})},
+        fixed={"n_frequency_pattern": {}, "bias": "none"},
+        required={"n_frequency_pattern": ({}, None), "bias": ("none", None)},
+        fan_in_fan_out=True,
+    ),
+    "miss": PeftFormat(  # Bone is MiSS's "bat" mode (PEFT removed BoneConfig in favour of MissConfig)
+        "MISS",
+        {"linear": {"block": "miss_block"}},
+        fields={"r": "r", "mini_r": "mini_r", "dropout": "miss_dropout"},
+        # PEFT's init_weights picks the mode (False: the default mode with a random init)
+        values={"mode": ("init_weights", {"miss": True, "mini": "mini", "bat": "bat"}, {False: "miss"})},
+        fixed={"bias": "none"},
+        ignored=frozenset({"init"}),
+        required={"bias": ("none", None)},
+    ),
+    "lokr": PeftFormat(
+        "LOKR",
+        _lycoris("lokr_", ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")),
+        fields={
+            f: f
+            for f in (
+                "r",
+                "alpha",
+                "decompose_factor",
+                "decompose_both",
+                "use_effective_conv2d",
+                "rank_dropout",
+                "rank_dropout_scale",
+                "module_dropout",
+            )
+        },
+        values={"init": ("init_weights", {"peft": True, "lycoris": "lycoris", "random": False}, {})},
+        fixed={"rank_pattern": {}, "alpha_pattern": {}},
+        required=_NO_PATTERNS,
+    ),
+    "loha": PeftFormat(
+        "LOHA",
+        _lycoris("hada_", ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")),
+        fields={f: f for f in ("r", "alpha", "use_effective_conv2d", "rank_dropout", "module_dropout")},
+        values={"init": ("init_weights", {"peft": True, "random": False}, {})},
+        fixed={"rank_pattern": {}, "alpha_pattern": {}},
+        required=_NO_PATTERNS,
+    ),
+}
+
+
+def _format_kind(base: BaseView) -> str:
+    return "conv1d" if base.kind == "linear" and base.transposed else base.kind
+
+
+def _config_from_peft(
+    fmt: PeftFormat, cls: type, raw: dict[str, Any], views: dict[str, BaseView], **common: Any
+) -> Any:
+    """The peftkit config a PEFT config means (also used on export: what PEFT will rebuild from our folder)."""
+    fields = {ours: raw[peft] for ours, peft in fmt.fields.items() if peft in raw}
+    for ours, (peft, to_peft, extra) in fmt.values.items():
+        if peft not in raw:
+            continue
+        back = [(p, o) for o, p in to_peft.items()] + list(extra.items())
+        match = [o for p, o in back if p == raw[peft] and type(p) is type(raw[peft])]
+        if not match:
+            raise UnsupportedAdapterError(f"PEFT {fmt.peft_type} option {peft}={raw[peft]!r} has no peftkit equivalent")
+        fields[ours] = match[0]
+    if fmt.implied is not None:
+        fields.update(fmt.implied(list(views.values())))
+    return cls.config_class(**common, **fields)
+
+
+def _check_frozen(module: nn.Module, cls: type, base: BaseView, config: Any, module_path: str) -> None:
+    """The tensors we do not save (bases, locations rebuilt from a seed) must be what PEFT rebuilds from ``config``."""
+    saved = set(module.state_dict())
+    unsaved = {n: b for n, b in module.named_buffers() if n not in saved}
+    if not unsaved:
+        return
+    with skip_init():
+        rebuilt = cls(base, config)
+    for n, b in unsaved.items():
+        other = rebuilt.get_buffer(n)
+        if other.shape != b.shape or not torch.equal(other.to(b), b):
+            raise ExportError(
+                f"{module_path!r}: PEFT rebuilds {n!r} from the exported config ({config}) differently from this "
+                "adapter's (PEFT shares one set sized by all adapted layers); use the settings PEFT implies"
+            )
+
+
+def _export_format(
+    model: AdaptedModel, name: str, config: Any, fmt: PeftFormat, target: Path, task_type: str | None
+) -> Path:
+    cls = get_method(type(config).method)
+    tensors: dict[str, Tensor] = {}
+    views: dict[str, BaseView] = {}
+    saved: list[str] = []
+    modules = model.adapter_modules(name)
+    for module_path, module in modules.items():
+        layer = model.model.get_submodule(module_path)
+        if layer.merged:
+            raise ExportError(
+                f"{module_path!r} has merged adapters {list(layer.merged)}; call model.unmerge() before exporting"
+            )
+        base = layer.base
+        if module.method == DENSE_METHOD:
+            tensors.update(_dense_to_peft(module_path, base, module.state_dict()))
+            saved.append(module_path)
+            continue
+        names = fmt.tensors.get(_format_kind(base))
+        if names is None:
+            raise ExportError(f"{module_path!r}: PEFT's {fmt.peft_type} has no adapter for a {base.describe()['type']}")
+        for ours, t in module.state_dict().items():
+            tensors[f"{PREFIX}{module_path}.{names[ours]}"] = t.detach().contiguous().cpu()
+        views[module_path] = base
+    if not views:
+        raise ExportError(f"adapter {name!r} adapts no module (only modules_to_save): PEFT needs one")
+    peft_config: dict[str, Any] = {
+        "peft_type": fmt.peft_type,
+        "task_type": task_type,
+        "base_model_name_or_path": getattr(getattr(model.model, "config", None), "name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "target_modules": sorted(views),
+        "modules_to_save": sorted(saved) or None,
+        **fmt.fixed,
+        **{peft: getattr(config, ours) for ours, peft in fmt.fields.items()},
+        **{peft: to_peft[getattr(config, ours)] for ours, (peft, to_peft, _) in fmt.values.items()},
+    }
+    if fmt.fan_in_fan_out:
+        peft_config["fan_in_fan_out"] = any(_format_kind(v) == "conv1d" for v in views.values())
+    # What PEFT rebuilds from the folder must be this adapter: every setting carried, every frozen tensor the same.
+    back = _config_from_peft(
+        fmt, cls, peft_config, views, targets=config.targets, modules_to_save=config.modules_to_save
+    )
+    for f in dataclasses.fields(config):
+        if (
+            f.name not in _OTHER_FIELDS
+            and f.name not in fmt.ignored
+            and getattr(back, f.name) != getattr(config, f.name)
+        ):
+            raise ExportError(
+                f"config field {f.name}={getattr(config, f.name)!r} has no PEFT {fmt.peft_type} equivalent "
+                f"(PEFT would use {getattr(back, f.name)!r})"
+            )
+    for module_path, base in views.items():
+        _check_frozen(modules[module_path], cls, base, back, module_path)
+    from peftkit import __version__
+
+    files: dict[str, bytes | dict[str, Tensor]] = {
+        PEFT_CONFIG_FILE: json.dumps(peft_config, indent=2, sort_keys=True).encode(),
+        PEFT_WEIGHTS_FILE: tensors,
+    }
+    atomic_write_dir(target, files, {"format": "pt", "exported_by": f"peftkit {__version__}"})
+    return target
+
+
+def _import_format(
+    base_model: nn.Module, folder: Path, raw: dict[str, Any], fmt: PeftFormat, name: str
+) -> AdaptedModel:
+    for option, allowed in fmt.required.items():
+        if raw.get(option) not in allowed:
+            raise UnsupportedAdapterError(f"{folder}: PEFT option {option}={raw[option]!r} is not supported")
+    method = next(m for m, f in PEFT_FORMATS.items() if f is fmt)
+    cls = get_method(method)
+    model = base_model if isinstance(base_model, AdaptedModel) else None
+    modules = dict(inject.base_modules(model.model if model is not None else base_model))
+    suffixes = {s for names in fmt.tensors.values() for s in names.values()} | set(fmt.frozen)
+    parts: dict[str, dict[str, Tensor]] = {}
+    dense: dict[str, dict[str, Tensor]] = {}
+    for key, t in _read_peft_tensors(folder).items():
+        if not key.startswith(PREFIX) and key.removeprefix("base_model.") in fmt.frozen:
+            continue  # PEFT's shared copy of the bases; each module's copy is checked below
+        rest = key.removeprefix(PREFIX)
+        suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+        module_path, _, param = rest.rpartition(".")
+        if suffix is not None:
+            parts.setdefault(rest[: -len(suffix) - 1], {})[suffix] = t
+        elif key.startswith(PREFIX) and param in _DENSE_NAMES.values() and not module_path.endswith(".base_layer"):
+            dense.setdefault(module_path, {})[param] = t
+        else:
+            raise AdapterFileError(f"{folder}: tensor {key!r} is neither a {fmt.peft_type} tensor nor a saved module")
+    if not parts:
+        raise AdapterFileError(f"{folder}: {PEFT_WEIGHTS_FILE} holds no {fmt.peft_type} tensors")
+    for module_path in [*parts, *dense]:
+        if module_path not in modules:
+            raise BaseModelMismatch(f"the PEFT adapter at {folder} adapts {module_path!r}; this model has none")
+        if layer_kind(modules[module_path]) is None:
+            kind = type(modules[module_path]).__name__
+            raise UnsupportedAdapterError(f"{module_path!r} is a {kind}, which peftkit cannot wrap")
+    views = {p: BaseView(modules[p]) for p in sorted(parts)}
+    for module_path, view in views.items():
+        if not cls.supports(modules[module_path]) or _format_kind(view) not in fmt.tensors:
+            kind = view.describe()["type"]
+            raise UnsupportedAdapterError(f"{module_path!r}: peftkit's {method!r} cannot adapt a {kind}")
+    try:
+        config = _config_from_peft(
+            fmt, cls, raw, views, targets=_exact_targets(sorted(parts), modules), modules_to_save=sorted(dense)
+        )
+    except (InvalidConfigError, TypeError) as exc:
+        raise UnsupportedAdapterError(f"{folder}: the config has no peftkit {method!r} equivalent: {exc}") from None
+    trainable = {p: p.requires_grad for p in base_model.parameters()} if model is None else {}
+    model = model if model is not None else AdaptedModel(base_model)
+    try:
+        try:
+            model.add_adapter(name, config, activate=True)
+        except (TargetModuleError, InvalidConfigError) as exc:
+            raise UnsupportedAdapterError(f"{folder}: {exc}") from None
+        try:
+            for module_path, module in model.adapter_modules(name).items():
+                if module_path in dense:
+                    state = _dense_from_peft(module_path, module.state_dict(), dense[module_path], modules, folder)
+                else:
+                    state = _format_state(fmt, module, views[module_path], parts[module_path], module_path, folder)
+                module.load_state_dict(state)
+        except BaseException:
+            model.delete_adapter(name)
+            raise
+    except BaseException:
+        for p, flag in trainable.items():  # the wrapper froze the base: leave the caller's model as it was
+            p.requires_grad_(flag)
+        raise
+    return model
+
+
+def _format_state(
+    fmt: PeftFormat, module: nn.Module, base: BaseView, parts: dict[str, Tensor], module_path: str, folder: Path
+) -> dict[str, Tensor]:
+    """Our state dict from one module's PEFT tensors; saved frozen tensors must be the ones we rebuild."""
+    ours = module.state_dict()
+    names = fmt.tensors[_format_kind(base)]
+    expected = {names[n] for n in ours}
+    got = set(parts) - set(fmt.frozen)
+    if got != expected:
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise AdapterFileError(f"{folder}: {module_path!r}: missing PEFT tensors {missing}, unexpected {unexpected}")
+    state = {}
+    for n, t in ours.items():
+        src = parts[names[n]]
+        if src.shape != t.shape:
+            raise BaseModelMismatch(
+                f"{folder}: {module_path}.{names[n]} has shape {tuple(src.shape)}; this model needs {tuple(t.shape)}"
+            )
+        state[n] = src.to(t.dtype)
+    for suffix, buffer in fmt.frozen.items():
+        if suffix in parts:
+            mine = module.get_buffer(buffer)
+            lead = parts[suffix][tuple(slice(0, s) for s in mine.shape)]
+            if lead.shape != mine.shape or not torch.equal(lead.to(mine), mine):
+                raise UnsupportedAdapterError(
+                    f"{folder}: {module_path}.{suffix} is not the {buffer!r} peftkit rebuilds from the config's seed"
+                )
     return state
