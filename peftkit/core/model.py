@@ -14,7 +14,7 @@ import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ from .errors import AdapterExistsError, AdapterIdsError, AdapterNameError, Adapt
 from .layer import AdaptedLayer, Routing
 from .protocol import Adapter, AdapterConfig
 from .registry import get_method, method_of
+
+if TYPE_CHECKING:
+    from peftkit.init import Initializer
 
 DEFAULT_ADAPTER = "default"
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
@@ -168,13 +171,22 @@ class AdaptedModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return list(self.routing.active)
 
-    def add_adapter(self, name: str, config: AdapterConfig, *, activate: bool | None = None) -> None:
+    def add_adapter(
+        self, name: str, config: AdapterConfig, *, activate: bool | None = None, init: Initializer | str | None = None
+    ) -> None:
         """Inject a new adapter. The first adapter becomes active (and trainable); later ones only when
-        ``activate=True``."""
+        ``activate=True``. ``init``: a data-aware initialiser (:mod:`peftkit.init`, e.g. ``"pissa"`` or
+        ``pk.init.LoRAGA(batches)``): ``init.prepare(config)`` gives the config the adapter is built with and
+        ``init.apply(model, name)`` then writes its initial values (if that fails, the adapter is removed)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
         if name in self.configs:
             raise AdapterExistsError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        if init is not None:
+            from peftkit.init import as_initializer
+
+            init = as_initializer(init)
+            config = init.prepare(config)
         method = method_of(config)
         paths = inject.find_targets(self.model, config, method)
         save_paths = inject.named_modules_to_save(self.model, config) if config.modules_to_save else []
@@ -201,6 +213,12 @@ class AdaptedModel(nn.Module):
             for _, adapter in built:
                 for p in adapter.parameters():
                     p.requires_grad_(False)
+        if init is not None:
+            try:
+                init.apply(self, name)
+            except BaseException:
+                self.delete_adapter(name)
+                raise
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapter(s); only active adapters train."""
@@ -366,11 +384,14 @@ def _seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
-def adapt(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_ADAPTER) -> AdaptedModel:
-    """Wrap ``model`` and inject one adapter (active and trainable). The base parameters are frozen."""
+def adapt(
+    model: nn.Module, config: AdapterConfig, name: str = DEFAULT_ADAPTER, *, init: Initializer | str | None = None
+) -> AdaptedModel:
+    """Wrap ``model`` and inject one adapter (active and trainable). The base parameters are frozen. ``init``:
+    a data-aware initialiser (see :meth:`AdaptedModel.add_adapter`)."""
     with restore_grad_flags_on_error(model):
         adapted = AdaptedModel(model)
-        adapted.add_adapter(name, config)
+        adapted.add_adapter(name, config, init=init)
     return adapted
 
 

@@ -10,13 +10,32 @@ Supported layers: ``nn.Linear`` and GPT-2 ``Conv1D`` (``A`` acts on the input fe
 Gaussian ``N(0, 1/r²)``, ``B = 0``; for embeddings ``A = 0`` and ``B ~ N(0, 1)``. Identity at init.
 ``ΔW = s · B A`` (exact merge). With ``bias=True`` (PEFT ``lora_bias``) ``B`` carries a bias, scaled by ``s``
 (not on embeddings, which have no bias to merge it into; PEFT refuses it there too).
+
+Residual (data-aware) initialisations (``init="pissa"``, ``"pissa_niter_<K>"``, ``"lora_ga"``, ``"loku"``;
+spec ``shared/methods/init.md``). These choose non-zero initial factors ``A₀``, ``B₀`` and, in the papers and in
+PEFT, replace the frozen weight by ``W_res = W − s·B₀A₀`` so the model is unchanged at step 0. **Decision:** we
+never touch the user's base weight. The adapter keeps ``A₀ [r, in]``, ``B₀ [out, r]`` as frozen persistent
+buffers (the "residual offset") and computes
+
+``y = base(x) + s · (B A − B₀ A₀) x``  (one fused rank-``2r`` product ``[B, −B₀] · [A; A₀] x``),
+
+so ``ΔW = s(BA − B₀A₀)`` and :meth:`LoRA.lowrank` is the rank-``2r`` concatenation. This is the same function
+as LoRA on ``W_res`` (``W_res + s·BA = W + s(BA − B₀A₀)``), and it costs one extra frozen rank-``r`` product
+per layer. In exchange the base stays untouched, so disabling the adapter, mixed batches (rows with ``-1``
+get the real base), several adapters on one base, merge/unmerge, saving and loading onto a fresh base and
+the export to a plain PEFT LoRA of rank ``2r`` all stay exact through the generic core with no special case;
+PEFT's in-place residual makes ``disable_adapter()`` return the *residual* model, not the base.
+PiSSA needs only the weight, so its SVD runs in :meth:`LoRA.reset_parameters`; ``"lora_ga"`` and ``"loku"``
+need calibration data: the adapter starts as plain LoRA with a zero offset and an initialiser from
+:mod:`peftkit.init` writes the factors with :meth:`LoRA.set_factors`. The init name is saved with the
+config, so loading allocates the offset buffers before the saved values are copied in.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +66,10 @@ class LoRAConfig(AdapterConfig):
         dropout: dropout probability on the LoRA branch's input (off in eval mode).
         rslora: use the rank-stabilised scale ``alpha / sqrt(r)``.
         bias: give ``B`` a trainable bias (PEFT ``lora_bias``); merging then changes the base bias.
-        init: ``"kaiming"`` (PEFT default) or ``"gaussian"`` initialisation of ``A`` (``B`` starts at zero).
+        init: ``"kaiming"`` (PEFT default) or ``"gaussian"`` initialisation of ``A`` (``B`` starts at zero);
+            or a residual initialisation (see the module docstring): ``"pissa"`` (full SVD of ``W``),
+            ``"pissa_niter_<K>"`` (``torch.svd_lowrank`` with ``K`` subspace iterations), ``"lora_ga"`` or
+            ``"loku"`` (factors written by :class:`peftkit.init.LoRAGA` / :class:`peftkit.init.LoKU`).
     """
 
     r: int = 8
@@ -55,13 +77,21 @@ class LoRAConfig(AdapterConfig):
     dropout: float = 0.0
     rslora: bool = False
     bias: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: str = "kaiming"
 
     def validate(self) -> None:
         require_positive_int("r", self.r)
         require_probability("dropout", self.dropout)
-        if self.init not in ("kaiming", "gaussian"):
-            raise InvalidConfigError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.init not in ("kaiming", "gaussian", *RESIDUAL_INITS) and not _PISSA_NITER.fullmatch(str(self.init)):
+            raise InvalidConfigError(
+                f"init must be 'kaiming', 'gaussian', 'pissa', 'pissa_niter_<K>' (K >= 1), 'lora_ga' or 'loku', "
+                f"got {self.init!r}"
+            )
+
+    @property
+    def residual(self) -> bool:
+        """Whether the adapter carries a frozen residual offset ``B₀A₀`` (a residual initialisation)."""
+        return self.init in RESIDUAL_INITS or bool(_PISSA_NITER.fullmatch(self.init))
 
     @property
     def scale(self) -> float:
@@ -74,7 +104,53 @@ class LoRAConfig(AdapterConfig):
     @classmethod
     def tiny_variants(cls) -> list[AdapterConfig]:
         t = cls.tiny()
-        return [t, t.replace(rslora=True), t.replace(bias=True, dropout=0.1), t.replace(init="gaussian")]
+        return [
+            t,
+            t.replace(rslora=True),
+            t.replace(bias=True, dropout=0.1),
+            t.replace(init="gaussian"),
+            t.replace(init="pissa"),
+        ]
+
+
+#: Inits that keep a residual offset ``B₀A₀`` (besides ``"pissa_niter_<K>"``).
+RESIDUAL_INITS = ("pissa", "lora_ga", "loku")
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+
+
+def fix_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+    """The spec's sign convention for singular pairs (``shared/methods/init.md``): flip each pair so that the
+    entry of largest magnitude of each left vector (column of ``u``) is positive; ``vh``'s rows flip with it.
+    Makes SVD-based inits independent of the LAPACK backend's sign choice."""
+    idx = u.abs().argmax(dim=0)
+    sign = torch.sign(u[idx, torch.arange(u.shape[1], device=u.device)])
+    sign[sign == 0] = 1.0
+    return u * sign, vh * sign[:, None]
+
+
+@torch.no_grad()
+def pissa_factors(weight: Tensor, r: int, scale: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
+    """PiSSA's initial factors (spec ``init.md``, PEFT ``pissa_init``), in float32.
+
+    ``W = U S Vᵀ`` (``torch.linalg.svd``, or ``torch.svd_lowrank(W, q=r, niter)`` when ``niter`` is set);
+    ``S_r = S[:r] / s``; ``A = diag(√S_r) V_rᵀ`` (``[r, in]``), ``B = U_r diag(√S_r)`` (``[out, r]``), so
+    ``s·BA`` is the best rank-``r`` approximation of ``W`` (full-SVD mode). Signs: :func:`fix_signs`.
+
+    Args:
+        weight: ``[out, in]`` (a conv weight is flattened to ``[out, in·k·k]`` by the caller).
+        r: rank.
+        scale: the LoRA scale ``s``.
+        niter: subspace iterations for the randomised SVD; ``None``: exact SVD.
+    """
+    w = weight.detach().to(torch.float32)
+    if niter is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    else:
+        u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+        vh = v.T
+    u, vh = fix_signs(u[:, :r], vh[:r])
+    root = (s[:r] / scale).sqrt()
+    return root[:, None] * vh, u * root
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -83,7 +159,12 @@ def _identity(x: Tensor) -> Tensor:
 
 @register("lora", LoRAConfig)
 class LoRA(Adapter):
-    """``y = base(x) + s · B A drop(x)``; see the module docstring."""
+    """``y = base(x) + s · B A drop(x)``; with a residual init ``y = base(x) + s · (B A − B₀ A₀) drop(x)``.
+
+    See the module docstring. The residual form costs one extra frozen rank-``r`` product per layer; we chose
+    it over PEFT's in-place ``W_res`` so the base stays untouched (disable and mixed batches give the true
+    base; save/load/export need no conversion step).
+    """
 
     config: LoRAConfig
 
@@ -111,12 +192,31 @@ class LoRA(Adapter):
         # Without dropout a plain function, not an nn.Identity child: one module less for every walk over the
         # adapter (construction, .to, train/eval, parameters, state_dict), which adds up on add/load.
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and base.kind != "embedding" else _identity
+        self.residual = config.residual
+        if self.residual:
+            if type(self).forward is not LoRA.forward:  # e.g. DoRA: its own forward would ignore the offset
+                raise InvalidConfigError(
+                    f"init={config.init!r} (a residual init) is supported by plain LoRA only, not {type(self).__name__}"
+                )
+            if base.kind == "embedding":
+                raise UnsupportedLayerError(
+                    f"init={config.init!r} (a residual SVD/gradient init) adapts Linear, Conv1D and Conv2d layers, "
+                    "not an Embedding (PEFT's PiSSA / LoRA-GA inits do not either)"
+                )
+            # Allocated here (not in reset_parameters): loading skips the init and copies the saved offset in.
+            self.register_buffer("A0", torch.empty_like(self.A, requires_grad=False))
+            self.register_buffer("B0", torch.empty_like(self.B, requires_grad=False))
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
         if self.kind == "embedding":
             nn.init.zeros_(self.A)
             nn.init.normal_(self.B)
+            return
+        niter = _PISSA_NITER.fullmatch(self.config.init)
+        if self.config.init == "pissa" or niter:  # weight-only: the SVD runs here (no random draw for A)
+            weight = base.weight.reshape(base.out_features, -1)
+            self.set_factors(*pissa_factors(weight, self.config.r, self.scale, int(niter.group(1)) if niter else None))
             return
         if self.config.init == "gaussian":
             nn.init.normal_(self.A, std=1.0 / self.config.r)
@@ -126,14 +226,50 @@ class LoRA(Adapter):
             bound = math.sqrt(3.0) * (math.sqrt(2.0 / (1 + 5)) / math.sqrt(math.prod(self.A.shape[1:])))
             self.A.uniform_(-bound, bound)
         self.B.zero_()
+        if self.residual:  # lora_ga / loku: plain LoRA with a zero offset until a peftkit.init initialiser runs
+            self.A0.zero_()
+            self.B0.zero_()
+
+    @torch.no_grad()
+    def set_factors(self, A: Tensor, B: Tensor, *, residual: bool = True) -> None:
+        """Write initial factors (data-aware initialisers in :mod:`peftkit.init` call this).
+
+        Args:
+            A: ``[r, in]`` (any shape with ``r·fan_in`` entries; reshaped to ``A``'s layout).
+            B: ``[out, r]``.
+            residual: also store them as the frozen offset ``A₀ = A``, ``B₀ = B``, so the layer's output is
+                unchanged (the residual trick); ``False`` zeroes the offset (the layer starts at ``W + s·BA``).
+
+        Raises:
+            InvalidConfigError: ``residual=True`` on an adapter whose config has no residual init.
+        """
+        if residual and not self.residual:
+            raise InvalidConfigError(
+                f"set_factors(residual=True) needs a residual init (config.init 'pissa', 'lora_ga' or 'loku'), "
+                f"this adapter has init={self.config.init!r}"
+            )
+        self.A.copy_(A.reshape(self.A.shape))
+        self.B.copy_(B.reshape(self.B.shape))
+        if self.residual:
+            self.A0.copy_(self.A if residual else torch.zeros_like(self.A))
+            self.B0.copy_(self.B if residual else torch.zeros_like(self.B))
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(down, up)`` of the update ``s · up · down``: ``(A, B)``, or with a residual offset the rank-``2r``
+        ``([A; A₀], [B, −B₀])``."""
+        if not self.residual:
+            return self.A, self.B
+        return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
 
     # --------------------------------------------------------------------------------------------- forward
     def lora_out(self, x: Tensor, base: BaseView) -> Tensor:
-        """``B A drop(x)`` (unscaled, without bias), in the base output's layout."""
-        hidden = base.apply(self.dropout(x), self.A)
+        """``B A drop(x)`` (``(BA − B₀A₀) drop(x)`` with a residual offset; unscaled, without bias), in the base
+        output's layout."""
+        down, up = self.factors()
+        hidden = base.apply(self.dropout(x), down)
         if self.kind == "conv2d":
-            return F.conv2d(hidden, self.B[:, :, None, None])
-        return hidden @ self.B.T
+            return F.conv2d(hidden, up[:, :, None, None])
+        return hidden @ up.T
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         if self.kind == "conv2d" or self.bias is not None:
@@ -142,13 +278,14 @@ class LoRA(Adapter):
                 delta = delta + (self.bias if self.kind != "conv2d" else self.bias[:, None, None])
             return base_out + self.scale * delta
         # Linear / embedding: one fused addmm, so no [tokens, out] temporary besides the result.
-        hidden = base.apply(self.dropout(x), self.A)
-        return add_lowrank(base_out, hidden, self.B, self.scale)
+        down, up = self.factors()
+        hidden = base.apply(self.dropout(x), down)
+        return add_lowrank(base_out, hidden, up, self.scale)
 
     # ------------------------------------------------------------------------------------------- weights
     def delta_weight(self, base: BaseView) -> Tensor:
-        r = self.config.r
-        return (self.scale * (self.B @ self.A.reshape(r, -1))).reshape(base.weight_shape)
+        down, up = self.factors()
+        return (self.scale * (up @ down.reshape(down.shape[0], -1))).reshape(base.weight_shape)
 
     def delta_bias(self, base: BaseView) -> Tensor | None:
         return None if self.bias is None else self.scale * self.bias
@@ -156,7 +293,7 @@ class LoRA(Adapter):
     def lowrank(self, base: BaseView) -> LowRank | None:
         if self.bias is not None or self.kind != "linear":
             return None
-        return LowRank(self.A, self.B, self.scale)
+        return LowRank(*self.factors(), self.scale)
 
     def effective_rank(self) -> int:
         """The rank ``r`` of the update."""
