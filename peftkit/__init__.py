@@ -4,7 +4,7 @@ import peftkit as pk
 model = pk.adapt(base_model, pk.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
 """
 
-from peftkit import assets, errors
+from peftkit import assets, errors, init
 from peftkit.core.io import load
 from peftkit.core.model import AdaptedModel, TrainableReport, adapt
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
@@ -33,6 +33,7 @@ __all__ = [
     "get_config",
     "get_method",
     "import_peft",
+    "init",
     "list_methods",
     "load",
     "register",
