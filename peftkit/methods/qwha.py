@@ -21,7 +21,10 @@ inputs ``X`` and the quantization error ``E = W − Ŵ``; the indices are then d
 persistent buffer): ``Σ = XᵀX + 1e-4·mean(diag Σ)·I`` (float64), ``R = diag(√λ) Vᵀ``, ``B = R H / d_in``,
 ``F = H Eᵀ``; AdaAlloc ``k_i ∝ ‖F[:, i]‖`` (floor, capped at ``d_in``, remainder spread evenly, last units to the
 smallest ``k_i``); per channel the top-``k_i`` frequencies by ``‖B[:, j]‖² F[j, i]²`` and least-squares values
-``v = argmin ‖B_s v − R Eᵀ[:, i]‖``; ``c = v · √d_out / scaling``. Merge exact (into ``Ŵ``).
+``v = argmin ‖B_s v − R Eᵀ[:, i]‖``; ``c = v · √d_out / scaling``. ``quant_init`` also uses the fast transform
+(``R H`` and ``H Eᵀ`` in ``O(d² log d)``); its cost is dominated by the ``O(d_in³)`` eigendecomposition and the
+per-channel least squares, once. Merge exact (into ``Ŵ``); ``delta_weight`` is ``fwht`` of the dense ``S``
+(``O(d_out · d_in · log d_in)``).
 """
 
 from __future__ import annotations
@@ -175,10 +178,10 @@ class QWHA(Adapter):
         sigma += 1e-4 * sigma.diagonal().mean() * torch.eye(d_in, dtype=sigma.dtype)
         lam, vecs = torch.linalg.eigh(sigma)
         r = lam.clamp_min(0).sqrt()[:, None] * vecs.T  # RᵀR = Σ
-        h = hadamard(d_in)
-        basis = r @ h / d_in
+        # fast transforms, no dense H: R H = fwht(R) and H Eᵀ = (E H)ᵀ (H symmetric), O(d² log d) each
+        basis = fwht(r) / d_in
         target = r @ error.double().T  # R Eᵀ  [d_in, d_out]
-        spectrum_full = h @ error.double().T  # F = solve(B, R Eᵀ) = H Eᵀ
+        spectrum_full = fwht(error.double()).T  # F = solve(B, R Eᵀ) = H Eᵀ
         counts = ada_alloc(spectrum_full.norm(dim=0), n, d_in)
         col_norm = basis.pow(2).sum(0)  # ‖B[:, j]‖²
         rows, cols, values = [], [], []
