@@ -1,0 +1,80 @@
+"""VLSM-Adapter (Dhakal et al., 2024, "VLSM-Adapter: Finetuning Vision-Language Segmentation Efficiently with
+Lightweight Blocks"; spec ``shared/methods/adapters.md``, "VLSM-Adapter"; official naamiinepal/vlsm-adapter,
+``src/models/clipseg_adapter.py``).
+
+A serial bottleneck on a sub-layer output ``o``: ``Ad(o) = o + ReLU(fc2(ReLU(fc1(o))))`` with
+``fc1: Linear(d→r)``, ``fc2: Linear(r→d)`` (biases; ``2rd + r + d`` trainable). Note the ReLU after the
+up-projection too (spec decision: keep it, as the official code does). Init: torch default for both layers, so
+**not** identity at init; not mergeable.
+
+Placement: the *dense* variant (Houlsby placement: attention output and MLP output of each layer, r = 64) is
+the default ``targets`` (:data:`peftkit.methods.bottleneck.PRESETS` ``"houlsby"``). The *shallow* CLIPSeg
+variant (adapters on extracted hidden states, the EOT text token and the conditional embedding, r = 512) acts
+on tensors between modules of a CLIPSeg decoder, not on a module's output; it is not offered (CLIPSeg users
+can target the projection layers that produce those tensors — *inferred*, not the official wiring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from peftkit.core.base import BaseView, layer_kind
+from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
+from peftkit.core.registry import register
+from peftkit.methods.bottleneck import PRESETS, BottleneckBranch
+
+
+@dataclass(kw_only=True)
+class VLSMConfig(AdapterConfig):
+    """Settings of the VLSM-Adapter.
+
+    Attributes:
+        targets: default: attention and MLP output projections of BERT/GPT-2/ViT-like models (dense variant).
+        r: bottleneck width (dense variant default 64; the shallow variant used 512).
+    """
+
+    targets: list[str] | str = PRESETS["houlsby"]
+    r: int = 64
+
+    def validate(self) -> None:
+        require_positive_int("r", self.r)
+
+    @classmethod
+    def tiny(cls) -> VLSMConfig:
+        return cls(r=4)
+
+
+@register("vlsm", VLSMConfig)
+class VLSMAdapter(Adapter):
+    """``o' = o + ReLU(fc2(ReLU(fc1(o))))`` on the adapted module's output ``o``."""
+
+    config: VLSMConfig
+    exempt: ClassVar[dict[str, str]] = {
+        "identity_at_init": "spec: torch default init on fc1 and fc2, not identity at init",
+        "mergeable": "spec: not mergeable (ReLU on both sides of the bottleneck)",
+    }
+
+    @classmethod
+    def supports(cls, base: nn.Module) -> bool:
+        return layer_kind(base) in ("linear", None)  # Linear / Conv1D, or a whole module
+
+    def __init__(self, base: BaseView, config: VLSMConfig) -> None:
+        super().__init__(base, config)
+        d = base.out_features
+        self.branch = BottleneckBranch(d, d, config.r, activation="relu")
+
+    def reset_parameters(self, base: BaseView) -> None:
+        self.branch.down.reset_parameters()  # torch default (kaiming_uniform a=√5, bias U(±1/√fan_in))
+        self.branch.up.reset_parameters()
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        return base_out + F.relu(self.branch(base_out))
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: VLSMConfig) -> int:  # type: ignore[override]
+        d = base.out_features
+        return BottleneckBranch.count(d, d, config.r, in_ln=False, learnable_scale=False)
