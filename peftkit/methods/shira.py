@@ -17,9 +17,10 @@ Masks (``mask_type``):
 * ``"gradient"`` (SHiRA-Grad) and ``"snip"`` (SHiRA-SNIP), paper variants that need calibration data: the ``n``
   entries of largest ``|G|`` or ``|W ⊙ G|``, ``G = ∇_W Σ_batches loss`` the gradient of the summed calibration
   loss of the **base** model (adapters disabled; *inferred*: the paper says "top-|grad| entries on calibration
-  data" without fixing the accumulation). Build the adapter, then call :func:`shira_gradient_masks` with
-  calibration batches; until then the adapter refuses to run (:class:`MaskNotCalibratedError`) instead of
-  silently training a placeholder mask. The chosen indices are saved, so :func:`peftkit.load` restores them.
+  data" without fixing the accumulation). Pass ``init=SHiRAGradientMask(batches)`` to ``pk.adapt`` /
+  ``add_adapter`` (a :mod:`peftkit.init` initialiser), or build the adapter and call
+  :func:`shira_gradient_masks`; until then the adapter refuses to run (:class:`MaskNotCalibratedError`) instead
+  of silently training a placeholder mask. The chosen indices are saved, so :func:`peftkit.load` restores them.
 
 Every mask is stored as ``indices [2, n]`` + ``values [n]`` (the only saved tensors), so applying or switching
 an adapter is one ``O(n)`` scatter (``index_put``) into ``W``, never a dense product.
@@ -172,8 +173,8 @@ class SHiRA(Adapter):
     def _index(self) -> tuple[Tensor, Tensor]:
         if self.needs_calibration:
             raise MaskNotCalibratedError(
-                f"this SHiRA adapter has mask_type={self.config.mask_type!r}: call "
-                "peftkit.methods.shira.shira_gradient_masks(model, batches, loss_fn) before using it"
+                f"this SHiRA adapter has mask_type={self.config.mask_type!r}: build it with "
+                "init=SHiRAGradientMask(batches) or call shira_gradient_masks(model, batches, loss_fn) first"
             )
         idx = self.indices.long()
         return idx[0], idx[1]
@@ -195,61 +196,75 @@ class SHiRA(Adapter):
 def shira_gradient_masks(
     model: AdaptedModel,
     batches: Iterable[Any],
-    loss_fn: Callable[[nn.Module, Any], Tensor],
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
     adapter: str | None = None,
 ) -> dict[str, Tensor]:
     """Choose the entries of every gradient-based SHiRA mask (``mask_type="gradient"`` or ``"snip"``) of one
     adapter from calibration data: the ``n`` largest ``|G|`` (or ``|W ⊙ G|``), ``G`` the gradient of
-    ``Σ_batches loss_fn(model, batch)`` with respect to each adapted base weight, computed on the base model
-    (adapters disabled; the base weights are not changed and get no ``.grad``). The adapter's values restart at
-    zero, so the model is still the base model.
+    ``Σ_batches loss_fn(model, batch)`` with respect to each adapted base weight, taken on the base model by the
+    gradient pass the data-aware initialisers share (:func:`peftkit.init._calibration.per_batch_gradients`:
+    adapters disabled, training mode, the base weights unchanged and without ``.grad`` afterwards). The values
+    restart at zero, so the model is still the base model. :class:`SHiRAGradientMask` runs this as an ``init=``.
 
     Args:
         model: the adapted model holding the SHiRA adapter.
         batches: calibration batches (any objects ``loss_fn`` understands).
-        loss_fn: ``loss_fn(model, batch) -> scalar loss``.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` (default: the output's ``loss``).
         adapter: the adapter to calibrate (default: the single active one).
 
     Returns:
         ``{module path: [2, n] indices}`` chosen for each module.
 
     Raises:
-        InvalidConfigError: the adapter is not a gradient-based SHiRA adapter, no batch was given, or the loss
-            does not depend on an adapted module.
+        InvalidConfigError: the adapter is not a gradient-based SHiRA adapter or no batch was given.
     """
+    from peftkit.init._calibration import per_batch_gradients  # peftkit.init imports the methods
+
     name = adapter or model._single_active()
     config = model.configs[name]
     if not isinstance(config, SHiRAConfig) or config.mask_type not in GRADIENT_SCORES:
         raise InvalidConfigError(
             f"adapter {name!r} is not a SHiRA adapter with mask_type in {sorted(GRADIENT_SCORES)}: nothing to calibrate"
         )
-    modules = model.adapter_modules(name)
-    views = {path: model.model.get_submodule(path).base for path in modules}
-    weights = [view.module.weight for view in views.values()]
-    grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    flags = [w.requires_grad for w in weights]
-    seen = 0
-    try:
-        for w in weights:
-            w.requires_grad_(True)
-        with model.adapters_disabled():
-            for batch in batches:
-                found = torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
-                for path, total, g in zip(views, grads, found):
-                    if g is None:
-                        raise InvalidConfigError(f"the calibration loss does not depend on adapted module {path!r}")
-                    total += g.float()
-                seen += 1
-    finally:
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
-    if seen == 0:
+    totals: dict[str, Tensor] = {}
+    for _, grads in per_batch_gradients(model, name, batches, loss_fn, desc="SHiRA gradient mask"):
+        for path, g in grads.items():
+            totals[path] = totals[path] + g if path in totals else g
+    if not totals:
         raise InvalidConfigError("shira_gradient_masks needs at least one calibration batch")
     chosen = {}
-    for (path, view), total in zip(views.items(), grads):
-        canonical = total.T if view.transposed else total
-        a = modules[path]
-        score = GRADIENT_SCORES[config.mask_type](view.weight.detach().float(), canonical)
+    for path, a in model.adapter_modules(name).items():
+        if not isinstance(a, SHiRA):
+            continue  # modules_to_save heads
+        view = model.model.get_submodule(path).base
+        score = GRADIENT_SCORES[config.mask_type](view.weight.detach().float(), totals[path])
         a.set_mask(top_mask(score, a.values.numel()).to(a.indices.device))
         chosen[path] = a.indices
     return chosen
+
+
+class SHiRAGradientMask:
+    """The SHiRA-Grad / SHiRA-SNIP mask as a data-aware initialiser (the :class:`peftkit.init.Initializer`
+    protocol): ``pk.adapt(base, SHiRAConfig(r=32), init=SHiRAGradientMask(batches))``.
+
+    Args:
+        batches: calibration batches.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` (default: the output's ``loss``).
+        score: ``"gradient"`` (top ``|∇W|``) or ``"snip"`` (top ``|W ⊙ ∇W|``); recorded as the config's
+            ``mask_type``.
+    """
+
+    def __init__(
+        self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], Tensor] | None = None, score: str = "gradient"
+    ) -> None:
+        if score not in GRADIENT_SCORES:
+            raise InvalidConfigError(f"score must be one of {sorted(GRADIENT_SCORES)}, got {score!r}")
+        self.batches, self.loss_fn, self.score = batches, loss_fn, score
+
+    def prepare(self, config: AdapterConfig) -> AdapterConfig:
+        if not isinstance(config, SHiRAConfig):
+            raise InvalidConfigError(f"SHiRAGradientMask initialises a SHiRA adapter; got a {type(config).__name__}")
+        return config.replace(mask_type=self.score)
+
+    def apply(self, model: AdaptedModel, name: str) -> None:
+        shira_gradient_masks(model, self.batches, self.loss_fn, adapter=name)

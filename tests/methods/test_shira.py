@@ -14,7 +14,14 @@ from torch import nn
 import peftkit as pk
 from peftkit.core.base import BaseView
 from peftkit.errors import InvalidConfigError
-from peftkit.methods.shira import MaskNotCalibratedError, SHiRA, SHiRAConfig, random_mask, shira_gradient_masks
+from peftkit.methods.shira import (
+    MaskNotCalibratedError,
+    SHiRA,
+    SHiRAConfig,
+    SHiRAGradientMask,
+    random_mask,
+    shira_gradient_masks,
+)
 
 
 def _adapter(**kw: object) -> tuple[SHiRA, BaseView, nn.Linear]:
@@ -138,8 +145,9 @@ def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _base_grads(net: nn.Module, paths: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """∇W of the summed calibration loss on a plain copy of the base, in canonical [out, in] layout."""
-    net = copy.deepcopy(net)
+    """∇W of the summed calibration loss on a plain copy of the base (training mode, as the calibration pass),
+    in canonical [out, in] layout."""
+    net = copy.deepcopy(net).train()
     weights = {p: net.get_submodule(p).weight for p in paths}
     total = sum(_loss(net, b) for b in batches)
     grads = torch.autograd.grad(total, list(weights.values()))
@@ -150,6 +158,9 @@ def _base_grads(net: nn.Module, paths: list[str], batches: list[torch.Tensor]) -
 @pytest.mark.parametrize("factory", [make_tiny_net, tiny_gpt2], ids=["linear", "gpt2-conv1d"])
 def test_gradient_masks_take_top_calibration_scores(mask_type: str, factory) -> None:
     net = factory()
+    for m in net.modules():  # the calibration pass runs in training mode: no dropout, so the gradients are exact
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
     paths = ["fc1", "fc2"] if factory is make_tiny_net else ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
     batches = _calibration(40 if factory is make_tiny_net else 64)
     expected_grads = _base_grads(net, paths, batches)
@@ -172,10 +183,15 @@ def test_gradient_masks_take_top_calibration_scores(mask_type: str, factory) -> 
     assert all(not p.requires_grad and p.grad is None for n, p in model.model.named_parameters() if "values" not in n)
 
 
-def test_gradient_mask_trains_on_its_entries_and_reloads_without_calibration(tmp_path) -> None:
+def test_gradient_mask_initialiser_trains_on_its_entries_and_reloads_without_calibration(tmp_path) -> None:
     batches = _calibration(40)
-    model = pk.adapt(make_tiny_net(), SHiRAConfig(r=1, targets=["fc1", "fc2"], mask_type="gradient"), name="g")
-    shira_gradient_masks(model, batches, _loss, adapter="g")
+    init = SHiRAGradientMask(batches, _loss, score="snip")
+    model = pk.adapt(make_tiny_net(), SHiRAConfig(r=1, targets=["fc1", "fc2"]), name="g", init=init)
+    assert model.configs["g"].mask_type == "snip"  # recorded in the saved config
+    same = pk.adapt(make_tiny_net(), SHiRAConfig(r=1, targets=["fc1", "fc2"], mask_type="snip"), name="g")
+    shira_gradient_masks(same, batches, _loss)  # the function the initialiser runs
+    for path, a in model.adapter_modules("g").items():
+        assert torch.equal(a.indices, same.adapter_modules("g")[path].indices)
     with torch.no_grad():
         torch.testing.assert_close(model(batches[0]), make_tiny_net()(batches[0]))  # values start at zero
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -203,6 +219,10 @@ def test_gradient_mask_errors() -> None:
         shira_gradient_masks(model, [], _loss)
     with pytest.raises(InvalidConfigError, match="mask_type must be one of"):
         SHiRAConfig(mask_type="grad")
+    with pytest.raises(InvalidConfigError, match="score must be one of"):
+        SHiRAGradientMask([], score="grad")
+    with pytest.raises(InvalidConfigError, match="initialises a SHiRA adapter"):
+        pk.adapt(make_tiny_net(), pk.get_config("lora", targets=["fc1"]), init=SHiRAGradientMask(_calibration(40)))
     a = model.adapter_modules("default")["fc1"]
     with pytest.raises(InvalidConfigError, match="exactly 48 ones"):
         a.set_mask(torch.ones(32, 16, dtype=torch.bool))
