@@ -194,20 +194,21 @@ def export_peft(
         if names is None or module.method != method:
             raise ExportError(f"{module_path!r}: PEFT has no {method!r} adapter for a {base.describe()['type']}")
         _check_peft_conv(base, module_path, ExportError)
-        for ours, t in module.state_dict().items():
+        for ours, t in _lora_state(module).items():
             if ours not in names:
                 raise ExportError(f"{module_path!r}: tensor {ours!r} of method {method!r} has no PEFT equivalent")
             shape = _PEFT_SHAPE.get((base.kind, ours), tuple)(tuple(t.shape))
             tensors[f"{PREFIX}{module_path}.{names[ours]}"] = t.detach().reshape(shape).contiguous().cpu()
         targets.append(module_path)
-        for ours, peft in _PATTERNS.items():
-            if getattr(module.config, ours) != getattr(config, ours):
-                patterns[peft][re.escape(module_path)] = _peft_number(getattr(module.config, ours))
+        for peft, value, default in zip(_PATTERNS.values(), _peft_r_alpha(module.config), _peft_r_alpha(config)):
+            if value != default:
+                patterns[peft][re.escape(module_path)] = _peft_number(value)
         conv1d |= base.kind == "linear" and base.transposed
     if not targets:
         raise ExportError(f"adapter {name!r} adapts no module with {method!r} (only modules_to_save): PEFT needs one")
     fields = {peft: getattr(config, ours) for ours, peft in CONFIG_FIELDS.items()}
-    fields["lora_alpha"] = _peft_number(fields["lora_alpha"])
+    fields["r"], alpha = _peft_r_alpha(config)
+    fields["lora_alpha"] = _peft_number(alpha)
     peft_config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -236,6 +237,24 @@ def export_peft(
     }
     atomic_write_dir(target, files, {"format": "pt", "exported_by": f"peftkit {__version__}"})
     return target
+
+
+def _lora_state(module: nn.Module) -> dict[str, Tensor]:
+    """The tensors to export. A LoRA with a residual offset (PiSSA / LoRA-GA / LoKU inits, ``ΔW = s(BA −
+    B₀A₀)``, base untouched) is the plain LoRA of rank ``2r`` with ``A = [A; A₀]``, ``B = [B, −B₀]``."""
+    state = module.state_dict()
+    if getattr(module, "residual", False):
+        down, up = module.factors()
+        state = {**{k: v for k, v in state.items() if k not in ("A0", "B0")}, "A": down, "B": up}
+    return state
+
+
+def _peft_r_alpha(config: Any) -> tuple[int, float]:
+    """PEFT's ``r`` and ``lora_alpha`` for a module's config: a residual init exports rank ``2r`` with the alpha
+    that keeps PEFT's scale equal to ours (``2α / 2r``; rsLoRA ``√2·α / √(2r)``)."""
+    if not getattr(config, "residual", False):
+        return config.r, config.alpha
+    return 2 * config.r, config.alpha * (math.sqrt(2.0) if config.rslora else 2.0)
 
 
 def _peft_number(value: float) -> int | float:
