@@ -239,6 +239,19 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
     max_queue: Annotated[int, typer.Option(help="Waiting requests before answering 429.")] = 256,
     cache_mb: Annotated[float, typer.Option(help="CPU memory for loaded adapters (MiB, LRU).")] = 512.0,
+    max_rank: Annotated[int, typer.Option(help="Largest adapter rank accepted (larger: 422).")] = 64,
+    svd_rank: Annotated[
+        int | None, typer.Option(help="Serve adapters without a low-rank form as rank-k SVDs of their delta.")
+    ] = None,
+    embedder: Annotated[
+        str | None,
+        typer.Option(help="Encoder for /v1/embeddings: a model folder, or 'minilm' for the packaged MiniLM."),
+    ] = None,
+    embedder_name: Annotated[str, typer.Option(help="The 'model' name of the embedder.")] = "embedding",
+    embedder_adapters: Annotated[
+        Path | None, typer.Option(help="Folder of adapters for the embedder (name = folder).")
+    ] = None,
+    max_body_kb: Annotated[int, typer.Option(help="Largest request body (KiB; larger: 413).")] = 1024,
 ) -> None:
     """Serve the base model and every adapter in ADAPTERS over an OpenAI-compatible HTTP API."""
     import uvicorn
@@ -252,9 +265,36 @@ def serve(
     tokenizer = AutoTokenizer.from_pretrained(base)
     cache = AdapterCache(int(cache_mb * 2**20), root=adapters)
     found = cache.register_dir(adapters)
-    engine = Engine(model, tokenizer, cache, max_loras=max_loras, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(
+        model,
+        tokenizer,
+        cache,
+        max_loras=max_loras,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_rank=max_rank,
+        svd_rank=svd_rank,
+    )
+    encoder = None
+    if embedder is not None:
+        from peftkit.assets import load_minilm
+
+        enc_model, enc_tokenizer = load_minilm(None if embedder == "minilm" else embedder)
+        enc_cache = AdapterCache(int(cache_mb * 2**20), root=embedder_adapters)
+        if embedder_adapters is not None:
+            enc_cache.register_dir(embedder_adapters)
+        encoder = Engine(enc_model, enc_tokenizer, enc_cache, max_loras=max_loras, max_rank=max_rank)
     typer.echo(f"serving {name!r} and {len(found)} adapters on http://{host}:{port}/v1")
-    uvicorn.run(create_app(engine, base_name=name, api_key=api_key), host=host, port=port, log_level="warning")
+    app_ = create_app(
+        engine,
+        base_name=name,
+        api_key=api_key,
+        embedder=encoder,
+        embedder_name=embedder_name,
+        max_body_bytes=max_body_kb * 1024,
+    )
+    # timeout_graceful_shutdown: open connections get this long to finish on Ctrl-C / SIGTERM.
+    uvicorn.run(app_, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
 
 
 def main() -> None:

@@ -482,6 +482,8 @@ class Engine:
     def cancel(self, request: Request) -> bool:
         """Take ``request`` out of the queue or the running batch (a client went away); its KV cache is freed
         and the batch goes on without it. Returns whether it was still unfinished."""
+        if request.finished:  # the common case (stream ended normally): no need to wait for the step lock
+            return False
         with self._lock:
             if request.finished:
                 return False
@@ -707,7 +709,7 @@ class Engine:
         """Run steps in a background thread until :meth:`stop`."""
         if self._thread is not None:
             return
-        self._stop = False
+        self._stop = self._closed = False
         self._thread = threading.Thread(target=self._loop, name="peftkit-engine", daemon=True)
         self._thread.start()
 

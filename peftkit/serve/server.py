@@ -5,13 +5,21 @@ the base, a registered adapter's name runs that adapter. Endpoints:
 
 - ``GET /v1/models``: the base and every registered adapter (adapters carry ``parent`` = base).
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: greedy or sampled generation, ``stream=true`` for
-  server-sent events.
+  server-sent events. A client that disconnects cancels its request (it leaves the running batch).
+- ``POST /v1/embeddings``: mean-pooled, unit-length embeddings from the encoder given as ``embedder`` (e.g.
+  all-MiniLM-L6-v2; its name and its own adapters are the ``model`` values), or from the causal LM's last
+  hidden state when there is none. ``POST /v1/classify`` (vLLM's shape): class probabilities of a sequence
+  classifier served as ``embedder``.
 - ``GET /v1/adapters``, ``POST /v1/adapters {"name", "path"}`` (path inside the adapters folder),
   ``DELETE /v1/adapters/{name}``.
 - ``GET /health``, ``GET /metrics`` (Prometheus text).
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``: 401 bad API key, 404 unknown model,
-400 bad request, 422 adapter that cannot be loaded (corrupt, other base), 429 queue full.
+400 bad request, 411/413 request body without a length or over ``max_body_bytes``, 422 adapter that cannot be
+loaded (corrupt, other base, rank above ``max_rank``), 429 queue full, 503 shutting down.
+
+Shutdown is graceful: uvicorn stops accepting connections and waits for the open ones; then the engine
+drains (finishes what is queued or running) before its loop stops.
 """
 
 from __future__ import annotations
@@ -26,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from peftkit.core.errors import AdapterNameError, AdapterNotFoundError, InvalidConfigError, PeftkitError
 
 from .cache import AdapterLoadError, check_adapter_name
-from .engine import Engine, EngineOverloadedError, SamplingParams
+from .engine import Engine, EngineClosedError, EngineOverloadedError, SamplingParams
 from .engine import Request as GenRequest
 
 __all__ = ["create_app"]
@@ -72,6 +80,14 @@ class ChatBody(BaseModel):
     n: int = 1
 
 
+class EmbeddingBody(BaseModel):
+    """``/v1/embeddings`` (and ``/v1/classify``) request: one text, several, or token ids."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str | None = "float"
+
+
 class AdapterBody(BaseModel):
     """``POST /v1/adapters``: register ``name`` from ``path`` (relative to the adapters folder, or inside it)."""
 
@@ -92,6 +108,8 @@ def _api_error(exc: BaseException) -> APIError:
         return APIError(404, str(exc), "NotFoundError", "model_not_found")
     if isinstance(exc, EngineOverloadedError):
         return APIError(429, str(exc), "RateLimitError", "queue_full")
+    if isinstance(exc, EngineClosedError):
+        return APIError(503, str(exc), "ServiceUnavailableError", "shutting_down")
     if isinstance(exc, AdapterLoadError):
         return APIError(422, str(exc), "AdapterLoadError", "adapter_unloadable")
     if isinstance(exc, (AdapterNameError, InvalidConfigError, PeftkitError)):
@@ -106,6 +124,12 @@ def create_app(
     api_key: str | None = None,
     adapters_root: str | Path | None = None,
     manage_engine: bool = True,
+    embedder: Engine | None = None,
+    embedder_name: str = "embedding",
+    max_body_bytes: int = 1 << 20,
+    max_tokens_limit: int = 4096,
+    max_inputs: int = 256,
+    drain_timeout: float = 60.0,
 ) -> FastAPI:
     """Build the FastAPI app.
 
@@ -115,7 +139,14 @@ def create_app(
         api_key: if set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
         adapters_root: folder that ``POST /v1/adapters`` paths are resolved against (default: the cache's
             root).
-        manage_engine: start the engine's background loop on startup and stop it on shutdown.
+        manage_engine: start the engine's background loop on startup and stop it (draining) on shutdown.
+        embedder: an engine over an encoder model (or a classifier) for ``/v1/embeddings`` and
+            ``/v1/classify``, with its own adapter cache; without one these endpoints use ``engine``'s model.
+        embedder_name: the ``model`` name of the embedder's base.
+        max_body_bytes: request bodies above this size get 413 (decision: 1 MiB by default).
+        max_tokens_limit: ``max_tokens`` above this gets 400.
+        max_inputs: the most inputs one embeddings / classify request may carry.
+        drain_timeout: how long shutdown waits for queued and running requests.
     """
     root = Path(adapters_root).resolve() if adapters_root is not None else engine.cache.root
     counters = {"http_requests": 0, "http_errors": 0, "http_429": 0}
@@ -128,16 +159,17 @@ def create_app(
             yield
         finally:
             if manage_engine:
-                engine.stop()
+                await asyncio.to_thread(engine.stop, drain=True, timeout=drain_timeout)
 
     app = FastAPI(title="peftkit", lifespan=lifespan)
+
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def _handle(_: Request, exc: APIError) -> JSONResponse:
         counters["http_errors"] += 1
         counters["http_429"] += exc.status == 429
-        body = {"error": {"message": exc.message, "type": exc.kind, "code": exc.code, "param": None}}
-        return JSONResponse(body, status_code=exc.status)
+        return _error_response(exc)
 
     async def auth(authorization: str | None = Header(default=None)) -> None:
         counters["http_requests"] += 1
@@ -151,7 +183,7 @@ def create_app(
             raise APIError(404, f"the model {model!r} does not exist", "NotFoundError", "model_not_found")
         return model
 
-    async def run(prompt: str, model: str, params: SamplingParams, stream: bool, shape: Any) -> Any:
+    async def run(prompt: str, model: str, params: SamplingParams, stream: bool, shape: Any, http: Request) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
         req = GenRequest(
@@ -165,32 +197,48 @@ def create_app(
         except Exception as exc:
             raise _api_error(exc) from exc
         if not stream:
-            while not (await events.get())[1]:
-                pass
+            try:
+                while True:
+                    try:
+                        if (await asyncio.wait_for(events.get(), 0.5))[1]:
+                            break
+                    except TimeoutError:
+                        if await http.is_disconnected():
+                            engine.cancel(req)  # nobody waits for the answer: free the batch slot
+                            return Response(status_code=499)
+            except asyncio.CancelledError:
+                engine.cancel(req)
+                raise
             if req.error is not None:
                 raise _api_error(req.error)
             return shape(req, req.text, req.finish_reason, final=True)
 
         async def sse() -> AsyncIterator[str]:
-            yield f"data: {json.dumps(shape(req, '', None, final=False, first=True))}\n\n"
-            while True:
-                delta, done = await events.get()
-                if done and req.error is not None:
-                    err = _api_error(req.error)
-                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.kind}})}\n\n"
-                    break
-                if delta or done:
-                    chunk = shape(req, delta, req.finish_reason if done else None, final=False)
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                if done:
-                    break
-            yield "data: [DONE]\n\n"
+            try:
+                yield f"data: {json.dumps(shape(req, '', None, final=False, first=True))}\n\n"
+                while True:
+                    delta, done = await events.get()
+                    if done and req.error is not None:
+                        err = _api_error(req.error)
+                        yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.kind}})}\n\n"
+                        break
+                    if delta or done:
+                        chunk = shape(req, delta, req.finish_reason if done else None, final=False)
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    if done:
+                        break
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (the response task is cancelled) or the stream ended
+                engine.cancel(req)
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     def sampling(body: CompletionBody | ChatBody, max_tokens: int | None) -> SamplingParams:
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", "BadRequestError", "invalid_request")
+        if max_tokens is not None and max_tokens > max_tokens_limit:
+            message = f"max_tokens={max_tokens} exceeds this server's limit of {max_tokens_limit}"
+            raise APIError(400, message, "BadRequestError", "invalid_request")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             return SamplingParams(
@@ -219,6 +267,7 @@ def create_app(
             **{f"peftkit_{k}_total": ("counter", v) for k, v in counters.items()},
             **{f"peftkit_cache_{k}_total": ("counter", v) for k, v in cache.stats.items()},
             "peftkit_requests_waiting": ("gauge", len(engine.waiting)),
+            "peftkit_tokens_per_second": ("gauge", engine.tokens_per_second()),
             "peftkit_requests_running": ("gauge", len(engine.running)),
             "peftkit_adapters_in_model": ("gauge", len(engine.installed)),
             "peftkit_adapters_registered": ("gauge", len(cache.names())),
@@ -233,15 +282,66 @@ def create_app(
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models() -> dict[str, Any]:
         now = int(time.time())
-        data = [{"id": base_name, "object": "model", "created": now, "owned_by": "peftkit", "parent": None}]
-        data += [
-            {"id": n, "object": "model", "created": now, "owned_by": "peftkit", "parent": base_name}
-            for n in engine.cache.names()
-        ]
+        data = []
+        for name, served in [(base_name, engine), (embedder_name, embedder)]:
+            if served is None:
+                continue
+            data.append({"id": name, "object": "model", "created": now, "owned_by": "peftkit", "parent": None})
+            data += [
+                {"id": n, "object": "model", "created": now, "owned_by": "peftkit", "parent": name}
+                for n in served.cache.names()
+            ]
         return {"object": "list", "data": data}
 
+    def encoder_of(model: str) -> tuple[Engine, str | None]:
+        """The engine and adapter that ``model`` names for embeddings / classification."""
+        if embedder is None:
+            return engine, adapter_of(model)
+        if model == embedder_name:
+            return embedder, None
+        if model not in embedder.cache:
+            raise APIError(404, f"the embedding model {model!r} does not exist", "NotFoundError", "model_not_found")
+        return embedder, model
+
+    def inputs_of(body: EmbeddingBody) -> list[Any]:
+        raw = body.input
+        inputs: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+        if not inputs or len(inputs) > max_inputs:
+            message = f"send 1 to {max_inputs} inputs, got {len(inputs)}"
+            raise APIError(400, message, "BadRequestError", "invalid_request")
+        return inputs
+
+    @app.post("/v1/embeddings", dependencies=[Depends(auth)])
+    async def embeddings(body: EmbeddingBody) -> dict[str, Any]:
+        if body.encoding_format not in (None, "float"):
+            raise APIError(400, "only encoding_format='float' is supported", "BadRequestError", "invalid_request")
+        served, adapter = encoder_of(body.model)
+        inputs = inputs_of(body)
+        try:
+            vectors, n_tokens = await asyncio.to_thread(served.embed, inputs, adapter)
+        except Exception as exc:
+            raise _api_error(exc) from exc
+        data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
+        usage_ = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+        return {"object": "list", "data": data, "model": body.model, "usage": usage_}
+
+    @app.post("/v1/classify", dependencies=[Depends(auth)])
+    async def classify(body: EmbeddingBody) -> dict[str, Any]:
+        served, adapter = encoder_of(body.model)
+        inputs = inputs_of(body)
+        try:
+            probs, n_tokens = await asyncio.to_thread(served.classify, inputs, adapter)
+        except Exception as exc:
+            raise _api_error(exc) from exc
+        labels = getattr(getattr(served.model.model, "config", None), "id2label", None) or {}
+        data = [
+            {"index": i, "label": labels.get(int(p.argmax()), str(int(p.argmax()))), "probs": p.tolist()}
+            for i, p in enumerate(probs)
+        ]
+        return {"object": "list", "data": data, "model": body.model, "usage": {"prompt_tokens": n_tokens}}
+
     @app.post("/v1/completions", dependencies=[Depends(auth)])
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, http: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise APIError(400, "send one prompt per request", "BadRequestError", "invalid_request")
@@ -259,10 +359,10 @@ def create_app(
                 out["usage"] = usage(req)
             return out
 
-        return await run(prompts[0], body.model, sampling(body, body.max_tokens), body.stream, shape)
+        return await run(prompts[0], body.model, sampling(body, body.max_tokens), body.stream, shape, http)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    async def chat(body: ChatBody) -> Any:
+    async def chat(body: ChatBody, http: Request) -> Any:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         prompt = chat_prompt(engine.tokenizer, [m.model_dump() for m in body.messages])
 
@@ -287,11 +387,16 @@ def create_app(
             }
 
         params = sampling(body, body.max_completion_tokens or body.max_tokens)
-        return await run(prompt, body.model, params, body.stream, shape)
+        return await run(prompt, body.model, params, body.stream, shape, http)
 
     @app.get("/v1/adapters", dependencies=[Depends(auth)])
     async def adapters() -> dict[str, Any]:
-        return {"registered": engine.cache.names(), "in_model": engine.installed, "in_memory": engine.cache.resident()}
+        return {
+            "registered": engine.cache.names(),
+            "in_model": engine.installed,
+            "in_memory": engine.cache.resident(),
+            "approximation_error": dict(engine.approximation_error),
+        }
 
     @app.post("/v1/adapters", dependencies=[Depends(auth)])
     async def load(body: AdapterBody) -> dict[str, Any]:
@@ -321,6 +426,34 @@ def create_app(
         return {"name": name, "status": "unloaded"}
 
     return app
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse a body above ``max_bytes`` (413) on its declared length, before it is read,
+    and bodies without a declared length (411), so an oversized request never reaches the JSON parser.
+    (A plain ASGI wrapper, not ``BaseHTTPMiddleware``, so streaming and disconnects pass through untouched.)"""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            declared = dict(scope["headers"]).get(b"content-length")
+            error = None
+            if declared is None:
+                error = APIError(411, "Content-Length is required", "BadRequestError", "length_required")
+            elif not declared.isdigit() or int(declared) > self.max_bytes:
+                message = f"the request body has {declared.decode()} bytes; the limit is {self.max_bytes}"
+                error = APIError(413, message, "BadRequestError", "request_too_large")
+            if error is not None:
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    body = {"error": {"message": exc.message, "type": exc.kind, "code": exc.code, "param": None}}
+    return JSONResponse(body, status_code=exc.status)
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:

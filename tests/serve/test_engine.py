@@ -13,7 +13,7 @@ from serve_util import CharTokenizer, random_adapter, tiny_llama
 from torch import nn
 
 import peftkit as pk
-from peftkit.errors import AdapterNotFoundError
+from peftkit.errors import AdapterNotFoundError, InvalidConfigError
 from peftkit.serve.cache import AdapterCache, AdapterLoadError
 from peftkit.serve.engine import Engine, EngineOverloadedError, Request, SamplingParams
 
@@ -180,3 +180,192 @@ def test_unload_adapter(tmp_path: Path) -> None:
     assert engine.installed == [] and engine.model.adapter_names == []
     with pytest.raises(AdapterNotFoundError):
         engine.submit(Request("a", adapter="ad0"))
+
+
+def _lora_fleet(tmp: Path, n: int) -> dict[str, Path]:
+    """``n`` LoRA adapters of mixed ranks (1-8) and targets on the tiny Llama."""
+    targets = [["q_proj", "v_proj"], ["k_proj", "o_proj", "down_proj"], "all-linear", ["up_proj"]]
+    return {
+        f"f{i}": random_adapter(
+            tiny_llama, pk.LoRAConfig(r=1 + i % 8, alpha=2.0 + i % 3, targets=targets[i % 4]), tmp / f"f{i}", seed=i
+        )
+        for i in range(n)
+    }
+
+
+@pytest.mark.parametrize("n_adapters", [1, 8, 64])
+def test_every_row_of_a_mixed_batch_equals_its_merged_model(tmp_path: Path, n_adapters: int) -> None:
+    """Issue 7 item 2: 1, 8 and 64 adapters, prompts of 1-20 tokens, base rows mixed in, one batch."""
+    paths = _lora_fleet(tmp_path, n_adapters)
+    cache = AdapterCache(max_bytes=1 << 26, root=tmp_path)
+    cache.register_dir(tmp_path)
+    rows = n_adapters + 3
+    for name in paths:  # resident in the cache, so every row is admitted at the first step
+        cache.get(name)
+    engine = Engine(
+        tiny_llama(),
+        CharTokenizer(),
+        cache,
+        max_loras=64,
+        max_batch=rows,
+        max_prefills_per_step=rows,
+        record_logits=True,
+    )
+    rng = random.Random(n_adapters)
+    names: list[str | None] = [*paths, None, None, next(iter(paths))]
+    prompts = ["".join(rng.choice("abcdefgh xyz") for _ in range(rng.randint(1, 20))) for _ in names]
+    reqs = [Request(p, adapter=a, params=SamplingParams(max_tokens=3)) for p, a in zip(prompts, names)]
+    engine.generate(reqs)
+    assert engine.metrics["decode_steps"] == 2  # all rows in one batch: one prefill, then two joint decode steps
+    for r in reqs:
+        _check(r, _reference(tiny_llama, paths.get(r.adapter or ""), r.prompt, 3))
+
+
+def test_request_joins_the_running_batch(tmp_path: Path) -> None:
+    """Continuous batching: a request submitted while another decodes is admitted at the next step and decoded
+    in the same batch, and both still equal their references."""
+    engine, paths, make = _setup(tmp_path, "llama")
+    _warm(engine, "ad0", "ad1")
+    first = engine.submit(Request("hello", adapter="ad0", params=SamplingParams(max_tokens=10)))
+    engine.step()
+    engine.step()
+    assert engine.running == [first] and len(first.output_ids) == 3
+    late = engine.submit(Request("late one", adapter="ad1", params=SamplingParams(max_tokens=4)))
+    steps = engine.metrics["decode_steps"]
+    engine.step()  # admits (prefills) `late`, then one decode step over both rows
+    assert engine.running == [first, late] and not first.finished
+    assert len(first.output_ids) == 4 and len(late.output_ids) == 2
+    assert engine.metrics["decode_steps"] == steps + 1
+    while engine.has_work():
+        engine.step()
+    _check(first, _reference(make, paths["ad0"], "hello", 10))
+    _check(late, _reference(make, paths["ad1"], "late one", 4))
+
+
+def test_cancel_removes_request_from_batch(tmp_path: Path) -> None:
+    engine, paths, make = _setup(tmp_path, "gpt2")
+    _warm(engine, "ad0", "ad1")
+    gone = engine.submit(Request("bye", adapter="ad0", params=SamplingParams(max_tokens=8)))
+    stays = engine.submit(Request("stay", adapter="ad1", params=SamplingParams(max_tokens=8)))
+    queued = Request("never", params=SamplingParams(max_tokens=8))
+    engine.step()
+    engine.submit(queued)
+    assert engine.cancel(gone) and engine.cancel(queued)
+    assert gone.finish_reason == "cancelled" and gone not in engine.running and gone._kv is None
+    assert queued not in engine.waiting and queued.output_ids == []
+    assert engine.running == [stays]
+    while engine.has_work():
+        engine.step()
+    assert len(gone.output_ids) == 2  # prefill token + one decode token, then it left the batch
+    assert engine.metrics["requests_cancelled"] == 2 and not engine.cancel(stays)
+    _check(stays, _reference(make, paths["ad1"], "stay", 8))
+
+
+def test_drain_finishes_in_flight_then_refuses(tmp_path: Path) -> None:
+    from peftkit.serve.engine import EngineClosedError
+
+    engine, _, _ = _setup(tmp_path, "gpt2", max_batch=2)
+    engine.start()
+    reqs = [engine.submit(Request(p, adapter="ad0", params=SamplingParams(max_tokens=6))) for p in PROMPTS[:5]]
+    engine.stop(drain=True, timeout=60)
+    assert all(r.finish_reason == "length" and len(r.output_ids) == 6 for r in reqs)
+    with pytest.raises(EngineClosedError):
+        engine.submit(Request("late"))
+    engine.start()  # a restarted engine takes requests again
+    (again,) = engine.generate([Request("x", params=SamplingParams(max_tokens=2))])
+    assert again.finish_reason == "length"
+    engine.stop()
+
+
+def test_rank_above_max_rank_fails_alone(tmp_path: Path) -> None:
+    from peftkit.serve.engine import AdapterRankError
+
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=8, targets=["c_attn"]), tmp_path / "wide", seed=0)
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=4, targets=["c_attn"]), tmp_path / "narrow", seed=1)
+    cache = AdapterCache(max_bytes=1 << 24, root=tmp_path)
+    cache.register_dir(tmp_path)
+    engine = Engine(tiny_gpt2(), CharTokenizer(), cache, max_rank=4)
+    wide, narrow = engine.generate([Request("a", adapter="wide"), Request("b", adapter="narrow")])
+    assert isinstance(wide.error, AdapterLoadError) and isinstance(wide.error.__cause__, AdapterRankError)
+    assert "max_rank=4" in str(wide.error)
+    assert narrow.error is None and engine.installed == ["narrow"]
+
+
+def test_svd_conversion_of_dora(tmp_path: Path) -> None:
+    """A DoRA adapter (no low-rank form) is served through the stacked bank as the truncated SVD of its
+    delta_weight; at full rank the output equals the merged model, at rank 2 the reported error is the
+    discarded singular values' share of ‖ΔW‖."""
+    from peftkit.serve.engine import SVDLowRank
+
+    path = random_adapter(tiny_gpt2, pk.DoRAConfig(r=4, targets=["c_fc"]), tmp_path / "dora", seed=0)
+    loaded = pk.load(tiny_gpt2(), path)
+    deltas = {p: a.delta_weight(layer.base) for p, a, layer in _modules(loaded, loaded.adapter_names[0])}
+    for svd_rank in (32, 2):
+        cache = AdapterCache(max_bytes=1 << 24, root=tmp_path)
+        cache.register_dir(tmp_path)
+        engine = Engine(tiny_gpt2(), CharTokenizer(), cache, svd_rank=svd_rank, record_logits=True)
+        (req,) = engine.generate([Request("hello", adapter="dora", params=SamplingParams(max_tokens=4))])
+        modules = engine.model.adapter_modules("dora")
+        assert all(isinstance(m, SVDLowRank) and m.down.shape[0] == svd_rank for m in modules.values())
+        expected = 0.0
+        for delta in deltas.values():
+            sv = torch.linalg.svdvals(delta.detach())
+            expected = max(expected, float((sv[svd_rank:].square().sum() / sv.square().sum()).sqrt()))
+        assert engine.approximation_error["dora"] == pytest.approx(expected, abs=1e-6)
+        if svd_rank == 32:
+            assert expected < 1e-5
+            _check(req, _reference(tiny_gpt2, path, "hello", 4))
+        else:
+            assert expected > 1e-3
+
+
+def _warm(engine: Engine, *names: str) -> None:
+    """Load adapters into the cache first, so requests for them are admitted at the next step."""
+    for name in names:
+        engine.cache.get(name)
+
+
+def _modules(model: pk.AdaptedModel, name: str) -> list:
+    return [(p, a, model._layer(p)) for p, a in model.adapter_modules(name).items()]
+
+
+def _tiny_bert(classifier: bool = False) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=3
+    )
+    return (BertForSequenceClassification(cfg) if classifier else BertModel(cfg)).eval()
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal", "classifier"])
+def test_embed_and_classify_equal_merged_model_per_input(tmp_path: Path, kind: str) -> None:
+    """Embeddings (mean over real tokens, unit length) and class probabilities of a padded batch equal each
+    input run alone through the merged model."""
+    make = {"encoder": _tiny_bert, "causal": tiny_llama, "classifier": lambda: _tiny_bert(True)}[kind]
+    targets = ["q_proj", "v_proj"] if kind == "causal" else ["query", "value"]
+    path = random_adapter(make, pk.LoRAConfig(r=4, targets=targets), tmp_path / "enc", seed=0)
+    cache = AdapterCache(max_bytes=1 << 24, root=tmp_path)
+    cache.register_dir(tmp_path)
+    engine = Engine(make(), CharTokenizer(), cache)
+    texts = ["hello", "a much longer input text", "x"]
+    merged = pk.load(make(), path).merge()
+    for adapter, reference in [("enc", merged), (None, make())]:
+        if kind == "classifier":
+            got, n_tokens = engine.classify(texts, adapter)
+        else:
+            got, n_tokens = engine.embed(texts, adapter)
+        assert n_tokens == sum(len(CharTokenizer().encode(t)) for t in texts)
+        for row, text in zip(got, texts):
+            with torch.no_grad():
+                out = reference(torch.tensor([CharTokenizer().encode(text)]), output_hidden_states=True)
+            if kind == "classifier":
+                want = torch.softmax(out.logits[0], -1)
+            else:
+                hidden = out.last_hidden_state if kind == "encoder" else out.hidden_states[-1]
+                want = torch.nn.functional.normalize(hidden[0].mean(0), dim=-1)
+            assert (row - want).abs().max().item() <= 1e-5
+    if kind != "classifier":
+        with pytest.raises(InvalidConfigError):
+            engine.classify(texts)
