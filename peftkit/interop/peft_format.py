@@ -605,6 +605,9 @@ class PeftFormat:
         required: PEFT field -> the values peftkit can import.
         fan_in_fan_out: PEFT needs ``fan_in_fan_out=True`` when a GPT-2 Conv1D is targeted.
         implied: our config fields that PEFT derives from all adapted layers at once (RandLoRA's shared bases).
+        patterns: our config field -> PEFT's per-module pattern field (``rank_pattern``), read with PEFT's
+            ``get_pattern_key``; our per-module ``overrides`` of that field are written there. Overrides of any
+            other field are not expressible.
     """
 
     peft_type: str
@@ -617,6 +620,7 @@ class PeftFormat:
     required: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
     fan_in_fan_out: bool = False
     implied: Callable[[list[BaseView]], dict[str, Any]] | None = None
+    patterns: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _lycoris(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -628,7 +632,7 @@ def _randlora_projection(views: list[BaseView]) -> dict[str, Any]:
     return {"projection_shape": [max(v.out_features for v in views), max(v.in_features for v in views)]}
 
 
-_NO_PATTERNS: dict[str, tuple[Any, ...]] = {"rank_pattern": ({}, None), "alpha_pattern": ({}, None)}
+_RANK_ALPHA_PATTERNS = {"r": "rank_pattern", "alpha": "alpha_pattern"}
 _INIT_TRUE_FALSE = {"zeros": True, "randn": False}
 #: method -> its PEFT tuner (methods other than LoRA / DoRA, whose tables are above).
 PEFT_FORMATS: dict[str, PeftFormat] = {
@@ -694,16 +698,14 @@ PEFT_FORMATS: dict[str, PeftFormat] = {
             )
         },
         values={"init": ("init_weights", {"peft": True, "lycoris": "lycoris", "random": False}, {})},
-        fixed={"rank_pattern": {}, "alpha_pattern": {}},
-        required=_NO_PATTERNS,
+        patterns=_RANK_ALPHA_PATTERNS,
     ),
     "loha": PeftFormat(
         "LOHA",
         _lycoris("hada_", ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")),
         fields={f: f for f in ("r", "alpha", "use_effective_conv2d", "rank_dropout", "module_dropout")},
         values={"init": ("init_weights", {"peft": True, "random": False}, {})},
-        fixed={"rank_pattern": {}, "alpha_pattern": {}},
-        required=_NO_PATTERNS,
+        patterns=_RANK_ALPHA_PATTERNS,
     ),
 }
 
@@ -727,7 +729,13 @@ def _config_from_peft(
         fields[ours] = match[0]
     if fmt.implied is not None:
         fields.update(fmt.implied(list(views.values())))
-    return cls.config_class(**common, **fields)
+    overrides: dict[str, dict[str, Any]] = {}
+    for ours, pattern in fmt.patterns.items():
+        for path in views:
+            value = _pattern_value(raw.get(pattern) or {}, path, fields.get(ours))
+            if value != fields.get(ours):
+                overrides.setdefault(path, {})[ours] = value
+    return cls.config_class(**common, **fields, overrides=overrides)
 
 
 def _check_frozen(module: nn.Module, cls: type, base: BaseView, config: Any, module_path: str) -> None:
@@ -788,22 +796,28 @@ def _export_format(
     }
     if fmt.fan_in_fan_out:
         peft_config["fan_in_fan_out"] = any(_format_kind(v) == "conv1d" for v in views.values())
-    # What PEFT rebuilds from the folder must be this adapter: every setting carried, every frozen tensor the same.
+    for ours, pattern in fmt.patterns.items():
+        peft_config[pattern] = {
+            re.escape(p): getattr(modules[p].config, ours)
+            for p in views
+            if getattr(modules[p].config, ours) != getattr(config, ours)
+        }
+    # What PEFT rebuilds from the folder must be this adapter: every setting carried (per module), every frozen
+    # tensor the same.
     back = _config_from_peft(
         fmt, cls, peft_config, views, targets=config.targets, modules_to_save=config.modules_to_save
     )
-    for f in dataclasses.fields(config):
-        if (
-            f.name not in _OTHER_FIELDS
-            and f.name not in fmt.ignored
-            and getattr(back, f.name) != getattr(config, f.name)
-        ):
-            raise ExportError(
-                f"config field {f.name}={getattr(config, f.name)!r} has no PEFT {fmt.peft_type} equivalent "
-                f"(PEFT would use {getattr(back, f.name)!r})"
-            )
     for module_path, base in views.items():
-        _check_frozen(modules[module_path], cls, base, back, module_path)
+        mine, theirs = modules[module_path].config, back.for_module(module_path)
+        for f in dataclasses.fields(mine):
+            if f.name in _OTHER_FIELDS or f.name in fmt.ignored or getattr(theirs, f.name) == getattr(mine, f.name):
+                continue
+            where = "" if getattr(mine, f.name) == getattr(config, f.name) else f" (an override of {module_path!r})"
+            raise ExportError(
+                f"config field {f.name}={getattr(mine, f.name)!r}{where} has no PEFT {fmt.peft_type} equivalent "
+                f"(PEFT would use {getattr(theirs, f.name)!r})"
+            )
+        _check_frozen(modules[module_path], cls, base, theirs, module_path)
     from peftkit import __version__
 
     files: dict[str, bytes | dict[str, Tensor]] = {

@@ -152,15 +152,39 @@ def test_layer_peft_cannot_adapt_raises(tmp_path) -> None:
         export_peft(model, tmp_path / "x")
 
 
-def test_merged_adapter_is_refused_and_a_peft_pattern_is_not_imported(tmp_path) -> None:
+def test_merged_adapter_is_refused(tmp_path) -> None:
     model = _trained(make_tiny_net, "lokr", dict(r=2, targets=NET))
     model.merge(unload=False)
     with pytest.raises(ExportError, match="unmerge"):
         export_peft(model, tmp_path / "x")
-    model.unmerge()
-    export_peft(model, tmp_path / "x")
-    config = json.loads((tmp_path / "x" / PEFT_CONFIG_FILE).read_text())
-    config["rank_pattern"] = {"fc1": 4}
-    (tmp_path / "x" / PEFT_CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(UnsupportedAdapterError, match="rank_pattern"):
-        import_peft(copy.deepcopy(make_tiny_net()), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["lokr", "loha"])
+def test_per_module_rank_and_alpha_travel_as_peft_patterns(method: str, tmp_path) -> None:
+    from peft import PeftModel
+
+    kw = dict(r=2, alpha=4.0, targets=[*NET, "conv"], overrides={"fc1": {"r": 4}, "conv": {"alpha": 3.0}})
+    ours = _trained(make_tiny_net, method, kw)
+    x = _inputs(make_tiny_net)
+    export_peft(ours, tmp_path / "p")
+    config = json.loads((tmp_path / "p" / PEFT_CONFIG_FILE).read_text())
+    assert config["rank_pattern"] == {"fc1": 4} and config["alpha_pattern"] == {"conv": 3.0}
+    pm = PeftModel.from_pretrained(make_tiny_net(), tmp_path / "p").eval()
+    torch.testing.assert_close(_run(pm, x), _run(ours, x), atol=1e-5, rtol=1e-5)
+    back = import_peft(make_tiny_net(), tmp_path / "p").eval()
+    assert back.configs["default"].for_module("fc1").r == 4 and back.configs["default"].for_module("conv").alpha == 3
+    torch.testing.assert_close(_run(back, x), _run(ours, x), atol=1e-5, rtol=1e-5)
+
+
+def test_override_peft_cannot_carry_raises(tmp_path) -> None:
+    model = _trained(make_tiny_net, "shira", dict(r=1, targets=NET, overrides={"fc2": {"r": 2}}))
+    with pytest.raises(ExportError, match=r"r=2 \(an override of 'fc2'\) has no PEFT SHIRA equivalent"):
+        export_peft(model, tmp_path / "x")
+    config = dict(n_frequency=20, targets=NET, random_loc_seed=1)
+    export_peft(_trained(make_tiny_net, "fourierft", config), tmp_path / "f")
+    raw = json.loads((tmp_path / "f" / PEFT_CONFIG_FILE).read_text())
+    raw["n_frequency_pattern"] = {"fc1": 10}
+    (tmp_path / "f" / PEFT_CONFIG_FILE).write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedAdapterError, match="n_frequency_pattern"):
+        import_peft(copy.deepcopy(make_tiny_net()), tmp_path / "f")
