@@ -18,9 +18,13 @@ The user's base weight is never changed: the adapter applies only the difference
 core unchanged. ``ΔW`` is block-structured (a rank-``k`` diagonal part plus a dense ``(q−k)²`` block), not low
 rank, so ``lowrank()`` is ``None``.
 
-Cost: each forward materialises ``ΔW`` (``out·(q−k)² + out·q·fan_in`` multiply-adds, a weight-sized
-temporary, both independent of the batch) and runs one extra base-sized matmul/conv on the input: about twice
-the base layer's cost for a batch of ``fan_in`` tokens, less per token for larger batches.
+Cost: a conv forward materialises ``ΔW`` (``out·(q−k)² + out·q·fan_in`` multiply-adds and a weight-sized
+temporary, independent of the batch) and runs one extra base-sized conv. A linear forward takes the cheaper of
+that and the factored path ``x Vᵀ (ReLU(Σ') − diag S)ᵀ Uᵀ`` (``tokens·(in·q + (q−k)² + q·out)``, no weight-sized
+temporary; the choice is :meth:`SALT.factored_is_cheaper`): few tokens (decoding) cost about 2-3 base matmuls
+per token, long batches the base matmul plus a batch-independent ``≈ out·q·(in + q)``. Measured on one CPU
+thread (``Linear(768, 768)``, ``k = 384``, ``r = 4``, forward + backward of the adapter): 1 token 2.8 ms
+factored vs 84 ms dense; 512 tokens 57 vs 81 ms; 2048 tokens 135 vs 121 ms (the rule picks the faster in each).
 
 Saved file (``state_dict``): ``U [out, q]``, ``S [q]``, ``Vh [q, fan_in]`` (persistent buffers: an SVD is not
 bit-identical across machines, so the factors are stored rather than recomputed; ``q·(out + fan_in + 1)``
@@ -48,7 +52,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView, layer_kind
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
+from peftkit.core.protocol import Adapter, AdapterConfig, add_lowrank, require_positive_int
 from peftkit.core.registry import register
 
 from .loraxs import svd_signed
@@ -153,7 +157,22 @@ class SALT(Adapter):
         return delta.reshape(base.weight_shape)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        if base.kind == "linear" and self.factored_is_cheaper(x.numel() // x.shape[-1]):
+            # x Vᵀ (ReLU(Σ') − diag S)ᵀ Uᵀ through the q-dim spectrum space: no [out, in] temporary.
+            top, rest = self.spectrum_change()
+            spectral = x @ self.Vh.T  # [.., q]
+            hidden = torch.cat([spectral[..., : self.k] * top, spectral[..., self.k :] @ rest.T], dim=-1)
+            return add_lowrank(base_out, hidden, self.U)
         return base_out + base.apply(x, self.delta_weight(base))
+
+    def factored_is_cheaper(self, tokens: int) -> bool:
+        """Whether ``tokens`` rows cost fewer multiply-adds through the spectrum space
+        (``tokens·(in·q + (q−k)² + q·out)``) than materialising ``ΔW`` and applying it
+        (``out·(q−k)² + out·q·in + tokens·in·out``); both give the same result."""
+        out, q = self.U.shape
+        inp, rest = self.Vh.shape[1], q - self.k
+        factored = tokens * (inp * q + rest * rest + q * out)
+        return factored < out * rest * rest + out * q * inp + tokens * inp * out
 
     def regularizer(self) -> Tensor:
         """The official ``reg`` of this layer: ``‖Σ'_top − diag(S_top)‖_F + ‖X Y‖_F`` (before the ReLU); the

@@ -87,6 +87,26 @@ def test_matches_official_forward_with_relu_on_full_matrix() -> None:
     torch.testing.assert_close(merged, official, atol=1e-5, rtol=0)
 
 
+def test_factored_and_dense_linear_paths_agree() -> None:
+    """The linear forward picks the cheaper of ``x Vᵀ Mᵀ Uᵀ`` and ``x ΔWᵀ`` by token count; both are the same map."""
+    a, base, lin = _adapter(k=3, r=2)
+    with torch.no_grad():
+        a.a.normal_()
+        a.X.normal_(std=0.5)
+    few, many = torch.randn(2, 8), torch.randn(600, 8)
+    assert a.factored_is_cheaper(2) and not a.factored_is_cheaper(600)
+    for x in (few, many):
+        dense = nn.functional.linear(x, lin.weight + a.delta_weight(base), lin.bias)
+        torch.testing.assert_close(a(x, lin(x), base), dense, atol=1e-5, rtol=0)
+    x = torch.randn(3, 8)
+    a(x, lin(x), base).sum().backward()
+    factored_grads = [p.grad.clone() for p in (a.a, a.b, a.X, a.Y)]
+    a.zero_grad()
+    (x @ (lin.weight + a.delta_weight(base)).T).sum().backward()
+    for got, want in zip(factored_grads, (a.a.grad, a.b.grad, a.X.grad, a.Y.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_changed_weight_stays_in_span_of_u() -> None:
     """W' − W = U (ReLU(Σ') − diag S) Vᵀ: with out > in the columns of U do not span R^out."""
     a, base, _ = _adapter(out=12, inp=8)
