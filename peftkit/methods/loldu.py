@@ -23,7 +23,9 @@ indices per layer, about a rank-``r`` LoRA's size.
 
 Decisions (spec): ``c`` is frozen by default (the official parameter filter trains only ``vector_z``;
 ``train_scaling=True`` makes it a parameter); zero pivots are clamped sign-preservingly to ``|D_i| ≥ eps``
-(``eps = 1e-8``) before dividing, so ``U_unit`` stays finite and ``P L diag(D) U_unit`` still equals ``W``;
+(``eps = 1e-8``) before dividing, so ``U_unit`` stays finite and ``P L diag(D) U_unit`` still equals ``W`` (the
+row of a clamped pivot is up to ``1/eps`` times larger: finite in float32/bfloat16, but it can overflow a
+float16 base's range);
 ``r=None`` means full rank ``min(out, fan_in)`` per layer (the package's ``rank=768`` is full rank on ViT-B),
 ``alpha = 1`` (``from_linear``'s default, ``c = 1/r``); only the ``"lu"`` init of ``z`` (the official default;
 the other ``init_method`` values are experiments in the code, not the method) and no dropout (spec: 0).
