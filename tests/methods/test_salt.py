@@ -43,6 +43,17 @@ def test_trainable_count_formula() -> None:
     assert explicit.trainable_parameters().trainable == 2 * 5 + 2 * (16 - 5) * 2
 
 
+def test_k_equal_q_leaves_no_xy_block() -> None:
+    a, base, lin = _adapter(out=12, inp=8, k=8)
+    assert a.X.shape == (0, 4) and a.Y.shape == (4, 0)
+    assert SALT.expected_trainable(base, a.config) == 2 * 8
+    with torch.no_grad():
+        a.a.mul_(2.0)
+    x = torch.randn(3, 8)
+    want = nn.functional.linear(x, a.U @ torch.diag(2.0 * a.S) @ a.Vh, lin.bias)
+    torch.testing.assert_close(a(x, lin(x), base), want, atol=1e-5, rtol=0)
+
+
 def test_default_k_is_half_of_q_and_recorded_in_config() -> None:
     a, _, _ = _adapter(out=12, inp=7)
     assert a.config.k is None and a.k == 7 // 2
