@@ -246,6 +246,7 @@ class Engine:
         )
         params = inspect.signature(self.model.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in params  # project only each prompt's last position on the vocab
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._fetching: dict[str, Future[CachedAdapter]] = {}
@@ -430,7 +431,9 @@ class Engine:
             raise AdapterNotFoundError(adapter, self.cache.names())
         if not inputs:
             raise InvalidConfigError("the input is empty")
-        rows = [self._prompt_ids(x) for x in inputs]
+        # Texts get the tokenizer's special tokens here ([CLS] ... [SEP] for BERT encoders, which are trained with
+        # them; sentence-transformers embeds that way); generation prompts do not (chat templates add theirs).
+        rows = [self._prompt_ids(x, special=True) for x in inputs]
         entry = self.cache.get(adapter, timeout) if adapter is not None else None
         lens = [len(r) for r in rows]
         ids = torch.full((len(rows), max(lens)), _pad_id(self.tokenizer), dtype=torch.long)
@@ -574,18 +577,20 @@ class Engine:
         for i, r in enumerate(reqs):
             ids[i, : lens[i]] = torch.tensor(r.prompt_ids)
             mask[i, : lens[i]] = 1
+        last = torch.tensor([[n - 1] for n in lens])
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             adapter_ids=torch.tensor([self._adapter_id(r.adapter) for r in reqs]),
             use_cache=True,
             return_dict=True,
+            **({"logits_to_keep": last} if self._keeps_logits else {}),
         )
         kv = _kv_of(_cache_of(out))
         for i, (req, n) in enumerate(zip(reqs, lens)):
             req._kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
             self.metrics["prompt_tokens"] += n
-            self._emit(req, out.logits[i, n - 1])
+            self._emit(req, out.logits[i, 0] if self._keeps_logits else out.logits[i, n - 1])
 
     def _decode(self) -> None:
         batch = [r for r in self.running if not r.finished]
@@ -682,19 +687,19 @@ class Engine:
             if name in self._installed:
                 self._remove(name)
 
-    def _prompt_ids(self, prompt: str | list[int], reserve: int = 0) -> list[int]:
+    def _prompt_ids(self, prompt: str | list[int], reserve: int = 0, special: bool = False) -> list[int]:
         """Token ids of a prompt; ``InvalidConfigError`` if it is empty or leaves fewer than ``reserve``
         positions of the model's context."""
-        ids = list(prompt) if isinstance(prompt, list) else self._encode(prompt)
+        ids = list(prompt) if isinstance(prompt, list) else self._encode(prompt, special)
         if not ids:
             raise InvalidConfigError("the prompt is empty")
         if self.max_len is not None and len(ids) + reserve > self.max_len:
             raise InvalidConfigError(f"the input has {len(ids)} tokens; the model's context is {self.max_len}")
         return ids
 
-    def _encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, special: bool = False) -> list[int]:
         try:
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return list(self.tokenizer.encode(text, add_special_tokens=special))
         except TypeError:
             return list(self.tokenizer.encode(text))
 
