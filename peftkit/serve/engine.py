@@ -229,6 +229,7 @@ class Engine:
     ) -> None:
         self.model = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
         self.model.eval()
+        self.model.set_adapter([])  # rows choose their adapter; none applies to all
         self.tokenizer = tokenizer
         self.cache = cache
         if cache.validate is None:
@@ -449,7 +450,7 @@ class Engine:
                     out = self.model(
                         input_ids=ids,
                         attention_mask=mask,
-                        adapter_ids=torch.full((len(rows),), aid),
+                        adapter_ids=self._row_ids([aid] * len(rows)),
                         output_hidden_states=True,
                         return_dict=True,
                     )
@@ -480,7 +481,8 @@ class Engine:
         return torch.softmax(logits.float(), dim=-1), int(mask.sum())
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        with self._lock:  # a step moves requests from waiting to running under the lock
+            return bool(self.waiting or self.running)
 
     def cancel(self, request: Request) -> bool:
         """Take ``request`` out of the queue or the running batch (a client went away); its KV cache is freed
@@ -568,6 +570,11 @@ class Engine:
         self._installed.move_to_end(name)
         return self.model.adapter_names.index(name)
 
+    def _row_ids(self, ids: list[int]) -> Tensor | None:
+        """The per-row adapter ids, or ``None`` for a batch of base rows only: the plain base forward, without
+        the bank's gather (the engine keeps no adapter active, so ``None`` means the base model)."""
+        return None if all(i < 0 for i in ids) else torch.tensor(ids)
+
     def _prefill(self, reqs: list[Request]) -> None:
         """One forward over the new requests' prompts, right-padded (mask 0 on the padding)."""
         lens = [len(r.prompt_ids) for r in reqs]
@@ -581,7 +588,7 @@ class Engine:
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
-            adapter_ids=torch.tensor([self._adapter_id(r.adapter) for r in reqs]),
+            adapter_ids=self._row_ids([self._adapter_id(r.adapter) for r in reqs]),
             use_cache=True,
             return_dict=True,
             **({"logits_to_keep": last} if self._keeps_logits else {}),
@@ -612,7 +619,7 @@ class Engine:
             input_ids=torch.tensor([[r.output_ids[-1]] for r in batch]),
             attention_mask=mask,
             position_ids=torch.tensor([[n] for n in lens]),
-            adapter_ids=torch.tensor([self._adapter_id(r.adapter) for r in batch]),
+            adapter_ids=self._row_ids([self._adapter_id(r.adapter) for r in batch]),
             use_cache=True,
             return_dict=True,
             **{self._cache_kw: DynamicCache(ddp_cache_data=layers)},
