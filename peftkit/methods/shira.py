@@ -22,8 +22,12 @@ Masks (``mask_type``):
   :func:`shira_gradient_masks`; until then the adapter refuses to run (:class:`MaskNotCalibratedError`) instead
   of silently training a placeholder mask. The chosen indices are saved, so :func:`peftkit.load` restores them.
 
+Custom masks (PEFT's ``mask_fn``): :meth:`SHiRA.set_mask` with any ``{0,1}`` mask of exactly ``n`` ones.
+
 Every mask is stored as ``indices [2, n]`` + ``values [n]`` (the only saved tensors), so applying or switching
-an adapter is one ``O(n)`` scatter (``index_put``) into ``W``, never a dense product.
+an adapter is a scatter of ``n`` values (``index_put``), never a low-rank product to fuse: the unmerged forward
+scatters into a copy of ``W``; :meth:`SHiRA.delta_weight` is one scatter into zeros, which the core's merge then
+adds densely (``O(d_out·d_in)``, the same add as any method's merge).
 
 Decisions: the indices are a persistent ``int32`` buffer ``indices [2, n]`` (spec decision: PEFT keeps them
 in a plain dict; saving them makes a reload exact whatever the seed). *Inferred*: with ``random_seed=None``
