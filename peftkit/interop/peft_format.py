@@ -738,7 +738,7 @@ def _config_from_peft(
     return cls.config_class(**common, **fields, overrides=overrides)
 
 
-def _check_frozen(module: nn.Module, cls: type, base: BaseView, config: Any, module_path: str) -> None:
+def _check_frozen(module: nn.Module, cls: type, base: BaseView, config: Any, module_path: str, hint: str) -> None:
     """The tensors we do not save (bases, locations rebuilt from a seed) must be what PEFT rebuilds from ``config``."""
     saved = set(module.state_dict())
     unsaved = {n: b for n, b in module.named_buffers() if n not in saved}
@@ -749,10 +749,7 @@ def _check_frozen(module: nn.Module, cls: type, base: BaseView, config: Any, mod
     for n, b in unsaved.items():
         other = rebuilt.get_buffer(n)
         if other.shape != b.shape or not torch.equal(other.to(b), b):
-            raise ExportError(
-                f"{module_path!r}: PEFT rebuilds {n!r} from the exported config ({config}) differently from this "
-                "adapter's (PEFT shares one set sized by all adapted layers); use the settings PEFT implies"
-            )
+            raise ExportError(f"{module_path!r}: PEFT would rebuild {n!r} differently from this adapter's; {hint}")
 
 
 def _export_format(
@@ -807,6 +804,8 @@ def _export_format(
     back = _config_from_peft(
         fmt, cls, peft_config, views, targets=config.targets, modules_to_save=config.modules_to_save
     )
+    implied = fmt.implied(list(views.values())) if fmt.implied is not None else {}
+    hint = f"PEFT derives {implied} from the adapted layers: train with those settings" if implied else ""
     for module_path, base in views.items():
         mine, theirs = modules[module_path].config, back.for_module(module_path)
         for f in dataclasses.fields(mine):
@@ -817,7 +816,7 @@ def _export_format(
                 f"config field {f.name}={getattr(mine, f.name)!r}{where} has no PEFT {fmt.peft_type} equivalent "
                 f"(PEFT would use {getattr(theirs, f.name)!r})"
             )
-        _check_frozen(modules[module_path], cls, base, theirs, module_path)
+        _check_frozen(modules[module_path], cls, base, theirs, module_path, hint)
     from peftkit import __version__
 
     files: dict[str, bytes | dict[str, Tensor]] = {
