@@ -54,6 +54,8 @@ class CloudAdapterConfig(AdapterConfig):
     """Settings of Cloud-Adapter.
 
     Attributes:
+        targets: default: HF ViT blocks 0, 6, 12, 18 in the self-contained role (the official wiring, with the
+            CNN on the image, is :func:`cloud_adapter_config`).
         hidden: ``c``, the CNN width (official 256).
         depth: number of stride-2 CNN stages (official 4).
         role: ``"both"``, ``"perception"`` or ``"interaction"`` (see the module docstring; per module with
@@ -64,11 +66,12 @@ class CloudAdapterConfig(AdapterConfig):
         context: the key under which perception publishes ``ctx`` (a fresh random key when empty).
     """
 
+    targets: list[str] | str = r"(.*\.)?layers\.(0|6|12|18)"
     hidden: int = 256
     depth: int = 4
     role: Literal["both", "perception", "interaction"] = "both"
     residual: bool = False
-    prefix_tokens: int = 0
+    prefix_tokens: int = 1
     grid: list[int] | None = None
     context: str = ""
 
@@ -107,7 +110,6 @@ def cloud_adapter_config(
     names = [f"{block_prefix}.{i}" for i in blocks]
     overrides: dict[str, dict[str, Any]] = {image_module: {"role": "perception"}}
     overrides.update({name: {"role": "interaction"} for name in names})
-    fields.setdefault("prefix_tokens", 1)
     return CloudAdapterConfig(targets=[image_module, *names], overrides=overrides, **fields)
 
 

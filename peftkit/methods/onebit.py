@@ -13,7 +13,9 @@ official); ``code(û)`` is the cell of ``û`` between thresholds.
 * Bi-LoRA (``bi_lora``, Linear): ``y = base(x) + s · drop(x) Q(down)ᵀ Q(up)ᵀ``; ``ΔW = s·Q(up) Q(down)``
   (exact merge after dequantisation; a low-rank form for serving).
 * Bi-AdaptFormer (``bi_adaptformer``, Linear or a whole module, placement presets of
-  :mod:`peftkit.methods.bottleneck`): ``y = F(x) + s · Q(up)(drop(ReLU(Q(down) x)))``; not mergeable.
+  :mod:`peftkit.methods.bottleneck`): ``y = F(x) + s · Q(up)(drop(ReLU(Q(down) x)))``; not mergeable. Its
+  default placement is the ``"parallel"`` preset: beside the whole MLP, so ``x = LN2(x₁)`` rather than the
+  official un-normalised ``x₁`` (the same *decision* as for AdaptFormer there).
 
 Trainable: ``r·(d_in + d_out)``. Init: ``down`` torch default (Kaiming-uniform a=√5), ``up`` truncated normal
 (std 1e-3 at ±2e-3): not identity at init (the quantised ``up`` is ``±0.6745σ + μ``).

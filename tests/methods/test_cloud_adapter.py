@@ -95,3 +95,13 @@ def test_config() -> None:
         CloudAdapterConfig(role="decoder")
     official = cloud_adapter_config()
     assert official.targets[1:] == ["layers.0", "layers.6", "layers.12", "layers.18"]
+
+
+def test_default_targets_blocks_in_the_self_contained_role() -> None:
+    model = pk.adapt(tiny_vit(), CloudAdapterConfig(hidden=4, depth=1)).eval()
+    assert list(model.adapter_modules("default")) == ["vit.layers.0"]  # blocks 0, 6, 12, 18 that exist
+    io = _capture(model, ["model.vit.layers.0"], IMAGE_1)
+    base_io = _capture(tiny_vit(), ["vit.layers.0"], IMAGE_1)
+    y, want = io["model.vit.layers.0"][1], base_io["vit.layers.0"][1]
+    torch.testing.assert_close(y[:, 0], want[:, 0], atol=0, rtol=0)
+    assert not torch.allclose(y[:, 1:], want[:, 1:])
