@@ -191,3 +191,28 @@ def test_gpt2_conv1d_pissa_is_identity_and_exact_merge() -> None:
     ref_a, ref_b = pissa_factors(w, 4, 8.0 / 4)
     torch.testing.assert_close(a.A, ref_a)
     torch.testing.assert_close(a.B, ref_b)
+
+
+@pytest.mark.parity
+@pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")  # PEFT's own warning about its residual
+def test_peft_converted_pissa_adapter_imports_onto_the_untouched_base(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["fc1", "fc2"], init_lora_weights="pissa")
+    theirs = peft.get_peft_model(MLP(), cfg)
+    theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe: save the initial adapter as plain
+    theirs.save_pretrained(tmp_path / "initial")
+    theirs.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    want = theirs(_x())
+    theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    # the converted folder is a plain LoRA of rank 2r relative to the original W: it imports as such
+    ours = pk.import_peft(MLP(), tmp_path / "converted")
+    assert ours.configs["default"].r == 2 * R
+    torch.testing.assert_close(ours(_x()), want, atol=1e-5, rtol=1e-5)
+    # an unconverted PiSSA folder is still refused (its tensors apply to PEFT's rewritten W_res only)
+    theirs.save_pretrained(tmp_path / "raw")
+    with pytest.raises(pk.errors.UnsupportedAdapterError, match="rewrites the base weights"):
+        pk.import_peft(MLP(), tmp_path / "raw")
