@@ -25,6 +25,7 @@ drains (finishes what is queued or running) before its loop stops.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -198,11 +199,15 @@ def create_app(
             raise _api_error(exc) from exc
         if not stream:
             try:
+                checked = loop.time()
                 while True:
                     try:
                         if (await asyncio.wait_for(events.get(), 0.5))[1]:
                             break
                     except TimeoutError:
+                        pass
+                    if loop.time() - checked >= 0.5:  # every half second, whether tokens flow or not
+                        checked = loop.time()
                         if await http.is_disconnected():
                             engine.cancel(req)  # nobody waits for the answer: free the batch slot
                             return Response(status_code=499)
@@ -313,15 +318,23 @@ def create_app(
 
     @app.post("/v1/embeddings", dependencies=[Depends(auth)])
     async def embeddings(body: EmbeddingBody) -> dict[str, Any]:
-        if body.encoding_format not in (None, "float"):
-            raise APIError(400, "only encoding_format='float' is supported", "BadRequestError", "invalid_request")
+        if body.encoding_format not in (None, "float", "base64"):
+            message = "encoding_format must be 'float' or 'base64'"
+            raise APIError(400, message, "BadRequestError", "invalid_request")
         served, adapter = encoder_of(body.model)
         inputs = inputs_of(body)
         try:
             vectors, n_tokens = await asyncio.to_thread(served.embed, inputs, adapter)
         except Exception as exc:
             raise _api_error(exc) from exc
-        data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
+
+        def encoded(v: Any) -> Any:
+            # base64: the raw little-endian float32 bytes (what the openai client asks for by default)
+            if body.encoding_format == "base64":
+                return base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+            return v.tolist()
+
+        data = [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]
         usage_ = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
         return {"object": "list", "data": data, "model": body.model, "usage": usage_}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import socket
 import threading
@@ -35,19 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    root = tmp_path_factory.mktemp("adapters")
-    random_adapter(tiny_gpt2, pk.LoRAConfig(r=4, targets=["c_attn", "c_fc"]), root / "math", seed=1)
-    random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, alpha=8, targets=["c_attn"]), root / "poem", seed=2)
-    random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_proj"]), root / "broken", seed=3)
-    (root / "broken" / "adapter.safetensors").write_bytes(b"not safetensors")
-    spare = tmp_path_factory.mktemp("spare")
-    random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_fc"]), spare / "late", seed=4)
-    cache = AdapterCache(1 << 24, root=root)
-    cache.register_dir(root)
-    engine = Engine(tiny_gpt2(), CharTokenizer(), cache, max_loras=2)
-    app = create_app(engine, base_name="tiny-gpt2", api_key=KEY)
+def _start(app: object) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """uvicorn on a free loopback port in a thread; returns once it accepts connections."""
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -56,9 +46,66 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    return srv, thread, f"http://127.0.0.1:{port}"
+
+
+class SlowTokenizer(CharTokenizer):
+    """Decoding (once per generated token) takes ``delay`` seconds, so a request stays in flight long enough
+    to disconnect from or shut down under."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:  # type: ignore[override]
+        time.sleep(self.delay)
+        return super().decode(ids, skip_special_tokens)
+
+
+def _mean_pooled(model: torch.nn.Module, tokenizer: object, text: str) -> torch.Tensor:
+    """sentence-transformers' all-MiniLM-L6-v2 embedding: mean over the tokens ([CLS] ... [SEP]), unit length."""
+    ids = tokenizer(text, return_tensors="pt")  # type: ignore[operator]
+    with torch.no_grad():
+        hidden = model(**ids).last_hidden_state[0]
+    return torch.nn.functional.normalize(hidden.mean(0), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("adapters")
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=4, targets=["c_attn", "c_fc"]), root / "math", seed=1)
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, alpha=8, targets=["c_attn"]), root / "poem", seed=2)
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_proj"]), root / "broken", seed=3)
+    (root / "broken" / "adapter.safetensors").write_bytes(b"not safetensors")
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=8, targets=["c_attn"]), root / "wide", seed=5)  # > max_rank
+    spare = tmp_path_factory.mktemp("spare")
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_fc"]), spare / "late", seed=4)
+    cache = AdapterCache(1 << 24, root=root)
+    cache.register_dir(root)
+    engine = Engine(tiny_gpt2(), CharTokenizer(), cache, max_loras=2, max_rank=4)
+    # the encoder for /v1/embeddings: the packaged all-MiniLM-L6-v2 and one LoRA adapter of its own
+    from peftkit.assets import load_minilm
+
+    enc_model, enc_tokenizer = load_minilm()
+    pristine = copy.deepcopy(enc_model)  # the engine wraps enc_model in place; references need the plain one
+    enc_root = tmp_path_factory.mktemp("encoder_adapters")
+    make_minilm = lambda: copy.deepcopy(pristine)  # noqa: E731
+    random_adapter(make_minilm, pk.LoRAConfig(r=4, targets=["query", "value"]), enc_root / "mini-lora", seed=6)
+    enc_cache = AdapterCache(1 << 24, root=enc_root)
+    enc_cache.register_dir(enc_root)
+    embedder = Engine(enc_model, enc_tokenizer, enc_cache)
+    app = create_app(engine, base_name="tiny-gpt2", api_key=KEY, embedder=embedder, embedder_name="minilm")
+    srv, thread, url = _start(app)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
-    yield {"url": url, "client": client, "root": root, "spare": spare, "engine": engine}
+    yield {
+        "url": url,
+        "client": client,
+        "root": root,
+        "spare": spare,
+        "engine": engine,
+        "enc_root": enc_root,
+        "enc_tokenizer": enc_tokenizer,
+        "make_minilm": make_minilm,
+    }
     srv.should_exit = True
     thread.join(10)
     assert not thread.is_alive()
@@ -77,7 +124,7 @@ def _greedy(path: Path | None, prompt: str, n: int) -> str:
 
 def test_models_and_health(server: dict) -> None:
     ids = [m.id for m in server["client"].models.list().data]
-    assert ids == ["tiny-gpt2", "broken", "math", "poem"]
+    assert ids == ["tiny-gpt2", "broken", "math", "poem", "wide", "minilm", "mini-lora"]
     assert httpx.get(f"{server['url']}/health").json() == {"status": "ok"}
 
 
@@ -141,6 +188,9 @@ def test_errors(server: dict) -> None:
     bad = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+    assert httpx.get(f"{server['url']}/v1/models").status_code == 401  # no Authorization header at all
+    with pytest.raises(openai.UnprocessableEntityError, match="max_rank=4"):  # rank 8 > max_rank
+        client.completions.create(model="wide", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="math", prompt="x", max_tokens=2, n=2)
     out = client.completions.create(model="math", prompt="still alive", max_tokens=2, temperature=0)
@@ -177,3 +227,146 @@ def test_queue_full_is_429(tmp_path: Path) -> None:
         r = http.post("/v1/completions", json={"model": "base", "prompt": "x"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
         assert "peftkit_http_429_total 1" in http.get("/metrics").text
+
+
+def test_embeddings_with_the_openai_client(server: dict) -> None:
+    """/v1/embeddings on the packaged all-MiniLM-L6-v2: the base and its LoRA adapter (chosen by ``model``)
+    equal sentence-transformers-style mean pooling of the (merged) model run alone per text."""
+    client, tok, make = server["client"], server["enc_tokenizer"], server["make_minilm"]
+    texts = ["A quiet film about a loud family.", "great"]
+    for model, reference in [
+        ("minilm", make()),
+        ("mini-lora", pk.load(make(), server["enc_root"] / "mini-lora").merge()),
+    ]:
+        out = client.embeddings.create(model=model, input=texts)
+        assert [d.index for d in out.data] == [0, 1]
+        assert out.usage.prompt_tokens == sum(len(tok(t)["input_ids"]) for t in texts)
+        for d, text in zip(out.data, texts):
+            got = torch.tensor(d.embedding)
+            assert got.shape == (384,)
+            assert (got - _mean_pooled(reference, tok, text)).abs().max().item() <= 1e-5
+    one = client.embeddings.create(model="minilm", input="great")
+    assert torch.allclose(torch.tensor(one.data[0].embedding), _mean_pooled(make(), tok, "great"), atol=1e-5)
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="math", input="x")  # an LM adapter is not an embedding model
+
+
+def test_embeddings_and_classify_without_embedder(tmp_path: Path) -> None:
+    """Only a causal LM served: /v1/embeddings pools its last hidden state; /v1/classify says it is not a
+    classifier (400)."""
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_attn"]), tmp_path / "ad", seed=0)
+    cache = AdapterCache(1 << 20, root=tmp_path)
+    cache.register_dir(tmp_path)
+    engine = Engine(tiny_gpt2(), CharTokenizer(), cache)
+    with TestClient(create_app(engine, manage_engine=False)) as http:
+        r = http.post("/v1/embeddings", json={"model": "ad", "input": ["hello", "a b"], "encoding_format": "float"})
+        assert r.status_code == 200, r.text
+        want, _ = engine.embed(["hello", "a b"], "ad")
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got, engine.embed(["hello", "a b"])[0])
+        assert http.post("/v1/classify", json={"model": "base", "input": "x"}).status_code == 400
+        assert http.post("/v1/embeddings", json={"model": "nope", "input": "x"}).status_code == 404
+
+
+def test_classify_endpoint(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        cfg = BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+        cfg.id2label, cfg.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+        return BertForSequenceClassification(cfg).eval()
+
+    path = random_adapter(make, pk.LoRAConfig(r=2, targets=["query", "value"]), tmp_path / "enc" / "senti", seed=0)
+    cache = AdapterCache(1 << 20, root=tmp_path / "enc")
+    cache.register_dir(tmp_path / "enc")
+    lm = Engine(tiny_gpt2(), CharTokenizer(), AdapterCache(1 << 20))
+    app = create_app(lm, manage_engine=False, embedder=Engine(make(), CharTokenizer(), cache), embedder_name="clf")
+    with TestClient(app) as http:
+        r = http.post("/v1/classify", json={"model": "senti", "input": ["good film", "bad"]})
+        assert r.status_code == 200, r.text
+        merged = pk.load(make(), path).merge()
+        for row, text in zip(r.json()["data"], ["good film", "bad"]):
+            with torch.no_grad():
+                want = torch.softmax(merged(torch.tensor([CharTokenizer().encode(text)])).logits[0], -1)
+            assert torch.allclose(torch.tensor(row["probs"]), want, atol=1e-5)
+            assert row["label"] == ["neg", "pos"][int(want.argmax())]
+
+
+def test_request_size_limits(tmp_path: Path) -> None:
+    engine = Engine(tiny_gpt2(), CharTokenizer(), AdapterCache(1 << 20))
+    app = create_app(engine, manage_engine=False, max_body_bytes=400, max_tokens_limit=8, max_inputs=2)
+    with TestClient(app) as http:
+        r = http.post("/v1/completions", json={"model": "base", "prompt": "x" * 500})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = http.post("/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": 9})
+        assert r.status_code == 400 and "max_tokens=9" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", json={"model": "base", "prompt": "x" * 40, "max_tokens": 4})  # context: 32
+        assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+        r = http.post("/v1/embeddings", json={"model": "base", "input": ["a", "b", "c"]})
+        assert r.status_code == 400
+        chunked = http.post("/v1/completions", content=iter([b'{"model": "base", "prompt": "x"}']))
+        assert chunked.status_code == 411
+    assert engine.metrics["requests_total"] == 0  # nothing reached the engine
+
+
+def _wait_for(condition: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_client_disconnect_cancels_request(tmp_path: Path) -> None:
+    """A client that goes away mid-stream (or while waiting for a plain answer) has its request taken out of
+    the running batch; the other request in the batch finishes normally."""
+    engine = Engine(tiny_gpt2(), SlowTokenizer(0.05), AdapterCache(1 << 20))
+    srv, thread, url = _start(create_app(engine))
+    try:
+        body = {"model": "base", "prompt": "abc", "max_tokens": 25, "temperature": 0}
+        result: dict = {}
+        other = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=60))
+        )
+        other.start()
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the first chunk has arrived: the request runs
+            _wait_for(lambda: len(engine.running) == 2)
+        _wait_for(lambda: engine.metrics["requests_cancelled"] == 1)
+        assert len(engine.running) <= 1
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
+        _wait_for(lambda: engine.metrics["requests_cancelled"] == 2)
+        other.join(60)
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 25
+        assert engine.metrics["requests_finished"] == 1 and engine.running == []
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
+    engine = Engine(tiny_gpt2(), SlowTokenizer(0.03), AdapterCache(1 << 20))
+    srv, thread, url = _start(create_app(engine))
+    results: list = []
+    body = {"model": "base", "prompt": "abc", "max_tokens": 20, "temperature": 0}
+    clients = [
+        threading.Thread(target=lambda: results.append(httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
+        for _ in range(2)
+    ]
+    for c in clients:
+        c.start()
+    _wait_for(lambda: len(engine.running) == 2)
+    srv.should_exit = True  # what SIGTERM / Ctrl-C does
+    for c in clients:
+        c.join(60)
+    thread.join(60)
+    assert not thread.is_alive()
+    assert [r.status_code for r in results] == [200, 200]
+    assert all(r.json()["usage"]["completion_tokens"] == 20 for r in results)
+    assert engine.metrics["requests_finished"] == 2 and engine.metrics["requests_failed"] == 0
+    with pytest.raises(httpx.ConnectError):  # and the server is gone
+        httpx.post(f"{url}/v1/completions", json=body, timeout=5)
