@@ -216,6 +216,9 @@ def test_load_unload_adapters(server: dict) -> None:
     assert httpx.delete(f"{url}/v1/adapters/late", headers=headers).status_code == 404
     metrics = httpx.get(f"{url}/metrics").text
     assert "peftkit_tokens_generated" in metrics and "# TYPE peftkit_requests_running gauge" in metrics
+    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
+    assert float(values["peftkit_tokens_per_second"]) > 0  # tokens were generated in the last 10 s
+    assert float(values["peftkit_cache_hits_total"]) >= 1 and float(values["peftkit_requests_waiting"]) == 0
 
 
 def test_queue_full_is_429(tmp_path: Path) -> None:
