@@ -30,6 +30,7 @@ def test_peftkit_serve_command(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEFTKIT_API_KEY": "k"}
     cmd = [sys.executable, "-m", "peftkit.cli", "serve", "--base", str(base), "--adapters", str(tmp_path / "adapters")]
+    cmd += ["--embedder", "minilm", "--max-rank", "8"]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -43,7 +44,9 @@ def test_peftkit_serve_command(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["base", "demo"]
+        assert [m.id for m in client.models.list().data] == ["base", "demo", "embedding"]
+        vector = client.embeddings.create(model="embedding", input="hi").data[0].embedding
+        assert len(vector) == 384 and abs(sum(v * v for v in vector) - 1) < 1e-4  # MiniLM, unit length
         out = client.completions.create(model="demo", prompt="hello", max_tokens=4, temperature=0)
         assert len(out.choices[0].text) == 4
         chat = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
