@@ -183,3 +183,21 @@ def test_parity_with_peft(direction: str, scale: str) -> None:
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
     with ours.adapters_disabled():  # ... but only ours still knows the true base (PEFT's disable gives W_res)
         torch.testing.assert_close(ours(x), base(x))
+
+
+def test_conv2d_layers_use_the_flattened_kernel_gradient() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 6, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 6, 4, 4, generator=g)) for _ in range(2)]
+    want = net(batches[0][0])
+    ref = copy.deepcopy(net)
+    for batch in batches:
+        mse(ref, batch).backward()
+    model = pk.adapt(net, pk.LoRAConfig(r=2, targets=["0", "2"]), init=pk.init.LoRAGA(batches, loss_fn=mse))
+    torch.testing.assert_close(model(batches[0][0]), want, atol=1e-5, rtol=0)
+    adapter = model.adapter_modules("default")["2"]
+    grad = ref[2].weight.grad.reshape(6, -1) / len(batches)
+    a, b = lora_ga_factors(grad, 2, 1.0)
+    torch.testing.assert_close(adapter.A.reshape(2, -1), a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(adapter.B, b, atol=1e-4, rtol=1e-4)
