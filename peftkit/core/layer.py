@@ -9,7 +9,7 @@ same bank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,16 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, merged={list(self.merged)}"
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks fall through to the base module, so model code that reads a wrapped
+        layer's attributes keeps working (HF ViT reads ``patch_embeddings.projection.weight.dtype``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
