@@ -128,7 +128,6 @@ def test_fila_init_is_identity_with_untouched_base_and_uses_the_fisher_ratio(tmp
     assert torch.equal(loaded(ids).logits, trained)
 
 
-@pytest.mark.slow
 def test_unlearning_example_raises_forget_loss_and_keeps_retain_loss() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     try:
