@@ -19,7 +19,9 @@ Defaults: ``s = 0.5``, ``r = d/4``, dropout 0.1.
 of a fused ``in_proj``; HF models have three projections, so each gets its own input-side adapter, 3× its
 parameters — folding is then per projection, as the spec's "all three slices" rule). Which modules are input-side
 is set per module with ``overrides`` (:func:`zeroi2v_config` builds the spec's placement for HF ViT / CLIP
-names). STDHA (the zero-parameter temporal head shift) is an attention change, not an adapter: not implemented.
+names). STDHA (the zero-parameter spatio-temporal head shift) changes the attention's keys and values, not a
+module's output, so it is not an adapter: :func:`stdha_shift` is the shift itself, for attention code that
+applies it after the qkv projection (wiring it into HF attention classes is not done here).
 """
 
 from __future__ import annotations
@@ -146,3 +148,19 @@ class ZeroI2V(Adapter):
         d = base.in_features if config.side == "input" else base.out_features
         r = config.width(d)
         return 2 * r * d + r + d
+
+
+def stdha_shift(t: Tensor, frames: int, fold: int) -> Tensor:
+    """STDHA's temporal shift of keys or values ``t [B·T, N, C]`` (frames of one clip consecutive): channels
+    ``[0, fold)`` take the previous frame's values, ``[fold, 2·fold)`` the next frame's; the first / last frame
+    keep their own (no zero padding). Official ``fold = C // shift_div`` (``shift_div = 12``); queries are not
+    shifted (``shift_pattern="kv"``). With ``frames = 1`` it is the identity."""
+    if t.shape[0] % frames:
+        raise ValueError(f"{t.shape[0]} rows are not a whole number of {frames}-frame clips")
+    if 2 * fold > t.shape[-1]:
+        raise ValueError(f"2·fold = {2 * fold} exceeds the {t.shape[-1]} channels")
+    clips = t.reshape(-1, frames, *t.shape[1:])
+    out = clips.clone()
+    out[:, 1:, ..., :fold] = clips[:, :-1, ..., :fold]  # from the previous frame
+    out[:, :-1, ..., fold : 2 * fold] = clips[:, 1:, ..., fold : 2 * fold]  # from the next frame
+    return out.reshape(t.shape)

@@ -11,7 +11,7 @@ from torch import nn
 import peftkit as pk
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.methods.zeroi2v import ZeroI2V, ZeroI2VConfig, zeroi2v_config
+from peftkit.methods.zeroi2v import ZeroI2V, ZeroI2VConfig, stdha_shift, zeroi2v_config
 
 
 def _randomise(model: pk.AdaptedModel) -> None:
@@ -85,3 +85,16 @@ def test_defaults_and_errors() -> None:
         ZeroI2VConfig(ratio=0.0)
     clip = zeroi2v_config(attention_out="out_proj")
     assert "out_proj" in clip.targets and clip.overrides["fc1"] == {"side": "input"}
+
+
+def test_stdha_shift() -> None:
+    t = torch.randn(2 * 3, 5, 12)  # 2 clips of 3 frames, 5 tokens, 12 channels
+    assert torch.equal(stdha_shift(t, frames=1, fold=2), t)  # T = 1: no-op
+    out = stdha_shift(t, frames=3, fold=2).view(2, 3, 5, 12)
+    clips = t.view(2, 3, 5, 12)
+    assert torch.equal(out[:, 1:, :, :2], clips[:, :-1, :, :2])  # previous frame, exactly
+    assert torch.equal(out[:, :-1, :, 2:4], clips[:, 1:, :, 2:4])  # next frame, exactly
+    assert torch.equal(out[:, 0, :, :2], clips[:, 0, :, :2]) and torch.equal(out[:, -1, :, 2:4], clips[:, -1, :, 2:4])
+    assert torch.equal(out[..., 4:], clips[..., 4:])  # other channels untouched
+    with pytest.raises(ValueError, match="clips"):
+        stdha_shift(t, frames=4, fold=2)
