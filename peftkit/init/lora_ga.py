@@ -13,7 +13,8 @@ the scale factors: the first LoRA step approximates the full fine-tuning step.
 multiplied by the singular values of its columns, ``"stable"`` scales ``B`` only, ``"weightS"`` is PEFT's
 ``weight_svd`` (``B ·= σ_W[0]/S_B[0]``), ``"random"`` uses the same indices for ``A`` and ``B``.
 Decision (inferred): singular pairs follow the spec's sign convention (largest-``|entry|`` of each left vector
-positive) for deterministic factors; the official ``norm_clip`` option is not implemented.
+positive) for deterministic factors; ``norm_clip`` (official option: "if ``max|s·BA| > max|W|``, rescale")
+rescales ``A`` and ``B`` by the same factor ``√(max|W| / max|s·BA|)``, so ``max|s·BA| = max|W|`` (inferred).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def lora_ga_factors(
     gamma: float = 16.0,
     weight: Tensor | None = None,
     peft_compat: bool = False,
+    norm_clip: bool = False,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """LoRA-GA's ``A [r, in]``, ``B [out, r]`` for one layer from its averaged gradient ``grad [out, in]``.
@@ -60,6 +62,7 @@ def lora_ga_factors(
         gamma: ``γ`` of the stable scale (spec default 16).
         weight: the layer's weight (needed by ``"weightS"``).
         peft_compat: PEFT's variant (see the module docstring).
+        norm_clip: rescale so that ``max|s·BA| <= max|W|`` (needs ``weight``).
         seed: seed of the randomised SVD (and of ``"random"``'s split).
     """
     g = grad.detach().float()
@@ -81,8 +84,28 @@ def lora_ga_factors(
         a_idx, b_idx = (perm[:r], perm[:r]) if peft_compat else (perm[:r], perm[r:])
     else:
         raise InvalidConfigError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    a, b = vh[a_idx], u[:, b_idx]
-    d_out = g.shape[0]
+    a, b = _scaled(vh[a_idx], u[:, b_idx], s, b_idx, r, scale, scale_mode, gamma, weight, peft_compat)
+    if norm_clip:
+        top, w_max = float((scale * b @ a).abs().max()), float(_weight(weight).abs().max())
+        if top > w_max:
+            a, b = a * (w_max / top) ** 0.5, b * (w_max / top) ** 0.5
+    return a, b
+
+
+def _scaled(
+    a: Tensor,
+    b: Tensor,
+    s: Tensor,
+    b_idx: Tensor,
+    r: int,
+    scale: float,
+    scale_mode: str,
+    gamma: float,
+    weight: Tensor | None,
+    peft_compat: bool,
+) -> tuple[Tensor, Tensor]:
+    """The scale step of LoRA-GA (official, or PEFT's with ``peft_compat``)."""
+    d_out = b.shape[0]
     if peft_compat:
         s_b = s[b_idx]
         b = b * s_b
@@ -112,7 +135,7 @@ def lora_ga_factors(
 
 def _weight(weight: Tensor | None) -> Tensor:
     if weight is None:
-        raise InvalidConfigError("scale='weightS' needs the layer's weight")
+        raise InvalidConfigError("scale='weightS' and norm_clip need the layer's weight")
     return weight
 
 
@@ -127,6 +150,7 @@ class LoRAGA:
         scale: ``"stable"`` (default), ``"gd"``, ``"unit"``, ``"weightS"``.
         gamma: ``γ`` of the stable scale (default 16).
         peft_compat: PEFT's variant of the formulas (``LoraGAConfig``), for parity with PEFT.
+        norm_clip: rescale each layer's factors so that ``max|s·BA| <= max|W|`` (official option, off).
         seed: seed of the randomised SVDs.
     """
 
@@ -138,6 +162,7 @@ class LoRAGA:
         scale: str = "stable",
         gamma: float = 16.0,
         peft_compat: bool = False,
+        norm_clip: bool = False,
         seed: int = 0,
     ) -> None:
         if direction not in DIRECTIONS:
@@ -148,6 +173,7 @@ class LoRAGA:
             raise InvalidConfigError(f"gamma must be positive, got {gamma!r}")
         self.batches, self.loss_fn = batches, loss_fn
         self.direction, self.scale, self.gamma, self.peft_compat, self.seed = direction, scale, gamma, peft_compat, seed
+        self.norm_clip = norm_clip
 
     def prepare(self, config: AdapterConfig) -> AdapterConfig:
         from peftkit.init import residual_config
@@ -179,6 +205,7 @@ class LoRAGA:
                 gamma=self.gamma,
                 weight=layer.base.weight.reshape(layer.base.out_features, -1),
                 peft_compat=self.peft_compat,
+                norm_clip=self.norm_clip,
                 seed=self.seed,
             )
             adapter.set_factors(a, b)

@@ -201,3 +201,21 @@ def test_conv2d_layers_use_the_flattened_kernel_gradient() -> None:
     a, b = lora_ga_factors(grad, 2, 1.0)
     torch.testing.assert_close(adapter.A.reshape(2, -1), a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(adapter.B, b, atol=1e-4, rtol=1e-4)
+
+
+def test_weight_scale_and_norm_clip() -> None:
+    g = torch.Generator().manual_seed(3)
+    grad, weight = torch.randn(10, 8, generator=g), 0.01 * torch.randn(10, 8, generator=g)
+    unit_a, unit_b = lora_ga_factors(grad, 2, 4.0, scale_mode="unit")
+    a, b = lora_ga_factors(grad, 2, 4.0, scale_mode="weightS", weight=weight)
+    factor = float((torch.linalg.svdvals(weight)[:2] / 4.0).sqrt().mean())  # mean(√(σ_W[:r] / s))
+    torch.testing.assert_close(a, unit_a * factor)
+    torch.testing.assert_close(b, unit_b * factor)
+    clipped_a, clipped_b = lora_ga_factors(grad, 2, 4.0, scale_mode="unit", weight=weight, norm_clip=True)
+    assert float((4.0 * unit_b @ unit_a).abs().max()) > float(weight.abs().max())  # the clip applies here
+    torch.testing.assert_close((4.0 * clipped_b @ clipped_a).abs().max(), weight.abs().max())
+    ratio = clipped_a[0, 0] / unit_a[0, 0]
+    torch.testing.assert_close(clipped_a, unit_a * ratio)  # same directions, one common factor
+    torch.testing.assert_close(clipped_b, unit_b * ratio)
+    with pytest.raises(InvalidConfigError, match="need the layer's weight"):
+        lora_ga_factors(grad, 2, 4.0, norm_clip=True)
