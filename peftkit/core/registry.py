@@ -96,6 +96,7 @@ def describe_methods() -> list[MethodInfo]:
         layers["GPT-2 Conv1D"] = Conv1D(8, 8)
     except ImportError:
         pass
+    layers["Block (any module)"] = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))  # the weightless "module" kind
     infos = []
     for name in list_methods():
         cls = _METHODS[name]
