@@ -11,14 +11,15 @@ How a step runs (CPU reference design, chosen for being obviously correct):
    it, so its keys, values and logits are what it computes alone), one adapter id per row. Each request then
    keeps its own KV cache (one ``(key, value)`` pair per layer, ``[1, heads, L, head_dim]``, cut to its
    prompt length).
-3. **Decode** runs all running requests together: their caches are left-padded with zeros to the longest one
-   and stacked, the attention mask is 0 on the padding and ``position_ids`` are each request's true position,
-   so every row computes exactly what it would compute alone (masked keys get weight exactly 0). The
+3. **Decode** runs all running requests together on one batched cache: their caches are left-padded with
+   zeros to the longest one and stacked, the attention mask is 0 on the padding and ``position_ids`` are each
+   request's true position, so every row computes exactly what it would compute alone (masked keys get weight
+   exactly 0). The stacked cache is rebuilt only when a request joins or leaves; between such changes each
+   step passes on the cache the previous step returned. The
    ``adapter_ids`` of the rows route each row through its own adapter (``AdaptedLayer``'s stacked low-rank
    bank, or the per-group fallback for adapters without a low-rank form); ``-1`` rows are the base model.
-   Afterwards each row's cache is cut back to its own length. Re-padding costs one copy of the caches per
-   step, which is negligible next to the model on CPU; a paged KV pool (S-LoRA's unified paging) is the
-   faster design for accelerators.
+   Re-stacking costs one copy of the caches per change of the batch; a paged KV pool (S-LoRA's unified
+   paging) is the faster design for accelerators.
 
 Sampling is per request: greedy (``temperature=0``) or temperature + top-p with the request's own seeded
 generator, so a seeded request draws the same tokens alone or in any batch.
@@ -177,7 +178,8 @@ class Request:
     error: BaseException | None = None
     logits: list[Tensor] = field(default_factory=list)
     created: float = field(default_factory=time.time)
-    _kv: KV | None = field(default=None, repr=False)
+    _kv: KV | None = field(default=None, repr=False)  # own cache, until it joins the batched one
+    _len: int = field(default=0, repr=False)  # tokens in its cache
     _emitted: int = field(default=0, repr=False)
     _gen: torch.Generator | None = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -253,6 +255,10 @@ class Engine:
         self._fetching: dict[str, Future[CachedAdapter]] = {}
         self._installed: OrderedDict[str, None] = OrderedDict()  # adapters in the model, LRU first
         self._unload_later: set[str] = set()
+        # The running batch's KV cache, left-padded, in the order of _batch (see _rebuild_batch_cache).
+        self._batch: list[Request] = []
+        self._batch_cache: Any = None
+        self._batch_mask = torch.zeros(0, 0, dtype=torch.long)
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -595,26 +601,19 @@ class Engine:
         )
         kv = _kv_of(_cache_of(out))
         for i, (req, n) in enumerate(zip(reqs, lens)):
-            req._kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
+            req._kv, req._len = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv], n
             self.metrics["prompt_tokens"] += n
             self._emit(req, out.logits[i, 0] if self._keeps_logits else out.logits[i, n - 1])
 
     def _decode(self) -> None:
         batch = [r for r in self.running if not r.finished]
         if not batch:
+            self._batch, self._batch_cache = [], None
             return
-        lens = [r._kv[0][0].shape[2] for r in batch]  # type: ignore[index]
-        longest = max(lens)
-        layers = []
-        for layer in range(len(batch[0]._kv)):  # type: ignore[arg-type]
-            keys = [_left_pad(r._kv[layer][0], longest) for r in batch]  # type: ignore[index]
-            values = [_left_pad(r._kv[layer][1], longest) for r in batch]  # type: ignore[index]
-            layers.append((torch.cat(keys), torch.cat(values)))
-        mask = torch.zeros(len(batch), longest + 1, dtype=torch.long)
-        for i, n in enumerate(lens):
-            mask[i, longest - n :] = 1
-        from transformers import DynamicCache
-
+        if self._batch_cache is None or [id(r) for r in batch] != [id(r) for r in self._batch]:
+            self._rebuild_batch_cache(batch)
+        lens = [r._len for r in batch]
+        mask = torch.cat([self._batch_mask, self._batch_mask.new_ones(len(batch), 1)], dim=1)
         out = self.model(
             input_ids=torch.tensor([[r.output_ids[-1]] for r in batch]),
             attention_mask=mask,
@@ -622,13 +621,46 @@ class Engine:
             adapter_ids=self._row_ids([self._adapter_id(r.adapter) for r in batch]),
             use_cache=True,
             return_dict=True,
-            **{self._cache_kw: DynamicCache(ddp_cache_data=layers)},
+            **{self._cache_kw: self._batch_cache},
         )
-        new = _kv_of(_cache_of(out))
+        self._batch_cache, self._batch_mask = _cache_of(out), mask
         self.metrics["decode_steps"] += 1
-        for i, (req, n) in enumerate(zip(batch, lens)):
-            req._kv = [(k[i : i + 1, :, longest - n :], v[i : i + 1, :, longest - n :]) for k, v in new]
+        for i, req in enumerate(batch):
+            req._len += 1
             self._emit(req, out.logits[i, -1])
+
+    def _rebuild_batch_cache(self, batch: list[Request]) -> None:
+        """Stack the caches of ``batch`` (in this order) into one left-padded cache and its attention mask.
+
+        Only needed when the batch changes (a request joined or left): otherwise the cache the previous decode
+        step returned is passed on as is. Rows that stay are cut out of the previous batched cache (their last
+        ``_len`` positions), new rows bring their own prefill cache."""
+        from transformers import DynamicCache
+
+        previous = {id(r): i for i, r in enumerate(self._batch)}
+        old = _kv_of(self._batch_cache) if self._batch_cache is not None else []
+        old_len = old[0][0].shape[2] if old else 0
+
+        def own(req: Request, layer: int) -> tuple[Tensor, Tensor]:
+            if req._kv is not None:
+                return req._kv[layer]
+            i = previous[id(req)]
+            k, v = old[layer]
+            return k[i : i + 1, :, old_len - req._len :], v[i : i + 1, :, old_len - req._len :]
+
+        longest = max(r._len for r in batch)
+        n_layers = len(batch[0]._kv) if batch[0]._kv is not None else len(old)
+        layers = []
+        for layer in range(n_layers):
+            pairs = [own(r, layer) for r in batch]
+            keys = torch.cat([_left_pad(k, longest) for k, _ in pairs])
+            values = torch.cat([_left_pad(v, longest) for _, v in pairs])
+            layers.append((keys, values))
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for i, r in enumerate(batch):
+            mask[i, longest - r._len :] = 1
+            r._kv = None  # it lives in the batched cache now
+        self._batch, self._batch_cache, self._batch_mask = list(batch), DynamicCache(ddp_cache_data=layers), mask
 
     def _emit(self, req: Request, logits: Tensor) -> None:
         """Sample the next token from ``logits`` and update the request's text, finishing it if due."""
