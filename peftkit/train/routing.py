@@ -43,8 +43,12 @@ def routing_report(model: nn.Module, adapter: str | None = None) -> dict[str, Te
     """
     adapted = _adapted(model)
     name = adapter or adapted._single_active()
+    modules = adapted.adapter_modules(name)
+    position = {path: i for i, (path, _) in enumerate(adapted.model.named_modules())}  # model order, not target order
     report = {
-        p: m.routing_weights().detach().cpu() for p, m in adapted.adapter_modules(name).items() if isinstance(m, Routed)
+        p: modules[p].routing_weights().detach().cpu()
+        for p in sorted(modules, key=lambda p: position.get(p, len(position)))
+        if isinstance(modules[p], Routed)
     }
     if not report:
         raise ValueError(f"adapter {name!r} has no routed modules (no module answers routing_weights())")
