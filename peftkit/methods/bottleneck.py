@@ -33,7 +33,8 @@ names), GPT-2-like (``h.N.attn.c_proj`` / ``h.N.mlp.c_proj``) and HF ViT (``laye
 
 Defaults: Houlsby/Pfeiffer ``r = d // 16`` (adapter-hub ``reduction_factor=16``), Houlsby σ = swish
 (adapter-hub ``double_seq_bn``), Pfeiffer σ = ReLU (``seq_bn``); parallel ``r = 64``, ``s = 0.1``, dropout 0.1,
-ReLU (AdaptFormer ``main_image.py``).
+ReLU (AdaptFormer ``main_image.py``). *Decision*: the spec's "GELU for ViTs, swish for BERT-like" Houlsby default
+is one default here (swish; pass ``activation="gelu"`` for ViTs): an adapter does not see the model family.
 """
 
 from __future__ import annotations
