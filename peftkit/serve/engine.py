@@ -257,6 +257,7 @@ class Engine:
         self._unload_later: set[str] = set()
         # The running batch's KV cache, left-padded, in the order of _batch (see _rebuild_batch_cache).
         self._batch: list[Request] = []
+        self._admitting: list[Request] = []
         self._batch_cache: Any = None
         self._batch_mask = torch.zeros(0, 0, dtype=torch.long)
         self._lock = threading.RLock()
@@ -296,7 +297,8 @@ class Engine:
         name = entry.name
         if name in self._installed:
             return True
-        in_use = {r.adapter for r in self.running}
+        # requests being admitted in this step are not running yet, but their adapters must stay too
+        in_use = {r.adapter for r in (*self.running, *self._admitting)}
         while len(self._installed) >= self.max_loras:
             victim = next((n for n in self._installed if n not in in_use), None)
             if victim is None:
@@ -524,6 +526,7 @@ class Engine:
 
     def _admit(self) -> bool:
         new: list[Request] = []
+        self._admitting = new
         for req in list(self.waiting):
             if len(self.running) + len(new) >= self.max_batch or len(new) >= self.max_prefills_per_step:
                 break
@@ -531,6 +534,7 @@ class Engine:
                 continue
             self.waiting.remove(req)
             new.append(req)
+        self._admitting = []
         if not new:
             return False
         try:

@@ -369,3 +369,15 @@ def test_embed_and_classify_equal_merged_model_per_input(tmp_path: Path, kind: s
     if kind != "classifier":
         with pytest.raises(InvalidConfigError):
             engine.classify(texts)
+
+
+def test_adapters_of_requests_admitted_together_are_not_evicted(tmp_path: Path) -> None:
+    """With two slots and three adapters ready at once, the third request waits instead of evicting the
+    adapter of a request admitted earlier in the same step (that request would then have no adapter)."""
+    engine, paths, make = _setup(tmp_path, "gpt2", max_loras=2)
+    _warm(engine, "ad0", "ad1", "ad2")
+    reqs = engine.generate(
+        [Request(p, adapter=f"ad{i}", params=SamplingParams(max_tokens=3)) for i, p in enumerate(["a", "bb", "ccc"])]
+    )
+    for r in reqs:
+        _check(r, _reference(make, paths[r.adapter], r.prompt, 3))

@@ -335,17 +335,18 @@ def test_client_disconnect_cancels_request(tmp_path: Path) -> None:
         )
         other.start()
         with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")  # the first chunk has arrived: the request runs
-            _wait_for(lambda: len(engine.running) == 2)
+            lines = (line for line in r.iter_lines() if line)  # SSE events are separated by blank lines
+            assert next(lines).startswith("data: ")  # the request is in the engine; it needs 25 slow tokens
+            assert next(lines).startswith("data: ")  # one generated token has arrived
         _wait_for(lambda: engine.metrics["requests_cancelled"] == 1)
-        assert len(engine.running) <= 1
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
             httpx.post(f"{url}/v1/completions", json=body, timeout=0.5)
         _wait_for(lambda: engine.metrics["requests_cancelled"] == 2)
         other.join(60)
         assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 25
-        assert engine.metrics["requests_finished"] == 1 and engine.running == []
+        _wait_for(lambda: not engine.has_work())  # the step that finished it retires it right after
+        assert engine.metrics["requests_finished"] == 1
+        assert engine.metrics["tokens_generated"] < 3 * 25  # the two cancelled requests stopped early
     finally:
         srv.should_exit = True
         thread.join(30)
