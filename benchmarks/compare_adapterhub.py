@@ -75,7 +75,9 @@ def hub_model(base: BertModel, method: str) -> BertModel:
 
 
 def ours_from_hub(base: BertModel, hub: BertModel, method: str) -> pk.AdaptedModel:
-    ours = pk.adapt(copy.deepcopy(base), pk.get_config(method, r=base.config.hidden_size // 16))
+    activation = PAIRS[method]().non_linearity  # pinned to AdapterHub's (swish / relu), not peftkit's default
+    config = pk.get_config(method, r=base.config.hidden_size // 16, activation=activation)
+    ours = pk.adapt(copy.deepcopy(base), config)
     hub_params = dict(hub.named_parameters())
     with torch.no_grad():
         for path, adapter in ours.adapter_modules("default").items():
