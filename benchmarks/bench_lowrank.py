@@ -137,6 +137,8 @@ def _init(name: str):
 
 RUNS: list[Run] = [
     Run("LoRA", config_of("lora", r=8, alpha=16), "r=8, α=16"),
+    # the floor: only the head trains (full fine-tuning of the 770 head parameters, encoder frozen)
+    Run("head only", config_of("full", targets=["head"], modules_to_save=[]), "the head alone, encoder frozen"),
     Run("rsLoRA", config_of("lora", r=8, alpha=16, rslora=True), "r=8, α=16, s=α/√r"),
     Run("DoRA", config_of("dora", r=8, alpha=16), "r=8, α=16"),
     Run("DyLoRA", config_of("dylora", r=8, alpha=16), "r≤8 drawn per step, eval r=8", after_fit=_ranks),

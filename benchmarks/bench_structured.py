@@ -61,6 +61,8 @@ def snella_callbacks(model: nn.Module, ctx: Context) -> list[Callback]:
 
 RUNS: list[Run] = [
     Run("LoRA", config_of("lora", r=8, alpha=16), "r=8, α=16"),
+    # the floor: only the head trains (full fine-tuning of the 770 head parameters, encoder frozen)
+    Run("head only", config_of("full", targets=["head"], modules_to_save=[]), "the head alone, encoder frozen"),
     Run("SHiRA", config_of("shira", r=8), "r=8: 6,144 random entries/layer"),
     Run("PaCA", config_of("paca", r=16, alpha=16), "16 input columns (6,144/layer)"),
     Run("RandLoRA", config_of("randlora", r=32), "r=32 bases (defaults)"),

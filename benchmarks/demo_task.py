@@ -230,11 +230,9 @@ def classifier(seed: int) -> SentenceClassifier:
     return SentenceClassifier(encoder, num_labels=2, head_seed=seed)
 
 
-def run_one(run: Run, budget: Budget) -> dict[str, Any]:
-    """Train and measure ``run`` in this process (call it in a fresh process: see the module docstring)."""
-    t0 = time.perf_counter()
+def build_model(run: Run, budget: Budget, ctx: Context) -> nn.Module:
+    """The adapted classifier of ``run``, ready to train (built, initialised, ``before_fit`` done)."""
     torch.manual_seed(budget.seed)
-    ctx = load_context(budget)
     base = classifier(budget.seed)
     if run.build is not None:
         model = run.build(base, ctx)
@@ -249,6 +247,14 @@ def run_one(run: Run, budget: Budget) -> dict[str, Any]:
             model = pk.adapt(base, config)
     if run.before_fit is not None:
         run.before_fit(model, ctx)
+    return model
+
+
+def run_one(run: Run, budget: Budget) -> dict[str, Any]:
+    """Train and measure ``run`` in this process (call it in a fresh process: see the module docstring)."""
+    t0 = time.perf_counter()
+    ctx = load_context(budget)
+    model = build_model(run, budget, ctx)
     timer = StepTimer(budget.warmup_steps if budget.warmup_steps < budget.steps else 0)
     callbacks = [timer, *(run.callbacks(model, ctx) if run.callbacks else [])]
     kwargs: dict[str, Any] = {"loss_fn": run.loss(model, ctx)} if run.loss else {}
@@ -274,6 +280,79 @@ def run_one(run: Run, budget: Budget) -> dict[str, Any]:
         out.setdefault("extra", {}).update(ctx.info)
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def interleaved_steps(runs: Sequence[tuple[str, Run]], budget: Budget, rounds: int, warmup: int = 1) -> dict[str, Any]:
+    """Step time of every ``(label, run)`` side by side in **one process**: all models are built (untrained,
+    in the configuration they train in), then one optimizer step of each on the same batch in turn, in a new
+    random order every round (so no method always follows the same one), ``warmup`` rounds discarded, median
+    of ``rounds``. Load drifts hit every method alike, so these ratios are the comparable step times (the
+    per-run means carry the load of their own minute). A step is the run's loss (with its regulariser),
+    backward, AdamW and the adapters' ``step`` hook. A label listed twice for the same run (the reference
+    "again") is a second, independent model: its ratio shows the noise of the measurement."""
+    import random
+
+    from peftkit.train.callbacks import step_adapters
+    from peftkit.train.trainer import default_loss
+
+    ctx = load_context(budget)
+    batch = ctx.batches(1)[0]
+    fns: dict[str, Callable[[], None]] = {}
+    out: dict[str, Any] = {}
+    for label, run in runs:
+        try:
+            model = build_model(run, budget, ctx)
+        except MethodMissing as exc:
+            out[label] = {"status": "missing", "error": str(exc)}
+            continue
+        except Exception as exc:
+            out[label] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            continue
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=budget.lr)
+        loss_fn = run.loss(model, ctx) if run.loss else default_loss
+        counter = [0]
+
+        def step(model: nn.Module = model, opt: Any = opt, loss_fn: Loss = loss_fn, counter: list = counter) -> None:
+            loss_fn(model, batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            counter[0] += 1
+            step_adapters(model, counter[0])
+
+        fns[label] = step
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    shuffle = random.Random(budget.seed).shuffle
+    for i in range(warmup + rounds):
+        shuffle(order)
+        for label in order:
+            if label in out:  # failed in an earlier round
+                continue
+            t = time.perf_counter()
+            try:
+                fns[label]()
+            except Exception as exc:
+                out[label] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
+                continue
+            if i >= warmup:
+                times[label].append(time.perf_counter() - t)
+    for label, ts in times.items():
+        if label not in out and ts:
+            out[label] = {"status": "ok", "step_ms": 1000 * sorted(ts)[len(ts) // 2], "rounds": len(ts)}
+    return out
+
+
+def attach_interleaved(results: list[dict[str, Any]], timing: dict[str, Any], reference: str) -> None:
+    """Put each run's interleaved step time and its ratio to ``reference`` into its row."""
+    ref = timing.get(reference, {})
+    for r in results:
+        t = timing.get(r["label"])
+        if not t or t.get("status") != "ok":
+            continue
+        r["step_ms_interleaved"] = t["step_ms"]
+        if ref.get("status") == "ok":
+            r["step_vs_ref_interleaved"] = t["step_ms"] / ref["step_ms"]
 
 
 # -------------------------------------------------------------------------------------------- the parent
@@ -329,7 +408,8 @@ def markdown_table(results: list[dict[str, Any]], reference: str) -> str:
     """One row per run: accuracy, trainable parameters, step time, step peak memory, ratios to ``reference``."""
     ref = reference
     lines = [
-        f"| method | setting | held-out acc | trainable params | step ms | step vs {ref} | step peak MiB "
+        f"| method | setting | held-out acc | trainable params | step ms (own run) | step vs {ref} (interleaved) "
+        f"| step peak MiB "
         f"| peak mem vs {ref} | process peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -339,7 +419,7 @@ def markdown_table(results: list[dict[str, Any]], reference: str) -> str:
             continue
         lines.append(
             f"| {r['label']} | {r.get('setting', '')} | {r['accuracy']:.3f} | {fmt_int(r['trainable'])} "
-            f"| {r['step_ms']:.0f} | {r.get('step_vs_ref', float('nan')):.2f}x | {r['train_peak_mib']:.0f} "
+            f"| {r['step_ms']:.0f} | {r.get('step_vs_ref_interleaved', float('nan')):.2f}x | {r['train_peak_mib']:.0f} "
             f"| {r.get('mem_vs_ref', float('nan')):.2f}x | {r['rss_peak_mib']:.0f} |"
         )
     return "\n".join(lines)
@@ -352,7 +432,7 @@ def plot(results: list[dict[str, Any]], path: Path, title: str, reference: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in results if r["status"] == "ok"]
+    ok = [r for r in results if r["status"] == "ok" and not r["label"].startswith(f"{reference} (again")]
     fig, ax = plt.subplots(figsize=(9, 6))
     for r in ok:
         is_ref = r["label"].startswith(reference)
@@ -381,7 +461,6 @@ def env_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
         "registered": pk.list_methods(),
         "adapt_accepts_init": adapt_accepts_init(),
     }
@@ -401,6 +480,12 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (runs are sequential)")
     ap.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     ap.add_argument("--no-repeat-reference", action="store_true", help="do not run the reference again at the end")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of the interleaved step timing")
+    ap.add_argument(
+        "--interleaved-only",
+        action="store_true",
+        help="only (re)run the interleaved step timing and re-render the existing results of --out",
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run before it is marked failed")
     ap.add_argument("--out", type=Path, default=None, help="results stem (default: benchmarks/results/<name>)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -446,42 +531,58 @@ def main(
     order = [(r.label, r.label) for r in chosen]
     if not args.no_repeat_reference and reference in by_label:
         order.append((reference, f"{reference} (again, at the end)"))
-    start = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    for label, shown in order:
-        res = spawn(script, label, budget, args.timeout, args.threads)
-        res.update(label=shown, setting=by_label[label].setting)
-        results.append(res)
-        acc = f"acc {res['accuracy']:.3f}, {res['step_ms']:.0f} ms/step" if res["status"] == "ok" else res["error"]
-        print(f"[{time.perf_counter() - start:5.0f}s] {shown}: {res['status']} ({acc})", flush=True)
-    add_ratios(results, reference)
-    out: dict[str, Any] = {
-        "env": {**env_info(), "loadavg_end": os.getloadavg()},
-        "budget": {**budget.__dict__, "steps": budget.steps, "threads": args.threads},
-        "reference": reference,
-        "runs": results,
-        "run_s": time.perf_counter() - start,
-    }
-    if extras is not None:
-        out["extras"] = extras(args)
     stem = args.out or RESULTS_DIR / name
     stem.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if args.interleaved_only:  # keep the trained runs of the last invocation, redo the timing only
+        out = json.loads(Path(f"{stem}.json").read_text())
+        results = out["runs"]
+    else:
+        load_start = os.getloadavg()
+        results = []
+        for label, shown in order:
+            res = spawn(script, label, budget, args.timeout, args.threads)
+            res.update(label=shown, setting=by_label[label].setting)
+            results.append(res)
+            acc = f"acc {res['accuracy']:.3f}, {res['step_ms']:.0f} ms/step" if res["status"] == "ok" else res["error"]
+            print(f"[{time.perf_counter() - start:5.0f}s] {shown}: {res['status']} ({acc})", flush=True)
+        add_ratios(results, reference)
+        out = {
+            "env": {**env_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+            "budget": {**budget.__dict__, "steps": budget.steps, "threads": args.threads},
+            "reference": reference,
+            "runs": results,
+            "run_s": time.perf_counter() - start,
+        }
+        if extras is not None:
+            out["extras"] = extras(args)
+    # each row's run; the reference's repeat row times a second, independent reference model
+    timed = [(r["label"], by_label.get(r["label"], by_label.get(reference))) for r in results]
+    timed = [(label, run) for label, run in timed if run is not None]
+    out["interleaved"] = {
+        "rounds": args.rounds,
+        "loadavg": os.getloadavg(),
+        "steps": interleaved_steps(timed, Budget(**{k: out["budget"][k] for k in Budget().__dict__}), args.rounds),
+    }
+    attach_interleaved(results, out["interleaved"]["steps"], reference)
+    print(f"interleaved step timing done ({time.perf_counter() - start:.0f}s)", flush=True)
     table = markdown_table(results, reference)
+    b = out["budget"]
     md = [
-        f"# {name}: the demo task, {budget.train} train / {budget.held_out} held-out snippets, max_len "
-        f"{budget.max_length}, {budget.epochs} epoch(s) = {budget.steps} steps of {budget.batch_size}, lr "
-        f"{budget.lr}, seed {budget.seed}",
+        f"# {name}: the demo task, {b['train']} train / {b['held_out']} held-out snippets, max_len "
+        f"{b['max_length']}, {b['epochs']} epoch(s) = {b['steps']} steps of {b['batch_size']}, lr "
+        f"{b['lr']}, seed {b['seed']}",
         "",
         table,
     ]
-    if extras_markdown is not None and "extras" in out:
+    if extras_markdown is not None and out.get("extras"):
         md += ["", extras_markdown(out["extras"])]
     Path(f"{stem}.json").write_text(json.dumps(out, indent=2))
     Path(f"{stem}.md").write_text("\n".join(md) + "\n")
     plot(
         results,
         Path(f"{stem}.png"),
-        f"{name}: held-out accuracy vs trainable parameters (MiniLM + Rotten Tomatoes, {budget.steps} steps)",
+        f"{name}: held-out accuracy vs trainable parameters (MiniLM + Rotten Tomatoes, {b['steps']} steps)",
         reference,
     )
     print("\n".join(md))
