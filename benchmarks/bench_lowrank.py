@@ -1,7 +1,7 @@
 """The low-rank family on the demo task (issue 4): accuracy, trainable parameters, step time and peak memory
 of every method next to LoRA, each in a fresh process (see ``benchmarks/demo_task.py``).
 
-    python benchmarks/bench_lowrank.py            # all methods (~15-25 min on 2 busy cores)
+    python benchmarks/bench_lowrank.py            # all methods (~15 min on 2 quiet cores, ~40 min at load 5)
     python benchmarks/bench_lowrank.py --quick    # smoke run on a few dozen examples
     python benchmarks/bench_lowrank.py --only LoRA,DoRA,SoRA
 

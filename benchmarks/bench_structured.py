@@ -6,7 +6,7 @@ a fresh process (see ``benchmarks/demo_task.py``), plus two side-by-side measure
 * PaCA versus LoRA at equal trainable parameters on every linear layer of MiniLM: interleaved step time and
   the bytes of tensors saved for backward (``saved_tensors_hooks``).
 
-    python benchmarks/bench_structured.py            # all methods + both measurements
+    python benchmarks/bench_structured.py            # all methods + both measurements (~15-45 min)
     python benchmarks/bench_structured.py --quick    # smoke run
     python benchmarks/bench_structured.py --only LoRA,SHiRA --no-extras
 

@@ -24,9 +24,11 @@ drive a method's schedule the way a user would: callbacks, a loss term, a phase 
   same steps. ``tracemalloc`` was not used: it sees only Python's allocator, not torch's tensor memory;
 * ratios to the LoRA run (``reference``) of the same invocation.
 
-Every run uses the same seed, split, tokenisation, batch size, learning rate and schedule. The runs are
-sequential, not interleaved: on a loaded machine the step-time ratios carry the load's drift, so the LoRA
-reference is run again at the end (``--no-repeat-reference`` turns that off) and both timings are reported.
+Every run uses the same seed, split, tokenisation, batch size, learning rate and schedule. The training runs
+are sequential: on a loaded machine their step times carry the load of their own minute, so the LoRA
+reference is run again at the end (``--no-repeat-reference`` turns that off) to show the drift, and the
+comparable step-time ratios come from :func:`interleaved_steps` (every model in one process, one step each
+in a shuffled rotation), run after the training runs (``--interleaved-only`` redoes just that).
 """
 
 from __future__ import annotations
