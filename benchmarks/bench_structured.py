@@ -115,7 +115,7 @@ def bench_switch(repeats: int) -> dict[str, Any]:
 
     * LoRA r=8: ``merge(unload=False)`` (``W += s·B A`` per layer) then ``unmerge()``.
     * SHiRA r=8 (6,144 entries per layer, the same count as LoRA r=8): the core's ``merge(unload=False)`` /
-      ``unmerge()`` (it builds the dense ``ΔW`` by scatter into zeros, then adds it), and the switch the
+      ``unmerge()`` (through ``sparse_delta``: only the masked entries are written), and the bare switch the
       paper describes: ``W.index_put_(idx, ±values, accumulate=True)`` on the stored indices, nothing dense.
     """
     encoder = _minilm()

@@ -179,6 +179,15 @@ class BaseView:
                 raise RuntimeError("cannot add a bias delta to a module without a bias")
             b.copy_((b.float() + sign * delta_bias.float()).to(b.dtype))
 
+    @torch.no_grad()
+    def add_to_entries(self, positions: tuple[Tensor, ...], values: Tensor, *, sign: float = 1.0) -> None:
+        """``W[positions] += sign * values`` (canonical layout; float32, cast back, as :meth:`add_to_weight`).
+        ``positions`` must not repeat an entry. Only the core calls this, to (un)merge a sparse delta."""
+        w = self.module.weight
+        view = w.T if self.transposed else w  # a view: writes land in the stored weight
+        current = view[positions].float()
+        view[positions] = (current + sign * values.float()).to(w.dtype)
+
     def describe(self) -> dict[str, object]:
         """Kind and shape, as recorded in a saved adapter's base-model fingerprint (a weightless module: its
         type, the form the loader's fingerprint check uses for any module that is not a weight layer)."""

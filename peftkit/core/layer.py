@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .base import BaseView
 from .errors import AdapterIdsError, NotMergeableError
-from .protocol import Adapter
+from .protocol import Adapter, SparseDelta
 
 
 @dataclass
@@ -64,7 +64,8 @@ class AdaptedLayer(nn.Module):
         self.base = BaseView(base_layer)
         self.routing = routing
         # name -> (ΔW, Δb) folded into the base weight; kept so unmerge subtracts exactly what was added.
-        self.merged: dict[str, tuple[Tensor, Tensor | None]] = {}
+        # what merge() added, per adapter, so unmerge() subtracts exactly that
+        self.merged: dict[str, tuple[Tensor | SparseDelta, Tensor | None]] = {}
         self._bank: _Bank | None = None  # cached stacked low-rank bank for mixed batches (see _lowrank_bank)
 
     def extra_repr(self) -> str:
@@ -205,6 +206,12 @@ class AdaptedLayer(nn.Module):
         if name in self.merged:
             return
         adapter = self.adapters[name]
+        sparse = adapter.sparse_delta(self.base)
+        if sparse is not None and adapter.delta_bias(self.base) is None:  # O(entries), no dense [out, in] delta
+            sparse = SparseDelta(sparse.positions, sparse.values.detach().clone())
+            self.base.add_to_entries(sparse.positions, sparse.values)
+            self.merged[name] = (sparse, None)
+            return
         delta = adapter.delta_weight(self.base)
         if delta is None:
             raise NotMergeableError(
@@ -223,7 +230,10 @@ class AdaptedLayer(nn.Module):
     def unmerge(self, name: str) -> None:
         """Subtract exactly what :meth:`merge` added."""
         delta, delta_bias = self.merged.pop(name)
-        self.base.add_to_weight(delta, delta_bias, sign=-1.0)
+        if isinstance(delta, SparseDelta):
+            self.base.add_to_entries(delta.positions, delta.values, sign=-1.0)
+        else:
+            self.base.add_to_weight(delta, delta_bias, sign=-1.0)
 
 
 def base_dtype(base: BaseView) -> torch.dtype:

@@ -170,6 +170,17 @@ class LowRank(NamedTuple):
     scale: float
 
 
+class SparseDelta(NamedTuple):
+    """An update given entry by entry: ``ΔW[positions] = values``, zero elsewhere.
+
+    ``positions`` is a tuple of index tensors into the canonical ``[out, in, *k]`` layout (one per dimension).
+    Merging such an update touches only those entries (SHiRA's fast adapter switch).
+    """
+
+    positions: tuple[Tensor, ...]
+    values: Tensor
+
+
 _SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("peftkit_skip_init", default=False)
 
 
@@ -269,6 +280,11 @@ class Adapter(nn.Module, metaclass=_AdapterType):
 
     def step(self, global_step: int) -> None:
         """Called once per optimizer step by the trainer (rank schedules and the like); default: nothing."""
+
+    def sparse_delta(self, base: BaseView) -> SparseDelta | None:
+        """Optional: :meth:`delta_weight` as entries, for updates that touch few weights. Merge and unmerge then
+        cost ``O(entries)`` instead of a dense ``[out, in]`` pass. Default ``None``: merge the dense delta."""
+        return None
 
     def fit_state(self, state: dict[str, Tensor]) -> None:
         """Reshape to a saved state before loading copies it in; ``state`` maps this module's ``state_dict``

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError, PeftkitError
 from peftkit.core.model import AdaptedModel
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
+from peftkit.core.protocol import Adapter, AdapterConfig, SparseDelta, require_positive_int
 from peftkit.core.registry import register
 
 MASK_TYPES = ("random", "magnitude", "gradient", "snip")
@@ -186,6 +186,10 @@ class SHiRA(Adapter):
     def delta_weight(self, base: BaseView) -> Tensor:
         delta = torch.zeros(base.weight_shape, dtype=self.values.dtype, device=self.values.device)
         return delta.index_put(self._index(), self.config.scale * self.values)
+
+    def sparse_delta(self, base: BaseView) -> SparseDelta:
+        """Merging writes only the ``n`` masked entries (the paper's fast adapter switch)."""
+        return SparseDelta(self._index(), self.config.scale * self.values)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         vals = (self.config.scale * self.values).to(base.weight.dtype)

@@ -256,3 +256,26 @@ def test_adapter_is_indices_and_values_so_switching_is_a_scatter(mask_type: str)
         off = torch.ones_like(base_w, dtype=torch.bool)
         off[a.indices[0].long(), a.indices[1].long()] = False
         assert torch.equal(restored[off], before[off])
+
+
+def test_merge_writes_only_the_masked_entries_on_conv1d() -> None:
+    """Merge goes through ``sparse_delta``: the layer records entries, not a dense ΔW, and on GPT-2's
+    transposed Conv1D storage the right entries change; merged == unmerged, unmerge restores."""
+    model = pk.adapt(tiny_gpt2(), SHiRAConfig(r=1, targets=["c_attn"], random_seed=3)).eval()
+    for a in model.adapter_modules("default").values():
+        with torch.no_grad():
+            a.values.normal_()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        layer = model.model.get_submodule("transformer.h.0.attn.c_attn")
+        before = layer.base.weight.detach().clone()  # canonical [out, in] view
+        model.merge(unload=False)
+        delta, _ = layer.merged["default"]
+        assert isinstance(delta, pk.core.protocol.SparseDelta)
+        a = model.adapter_modules("default")["transformer.h.0.attn.c_attn"]
+        changed = (layer.base.weight != before).nonzero().T
+        assert torch.equal(changed, a.indices.long())
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=0)
+        model.unmerge()
+        torch.testing.assert_close(layer.base.weight, before, atol=1e-6, rtol=0)
