@@ -9,14 +9,14 @@ same bank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
 
 from .base import BaseView
 from .errors import AdapterIdsError, NotMergeableError
-from .protocol import Adapter, SparseDelta
+from .protocol import Adapter, LowRank, SparseDelta
 
 
 @dataclass
@@ -41,17 +41,33 @@ class Routing:
     task_ids: Tensor | None = None
 
 
+class _Slot(NamedTuple):
+    """One adapter's row of a bank: the tensors it was built from (with their versions) and its rank."""
+
+    row: int
+    sources: list[tuple[Tensor, int]]
+    rank: int
+
+
 class _Bank(NamedTuple):
     """A layer's stacked low-rank adapters, valid while ``order`` and the ``sources`` versions are unchanged."""
 
     order: tuple[str, ...]
-    sources: list[tuple[Tensor, int]]
+    slots: dict[str, _Slot]
     packed: Tensor | None  # [N+1, in·R + R·out]; None: some adapter has no low-rank form
     rank: int
     slot_by_id: Tensor | None
 
     def fresh(self) -> bool:
-        return all(t._version == v for t, v in self.sources)
+        return all(t._version == v for slot in self.slots.values() for t, v in slot.sources)
+
+
+def _sources(adapter: Adapter) -> list[tuple[Tensor, int]]:
+    return [(t, t._version) for t in (*adapter.parameters(), *adapter.buffers())]
+
+
+def _unchanged(old: list[tuple[Tensor, int]], new: list[tuple[Tensor, int]]) -> bool:
+    return len(old) == len(new) and all(a is b and va == vb for (a, va), (b, vb) in zip(old, new))
 
 
 class AdaptedLayer(nn.Module):
@@ -146,31 +162,48 @@ class AdaptedLayer(nn.Module):
         cached = self._bank
         if cacheable and cached is not None and cached.order == order and cached.fresh():
             return cached if cached.packed is not None else None
+        # Rows of adapters unchanged since the last bank are copied over in one index_select; only new or
+        # changed adapters are asked for their low-rank form (a server swapping one adapter in rebuilds one row).
+        prev = cached if cached is not None and cached.packed is not None else None
         names = [n for n in order if n in self.adapters]
-        forms = [self.adapters[n].lowrank(self.base) for n in names]
-        sources = [
-            (t, t._version) for n in names for t in (*self.adapters[n].parameters(), *self.adapters[n].buffers())
-        ]
-        lowranks = [f for f in forms if f is not None]
-        if len(lowranks) < len(forms):
-            if cacheable:
-                self._bank = _Bank(order, sources, None, 0, None)
-            return None
-        rank = max(f.down.shape[0] for f in lowranks)
-        n, dtype, device = len(lowranks), base_dtype(self.base), self.base.device
+        sources = {n: _sources(self.adapters[n]) for n in names}
+        forms: dict[str, LowRank] = {}
+        reused: dict[str, _Slot] = {}
+        for name in names:
+            old = prev.slots.get(name) if prev is not None else None
+            if old is not None and _unchanged(old.sources, sources[name]):
+                reused[name] = old
+                continue
+            form = self.adapters[name].lowrank(self.base)
+            if form is None:
+                if cacheable:
+                    self._bank = _Bank(order, {m: _Slot(-1, sources[m], 0) for m in names}, None, 0, None)
+                return None
+            forms[name] = form
+        ranks = {m: reused[m].rank if m in reused else forms[m].down.shape[0] for m in names}
+        rank = max(ranks.values())
+        if prev is None or prev.rank != rank:  # the padding changes: every row is rebuilt
+            forms.update({m: cast(LowRank, self.adapters[m].lowrank(self.base)) for m in reused})
+            reused = {}
+        n, dtype, device = len(names), base_dtype(self.base), self.base.device
         d_in, d_out = self.base.in_features, self.base.out_features
         # One row per slot: [down (R×in) | (scale·up)ᵀ (R×out)], so a mixed batch gathers both in one op.
         # (down is kept as stored, [R, in]: the batched x·downᵀ then reads both operands along `in`, which is
         # ~20% faster than a [in, R] layout for few tokens per row.)
         packed = torch.zeros(n + 1, d_in * rank + rank * d_out, dtype=dtype, device=device)
+        slots = {name: _Slot(i, sources[name], ranks[name]) for i, name in enumerate(names)}
+        if reused and prev is not None and prev.packed is not None:
+            to = torch.tensor([slots[name].row for name in reused], device=device)
+            at = torch.tensor([s.row for s in reused.values()], device=prev.packed.device)
+            packed.index_copy_(0, to, prev.packed.index_select(0, at))
         down = packed[:, : d_in * rank].view(n + 1, rank, d_in)
         up_t = packed[:, d_in * rank :].view(n + 1, rank, d_out)
-        for i, f in enumerate(lowranks):
+        for name, f in forms.items():
+            i = slots[name].row
             down[i, : f.down.shape[0]] = f.down
             up_t[i, : f.up.shape[1]] = (f.up * f.scale).T
-        slot_of = {name: i for i, name in enumerate(names)}
-        slot_by_id = torch.tensor([slot_of.get(name, n) for name in order] + [n], device=device)
-        bank = _Bank(order, sources, packed, rank, slot_by_id)
+        slot_by_id = torch.tensor([slots[name].row if name in slots else n for name in order] + [n], device=device)
+        bank = _Bank(order, slots, packed, rank, slot_by_id)
         self._bank = bank if cacheable else None
         return bank
 
@@ -191,13 +224,19 @@ class AdaptedLayer(nn.Module):
     # ----------------------------------------------------------------------------------------------- adapters
     def add(self, name: str, adapter: Adapter) -> None:
         self.adapters[name] = adapter
-        self._bank = None
+        self._invalidate_bank()
 
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge(name)
         del self.adapters[name]
-        self._bank = None
+        self._invalidate_bank()
+
+    def _invalidate_bank(self) -> None:
+        # Not dropped: the next rebuild copies the rows of the adapters that did not change. An order that
+        # matches nothing forces that rebuild (a name removed and added again may restore the same order).
+        if self._bank is not None:
+            self._bank = self._bank._replace(order=())
 
     # ------------------------------------------------------------------------------------------------ merging
     @torch.no_grad()

@@ -207,3 +207,44 @@ def test_model_to_dtype_converts_base_and_adapters(tiny_net: TinyNet, token_batc
     model.to(torch.float64)
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert model(token_batch).dtype == torch.float64
+
+
+def test_mixed_batch_bank_swaps_one_adapter_without_rebuilding_the_others(monkeypatch) -> None:
+    """A server swapping adapters: only the new adapter is asked for its low-rank form; outputs stay exact,
+    also when a name is deleted and added again (same routing order, new weights)."""
+    from peftkit.methods.lora import LoRA
+
+    net = make_tiny_net().eval()
+    model = pk.adapt(net, pk.LoRAConfig(r=2, targets=["fc1"], seed=0), name="a0")
+    for i in range(1, 6):
+        model.add_adapter(f"a{i}", pk.LoRAConfig(r=2, targets=["fc1"], seed=i))
+    for a in model.modules():
+        if isinstance(a, LoRA):
+            torch.nn.init.normal_(a.B)
+    ids = torch.randint(0, 40, (6, 5), generator=torch.Generator().manual_seed(0))
+    rows = torch.arange(6)
+
+    def reference() -> torch.Tensor:
+        outs = []
+        for row, name in enumerate(model.adapter_names):
+            model.set_adapter(name)
+            outs.append(model(ids[row : row + 1]))
+        return torch.cat(outs)
+
+    calls = []
+    original = LoRA.lowrank
+    monkeypatch.setattr(LoRA, "lowrank", lambda self, base: calls.append(self) or original(self, base))
+    with torch.no_grad():
+        model(ids, adapter_ids=rows)
+        assert len(calls) == 6
+        calls.clear()
+        model.delete_adapter("a2")
+        model.add_adapter("a9", pk.LoRAConfig(r=2, targets=["fc1"], seed=9))
+        torch.nn.init.normal_(model.adapter_modules("a9")["fc1"].B)
+        got = model(ids, adapter_ids=rows)
+        assert calls == [model.adapter_modules("a9")["fc1"]]  # the other five rows were copied over
+        torch.testing.assert_close(got, reference(), atol=1e-6, rtol=0)
+        model.delete_adapter("a9")  # same name again, same order, new weights
+        model.add_adapter("a9", pk.LoRAConfig(r=2, targets=["fc1"], seed=10))
+        torch.nn.init.normal_(model.adapter_modules("a9")["fc1"].B)
+        torch.testing.assert_close(model(ids, adapter_ids=rows), reference(), atol=1e-6, rtol=0)
