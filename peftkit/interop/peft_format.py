@@ -71,7 +71,7 @@ from peftkit.core.errors import (
     UnsupportedAdapterError,
 )
 from peftkit.core.io import atomic_write_dir
-from peftkit.core.model import DENSE_METHOD, AdaptedModel
+from peftkit.core.model import DENSE_METHOD, AdaptedModel, restore_grad_flags_on_error
 from peftkit.core.protocol import skip_init
 from peftkit.core.registry import get_method
 
@@ -329,8 +329,7 @@ def import_peft(base_model: nn.Module, path: str | Path, name: str = "default") 
         return _import_format(base_model, folder, raw, fmt, name)
     method = _check_options(raw, folder)
     tensors = _read_peft_tensors(folder)
-    model = base_model if isinstance(base_model, AdaptedModel) else None
-    net = model.model if model is not None else base_model
+    net = base_model.model if isinstance(base_model, AdaptedModel) else base_model
     modules = dict(inject.base_modules(net))
     lora, dense, base_weights = _split_keys(tensors, folder)
     r, alpha, overrides = _rank_and_alpha(raw, lora, folder)
@@ -362,22 +361,27 @@ def import_peft(base_model: nn.Module, path: str | Path, name: str = "default") 
         )
     except (InvalidConfigError, TypeError) as exc:
         raise UnsupportedAdapterError(f"{folder}: the config has no peftkit {method!r} equivalent: {exc}") from None
-    trainable = {p: p.requires_grad for p in base_model.parameters()} if model is None else {}
-    model = model if model is not None else AdaptedModel(base_model)
-    try:
+    return _add_imported(
+        base_model, name, config, folder, lambda m: _load_peft_tensors(m, name, lora, dense, modules, method, folder)
+    )
+
+
+def _add_imported(
+    base_model: nn.Module, name: str, config: Any, folder: Path, fill: Callable[[AdaptedModel], None]
+) -> AdaptedModel:
+    """Add the imported adapter and ``fill`` its tensors. On any failure the caller's model is left as it was:
+    the adapter is removed and, when this call wrapped the model, the base's ``requires_grad`` flags restored."""
+    with restore_grad_flags_on_error(base_model):
+        model = base_model if isinstance(base_model, AdaptedModel) else AdaptedModel(base_model)
         try:
             model.add_adapter(name, config, activate=True)
-        except TargetModuleError as exc:
+        except (TargetModuleError, InvalidConfigError) as exc:
             raise UnsupportedAdapterError(f"{folder}: {exc}") from None
         try:
-            _load_peft_tensors(model, name, lora, dense, modules, method, folder)
+            fill(model)
         except BaseException:
             model.delete_adapter(name)
             raise
-    except BaseException:
-        for p, flag in trainable.items():  # the wrapper froze the base: leave the caller's model as it was
-            p.requires_grad_(flag)
-        raise
     return model
 
 
@@ -835,8 +839,7 @@ def _import_format(
             raise UnsupportedAdapterError(f"{folder}: PEFT option {option}={raw[option]!r} is not supported")
     method = next(m for m, f in PEFT_FORMATS.items() if f is fmt)
     cls = get_method(method)
-    model = base_model if isinstance(base_model, AdaptedModel) else None
-    modules = dict(inject.base_modules(model.model if model is not None else base_model))
+    modules = dict(inject.base_modules(base_model.model if isinstance(base_model, AdaptedModel) else base_model))
     suffixes = {s for names in fmt.tensors.values() for s in names.values()} | set(fmt.frozen)
     parts: dict[str, dict[str, Tensor]] = {}
     dense: dict[str, dict[str, Tensor]] = {}
@@ -871,28 +874,16 @@ def _import_format(
         )
     except (InvalidConfigError, TypeError) as exc:
         raise UnsupportedAdapterError(f"{folder}: the config has no peftkit {method!r} equivalent: {exc}") from None
-    trainable = {p: p.requires_grad for p in base_model.parameters()} if model is None else {}
-    model = model if model is not None else AdaptedModel(base_model)
-    try:
-        try:
-            model.add_adapter(name, config, activate=True)
-        except (TargetModuleError, InvalidConfigError) as exc:
-            raise UnsupportedAdapterError(f"{folder}: {exc}") from None
-        try:
-            for module_path, module in model.adapter_modules(name).items():
-                if module_path in dense:
-                    state = _dense_from_peft(module_path, module.state_dict(), dense[module_path], modules, folder)
-                else:
-                    state = _format_state(fmt, module, views[module_path], parts[module_path], module_path, folder)
-                module.load_state_dict(state)
-        except BaseException:
-            model.delete_adapter(name)
-            raise
-    except BaseException:
-        for p, flag in trainable.items():  # the wrapper froze the base: leave the caller's model as it was
-            p.requires_grad_(flag)
-        raise
-    return model
+
+    def fill(model: AdaptedModel) -> None:
+        for module_path, module in model.adapter_modules(name).items():
+            if module_path in dense:
+                state = _dense_from_peft(module_path, module.state_dict(), dense[module_path], modules, folder)
+            else:
+                state = _format_state(fmt, module, views[module_path], parts[module_path], module_path, folder)
+            module.load_state_dict(state)
+
+    return _add_imported(base_model, name, config, folder, fill)
 
 
 def _format_state(
