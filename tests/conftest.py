@@ -65,6 +65,25 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_vit(seed: int = 0, num_labels: int | None = 3, intermediate_size: int = 48) -> nn.Module:
+    """A 2-layer ViT (hidden 32, 16×16 images, 4×4 patches) with random weights; ``num_labels=None``: the bare
+    ``ViTModel`` without pooler."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=intermediate_size,
+        image_size=16,
+        patch_size=4,
+        num_labels=num_labels or 2,
+    )
+    model = ViTForImageClassification(cfg) if num_labels else ViTModel(cfg, add_pooling_layer=False)
+    return model.eval()
+
+
 @pytest.fixture
 def tiny_net() -> TinyNet:
     return make_tiny_net()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_vit
 from torch import Tensor, nn
-from transformers import ViTConfig, ViTForImageClassification
 
 import peftkit as pk
 from peftkit.errors import TargetModuleError
@@ -39,17 +39,7 @@ CONV_METHODS = ("lora", "convlora", "dd_adapter", "earth_adapter", "cloud_adapte
 
 
 def _vit() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=4,
-        num_labels=5,
-    )
-    return ViTForImageClassification(cfg).eval()
+    return tiny_vit(num_labels=5, intermediate_size=64)
 
 
 class ConvNet(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
+from conftest import tiny_bert, tiny_gpt2, tiny_vit
 from torch import nn
 
 import peftkit as pk
@@ -22,22 +22,6 @@ from peftkit.methods.bottleneck import (
     PfeifferConfig,
     bottleneck_targets,
 )
-
-
-def tiny_vit(seed: int = 0) -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        image_size=16,
-        patch_size=4,
-        num_labels=3,
-    )
-    return ViTForImageClassification(cfg).eval()
 
 
 def _inputs(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_bottleneck import tiny_vit
+from conftest import tiny_vit
 
 import peftkit as pk
 from peftkit.core.errors import InvalidConfigError

@@ -10,7 +10,7 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from test_bottleneck import tiny_vit
+from conftest import tiny_vit
 from torch import nn
 
 import peftkit as pk

@@ -4,19 +4,16 @@ MLP, ``d² + 1.5d`` per adapter at ratio 0.5, backbone identity at init, local h
 from __future__ import annotations
 
 import torch
-from transformers import ViTConfig, ViTModel
+from conftest import tiny_vit
+from torch import nn
 
 import peftkit as pk
 from peftkit.core.base import BaseView
 from peftkit.methods.selavpr import SelaVPRAdapter, SelaVPRConfig, SelaVPRLocalHead, gem
 
 
-def _vit() -> ViTModel:
-    torch.manual_seed(0)
-    cfg = ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4
-    )
-    return ViTModel(cfg, add_pooling_layer=False).eval()
+def _vit() -> nn.Module:
+    return tiny_vit(num_labels=None, intermediate_size=64)
 
 
 def test_placement_count_and_identity_at_init() -> None:
