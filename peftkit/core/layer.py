@@ -32,6 +32,10 @@ class Routing:
             the duration of a call). Independent of ``adapter_ids``: they say which *task* a row belongs to, for
             methods whose adapter depends on it (task-routed inventories such as Poly/MHR). Only adapters that
             declare ``uses_task_ids = True`` receive them (as ``forward(..., task_ids=rows' ids)``).
+        forward_state: values adapters hand to each other *within one forward of the model* (an adapter on the
+            patch embedding publishes an image context that adapters at later blocks read). Only adapters that
+            declare ``uses_forward_state = True`` receive it (as ``forward(..., state=forward_state)``); the
+            ``AdaptedModel`` clears it when each forward ends, so nothing outlives the call.
     """
 
     order: list[str] = field(default_factory=list)
@@ -39,6 +43,7 @@ class Routing:
     enabled: bool = True
     adapter_ids: Tensor | None = None
     task_ids: Tensor | None = None
+    forward_state: dict[str, Any] = field(default_factory=dict)
 
 
 class _Slot(NamedTuple):
@@ -117,13 +122,19 @@ class AdaptedLayer(nn.Module):
 
     def _run_adapter(self, adapter: Adapter, x: Tensor, base_out: Tensor, rows: Tensor | None = None) -> Tensor:
         """Run one adapter on ``x`` (the batch rows ``rows`` of the call, or all of them); adapters that declare
-        ``uses_task_ids`` also get the task ids of those rows (``None`` when the call gave none)."""
-        if not adapter.uses_task_ids:
+        ``uses_task_ids`` also get the task ids of those rows (``None`` when the call gave none), adapters that
+        declare ``uses_forward_state`` the shared per-forward ``state`` dict."""
+        if not (adapter.uses_task_ids or adapter.uses_forward_state):
             return adapter(x, base_out, self.base)
-        task_ids = self.routing.task_ids
-        if task_ids is not None and rows is not None:
-            task_ids = task_ids[rows.to(task_ids.device)]
-        return adapter(x, base_out, self.base, task_ids=task_ids)
+        extra: dict[str, Any] = {}
+        if adapter.uses_task_ids:
+            task_ids = self.routing.task_ids
+            if task_ids is not None and rows is not None:
+                task_ids = task_ids[rows.to(task_ids.device)]
+            extra["task_ids"] = task_ids
+        if adapter.uses_forward_state:
+            extra["state"] = self.routing.forward_state
+        return adapter(x, base_out, self.base, **extra)
 
     def _forward_mixed(self, x: Tensor, base_out: Tensor, ids: Tensor) -> Tensor:
         if self.merged:

@@ -109,17 +109,17 @@ class AdaptedModel(nn.Module):
         :attr:`adapter_names`), an adapter name, or ``-1`` / ``None`` for the base model alone. ``task_ids``:
         one task index per batch row, handed to the adapters that declare ``uses_task_ids`` (task-routed
         methods such as Poly/MHR); other adapters ignore them."""
-        if adapter_ids is None and task_ids is None:
-            return self.model(*args, **kwargs)
-        if adapter_ids is not None:
-            self.routing.adapter_ids = self._check_ids(adapter_ids, args, kwargs)
-        if task_ids is not None:
-            self.routing.task_ids = self._check_task_ids(task_ids, args, kwargs)
+        routing = self.routing
+        ids = None if adapter_ids is None else self._check_ids(adapter_ids, args, kwargs)
+        tasks = None if task_ids is None else self._check_task_ids(task_ids, args, kwargs)
+        routing.adapter_ids, routing.task_ids = ids, tasks  # both checked first: a bad one leaves nothing set
         try:
             return self.model(*args, **kwargs)
         finally:
-            self.routing.adapter_ids = None
-            self.routing.task_ids = None
+            routing.adapter_ids = None
+            routing.task_ids = None
+            if routing.forward_state:  # values adapters handed each other in this forward: do not keep them
+                routing.forward_state.clear()
 
     def _check_task_ids(self, ids: Tensor | Sequence[int], args: tuple, kwargs: dict) -> Tensor:
         if not isinstance(ids, Tensor):

@@ -237,6 +237,10 @@ class Adapter(nn.Module, metaclass=_AdapterType):
     # caller passed as ``model(..., task_ids=ids)`` (``None`` when it passed none), already restricted to the
     # rows this adapter runs on in a mixed batch. For methods whose update depends on the task (Poly/MHR).
     uses_task_ids: ClassVar[bool] = False
+    # True: forward is called with ``state=`` the model's per-forward dict (``Routing.forward_state``), shared by
+    # all layers and cleared when the model's forward ends: for methods whose modules exchange values within one
+    # forward (Cloud-Adapter's image context). Keys are the method's business (e.g. a per-config key).
+    uses_forward_state: ClassVar[bool] = False
 
     def __init__(self, base: BaseView, config: AdapterConfig) -> None:
         super().__init__()

@@ -18,14 +18,15 @@ not mergeable.
 only sees its own module. So an adapter has a ``role`` (per module, through ``overrides``;
 :func:`cloud_adapter_config` builds the official wiring for HF ViT names): ``"perception"`` on a module whose
 input is the image (the patch-embedding conv; its own output is unchanged) computes ``ctx`` and publishes it for
-the forward in flight under the config's ``context`` key; ``"interaction"`` at a block reads it. This is
-the one piece of state shared across modules (*decision*; the last ``ctx`` per key stays referenced until the
-next forward): give every adapter its own config object (``replace()`` issues a fresh key), and run the
-perception module in the same forward as the blocks. ``"both"`` (default, self-contained) runs the CNN on the
-adapted module's own input and rewrites its own output (any Conv2d / Linear / block; what the conformance
-suite checks). *Decisions*: BatchNorm uses batch statistics only in a training step (train mode with
-gradients), its running statistics otherwise, so a mixed batch equals its rows run one by one; convs followed
-by BN have no bias (inferred); the input channels are the perception module's input width (3 for RGB).
+the forward in flight under the config's ``context`` key, in the model's per-forward state
+(``Routing.forward_state``, cleared when the model's forward ends; the adapter declares
+``uses_forward_state``); ``"interaction"`` at a block reads it. Give every adapter its own config object
+(``replace()`` issues a fresh key), and run the perception module in the same forward as the blocks.
+``"both"`` (default, self-contained) runs the CNN on the adapted module's own input and rewrites its own output
+(any Conv2d / Linear / block; what the conformance suite checks). *Decisions*: BatchNorm uses batch statistics
+only in a training step (train mode with gradients), its running statistics otherwise, so a mixed batch equals its
+rows run one by one; convs followed by BN have no bias (inferred); the input channels are the perception module's
+input width (3 for RGB).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from peftkit.core.registry import register
 from peftkit.methods._feature_maps import to_map
 
 ROLES = ("both", "perception", "interaction")
-_CONTEXTS: dict[str, Tensor] = {}  # context key -> ctx of the forward in flight (see "Wiring")
 
 
 @dataclass(kw_only=True)
@@ -179,6 +179,7 @@ class CloudAdapter(Adapter):
     """A CNN context branch and/or a token-rewriting interaction module; see the module docstring."""
 
     config: CloudAdapterConfig
+    uses_forward_state = True  # perception publishes ctx for the interaction modules of the same forward
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: not identity (the patch tokens are replaced, no residual)",
         "mergeable": "spec: not mergeable (CNN branch, sigmoid gate)",
@@ -202,16 +203,17 @@ class CloudAdapter(Adapter):
             if isinstance(m, _ConvBN):
                 m.reset_parameters()
 
-    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView, state: dict[str, Any]) -> Tensor:
         cfg = self.config
+        key = f"cloud_adapter:{cfg.context}"
         if self.perception is not None:
             image, _ = to_map(x, prefix_tokens=cfg.prefix_tokens if self.interaction is not None else 0)
             ctx = self.perception(image)
             if self.interaction is None:
-                _CONTEXTS[cfg.context] = ctx
+                state[key] = ctx
                 return base_out
         else:
-            ctx = _CONTEXTS.get(cfg.context)
+            ctx = state.get(key)
             if ctx is None or ctx.shape[0] != base_out.shape[0]:
                 raise RuntimeError(
                     "Cloud-Adapter interaction found no image context for this batch: the perception module "

@@ -125,3 +125,10 @@ def test_signature_shows_task_ids() -> None:
 
     model = pk.adapt(make_tiny_net(), pk.LoRAConfig(r=2, targets=["fc2"]))
     assert "task_ids" in inspect.signature(model.forward).parameters
+
+
+def test_bad_task_ids_leave_no_adapter_ids_behind(token_batch) -> None:
+    model = pk.adapt(make_tiny_net(), pk.LoRAConfig(r=2, targets=["fc1"]))
+    with pytest.raises(pk.errors.AdapterIdsError):
+        model(token_batch, adapter_ids=[0] * token_batch.shape[0], task_ids=[-1] * token_batch.shape[0])
+    assert model.routing.adapter_ids is None and model.routing.task_ids is None
