@@ -51,7 +51,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,17 +179,7 @@ def export_peft(
     targets: list[str] = []
     saved: list[str] = []
     conv1d = False
-    for module_path, module in model.adapter_modules(name).items():
-        layer = model.model.get_submodule(module_path)
-        if layer.merged:
-            raise ExportError(
-                f"{module_path!r} has merged adapters {list(layer.merged)}; call model.unmerge() before exporting"
-            )
-        base = layer.base
-        if module.method == DENSE_METHOD:
-            tensors.update(_dense_to_peft(module_path, base, module.state_dict()))
-            saved.append(module_path)
-            continue
+    for module_path, module, base in _exported_modules(model, name, tensors, saved):
         names = TENSOR_NAMES[method].get(base.kind)
         if names is None or module.method != method:
             raise ExportError(f"{module_path!r}: PEFT has no {method!r} adapter for a {base.describe()['type']}")
@@ -260,6 +250,24 @@ def _peft_r_alpha(config: Any) -> tuple[int, float]:
 def _peft_number(value: float) -> int | float:
     """PEFT writes integral alphas as ints."""
     return int(value) if float(value).is_integer() else float(value)
+
+
+def _exported_modules(
+    model: AdaptedModel, name: str, tensors: dict[str, Tensor], saved: list[str]
+) -> Iterator[tuple[str, Any, BaseView]]:
+    """``(path, adapter module, base view)`` of the method's modules; refuses merged layers. The adapter's
+    ``modules_to_save`` (dense) modules are written to ``tensors`` / ``saved`` here, as PEFT saves them."""
+    for module_path, module in model.adapter_modules(name).items():
+        layer = model.model.get_submodule(module_path)
+        if layer.merged:
+            raise ExportError(
+                f"{module_path!r} has merged adapters {list(layer.merged)}; call model.unmerge() before exporting"
+            )
+        if module.method == DENSE_METHOD:
+            tensors.update(_dense_to_peft(module_path, layer.base, module.state_dict()))
+            saved.append(module_path)
+            continue
+        yield module_path, module, layer.base
 
 
 def _check_fields(config: Any) -> None:
@@ -764,17 +772,7 @@ def _export_format(
     views: dict[str, BaseView] = {}
     saved: list[str] = []
     modules = model.adapter_modules(name)
-    for module_path, module in modules.items():
-        layer = model.model.get_submodule(module_path)
-        if layer.merged:
-            raise ExportError(
-                f"{module_path!r} has merged adapters {list(layer.merged)}; call model.unmerge() before exporting"
-            )
-        base = layer.base
-        if module.method == DENSE_METHOD:
-            tensors.update(_dense_to_peft(module_path, base, module.state_dict()))
-            saved.append(module_path)
-            continue
+    for module_path, module, base in _exported_modules(model, name, tensors, saved):
         names = fmt.tensors.get(_format_kind(base))
         if names is None:
             raise ExportError(f"{module_path!r}: PEFT's {fmt.peft_type} has no adapter for a {base.describe()['type']}")
