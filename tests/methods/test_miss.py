@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _structured_parity import assert_grad_parity, assert_parity, peft_model
+from _structured_parity import assert_grad_parity, assert_parity, fill, peft_model
 from conftest import make_tiny_net, tiny_bert
 from torch import nn
 
@@ -103,11 +103,7 @@ def test_peft_parity(case: str) -> None:
     factory, kw, extra = CASES[case]
     base = factory()
     pm = peft_model(base, peft.MissConfig(**kw))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "miss_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    fill(pm, "miss_", std=0.1)
     cfg = {k: v for k, v in kw.items() if k in ("r", "mini_r")}
     ours = pk.adapt(base, MiSSConfig(targets=kw["target_modules"], **cfg, **extra), name="a")
     copied = 0

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from _structured_parity import assert_grad_parity, assert_parity, peft_model
+from _structured_parity import assert_grad_parity, assert_parity, fill, peft_model
 from conftest import make_tiny_net, tiny_bert
 from torch import nn
 
@@ -116,11 +116,7 @@ def test_peft_parity(case: str) -> None:
     factory, kw, extra = CASES[case]
     base = factory()
     pm = peft_model(base, peft.RandLoraConfig(**kw))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "randlora_" in n:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    fill(pm, "randlora_")
     cfg = {NAMES.get(k, k): v for k, v in kw.items() if k != "target_modules"}
     ours = pk.adapt(base, RandLoRAConfig(targets=kw["target_modules"], **cfg, **extra), name="a")
     names = {"lam": "lambda", "gamma": "gamma"}
