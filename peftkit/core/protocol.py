@@ -13,7 +13,7 @@ import dataclasses
 import math
 import re
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -156,6 +156,17 @@ class RankConfig(AdapterConfig):
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def input_dropout(p: float) -> nn.Module | Callable[[Tensor], Tensor]:
+    """Dropout on an adapter branch's input: ``nn.Dropout(p)``, or a plain identity function when ``p == 0``
+    (not an ``nn.Identity`` child: one module less for every walk over the adapter — construction, ``.to``,
+    train/eval, ``state_dict`` — which adds up when many adapters are added or loaded)."""
+    return nn.Dropout(p) if p > 0 else _identity
 
 
 class LowRank(NamedTuple):

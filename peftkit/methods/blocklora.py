@@ -27,6 +27,7 @@ from peftkit.core.protocol import (
     AdapterConfig,
     LowRank,
     add_lowrank,
+    input_dropout,
     require_positive_int,
     require_probability,
 )
@@ -84,7 +85,7 @@ class BlockLoRA(Adapter):
         self.block = base.in_features // config.n
         self.A_s = nn.Parameter(torch.empty(config.r, self.block))
         self.B = nn.Parameter(torch.empty(base.out_features, config.r))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:

@@ -34,6 +34,7 @@ from peftkit.core.protocol import (
     LowRank,
     RankConfig,
     add_lowrank,
+    input_dropout,
 )
 from peftkit.core.registry import register
 
@@ -117,7 +118,7 @@ class CompLoRA(Adapter):
         self.register_buffer("V_c", vh[k:].T.contiguous().to(dtype), persistent=False)  # [in, p]
         self.A = nn.Parameter(torch.empty(config.r, p, dtype=dtype, device=base.device))
         self.B = nn.Parameter(torch.empty(p, config.r, dtype=dtype, device=base.device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:

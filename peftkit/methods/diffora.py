@@ -35,6 +35,7 @@ from peftkit.core.protocol import (
     AdapterConfig,
     LowRank,
     RankConfig,
+    input_dropout,
     require_rank_fits,
 )
 from peftkit.core.registry import register
@@ -91,7 +92,7 @@ class DiffoRA(Adapter):
         self.A = nn.Parameter(torch.empty(r, base.in_features))
         self.B = nn.Parameter(torch.zeros(base.out_features, r))
         self.theta = nn.Parameter(torch.zeros(2)) if config.phase == "search" else None
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 

@@ -33,6 +33,7 @@ from peftkit.core.protocol import (
     LowRank,
     RankConfig,
     add_lowrank,
+    input_dropout,
     require_rank_fits,
 )
 from peftkit.core.registry import register
@@ -84,7 +85,7 @@ class DVLoRA(Adapter):
         self.B = nn.Parameter(torch.empty(base.out_features, r))
         self.U = nn.Parameter(torch.empty(r, 1))
         self.V = nn.Parameter(torch.empty(base.out_features, 1))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
         self.phase = 1 if config.warm_up_step is not None else 0  # 0: no phases
 
     @torch.no_grad()

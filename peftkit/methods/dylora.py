@@ -40,6 +40,7 @@ from peftkit.core.protocol import (
     AdapterConfig,
     LowRank,
     add_lowrank,
+    input_dropout,
     require_positive_int,
     require_probability,
     require_rank_fits,
@@ -98,7 +99,7 @@ class DyLoRA(Adapter):
         self.alpha = config.alpha
         self.A = nn.Parameter(torch.empty(r, base.in_features))
         self.B = nn.Parameter(torch.empty(base.out_features, r))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
         self.train_rank = r
         self.frozen = not config.update_all_below
         k = config.eval_rank or r

@@ -53,6 +53,7 @@ from peftkit.core.protocol import (
     AdapterConfig,
     LowRank,
     add_lowrank,
+    input_dropout,
     require_positive_int,
     require_probability,
 )
@@ -151,7 +152,7 @@ class IncreLoRA(Adapter):
         self.B_res = nn.Parameter(torch.randn(base.out_features, m) * std)
         self.register_buffer("E_res", torch.full((m,), self._reserve_value()))
         self.register_buffer("ranknum", torch.tensor(float(r)))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
         self.tracking = True  # importance hooks on (until the allocator reaches the budget)
         self.exp_avg_ipt = 0.0
         self.exp_avg_unc = 0.0

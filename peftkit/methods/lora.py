@@ -48,6 +48,7 @@ from peftkit.core.protocol import (
     AdapterConfig,
     LowRank,
     add_lowrank,
+    input_dropout,
     require_positive_int,
     require_probability,
     require_rank_fits,
@@ -153,10 +154,6 @@ def pissa_factors(weight: Tensor, r: int, scale: float, niter: int | None = None
     return root[:, None] * vh, u * root
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
 @register("lora", LoRAConfig)
 class LoRA(Adapter):
     """``y = base(x) + s · B A drop(x)``; with a residual init ``y = base(x) + s · (B A − B₀ A₀) drop(x)``.
@@ -189,9 +186,7 @@ class LoRA(Adapter):
         self.A = nn.Parameter(torch.empty(r, *base.weight_shape[1:]))
         self.B = nn.Parameter(torch.empty(base.out_features, r))
         self.bias = nn.Parameter(torch.zeros(base.out_features)) if config.bias else None
-        # Without dropout a plain function, not an nn.Identity child: one module less for every walk over the
-        # adapter (construction, .to, train/eval, parameters, state_dict), which adds up on add/load.
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 and base.kind != "embedding" else _identity
+        self.dropout = input_dropout(config.dropout if base.kind != "embedding" else 0.0)
         self.residual = config.residual
         if self.residual:
             if type(self).forward is not LoRA.forward:  # e.g. DoRA: its own forward would ignore the offset

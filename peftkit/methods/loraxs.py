@@ -29,6 +29,7 @@ from peftkit.core.protocol import (
     LowRank,
     RankConfig,
     add_lowrank,
+    input_dropout,
     require_rank_fits,
 )
 from peftkit.core.registry import register
@@ -97,7 +98,7 @@ class LoRAXS(Adapter):
         self.register_buffer("A", (s[:r, None] * vh[:r]).to(dtype))  # Σ_r V_rᵀ  [r, in]
         self.register_buffer("B", u[:, :r].contiguous().to(dtype))  # U_r  [out, r]
         self.R = nn.Parameter(torch.empty(r, r, dtype=dtype, device=base.device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:

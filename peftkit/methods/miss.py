@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
+from peftkit.core.protocol import Adapter, AdapterConfig, input_dropout, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -95,7 +95,7 @@ class MiSS(Adapter):
         if config.mode == "mini" and d_out % config.mini_r:
             raise InvalidConfigError(f"mode='mini' needs mini_r={config.mini_r} to divide out_features={d_out}")
         self.block = nn.Parameter(torch.empty(block_shape(base, config), device=base.device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def reset_parameters(self, base: BaseView) -> None:
         if self.config.init == "kaiming":

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
+from peftkit.core.protocol import Adapter, AdapterConfig, input_dropout, require_positive_int, require_probability
 from peftkit.core.registry import register
 
 
@@ -152,7 +152,7 @@ class RandLoRA(Adapter):
         self.scale = config.alpha / r / (math.sqrt(self.n) if config.scale_by_sqrt_bases else 1.0)
         self.lam = nn.Parameter(torch.empty(r, self.n, device=base.device))
         self.gamma = nn.Parameter(torch.empty(self.n, self.d_min, device=base.device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def reset_parameters(self, base: BaseView) -> None:
         self.lam.zero_()

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_probability
+from peftkit.core.protocol import Adapter, AdapterConfig, input_dropout, require_probability
 from peftkit.core.registry import register
 
 HEADS = 2
@@ -147,7 +147,7 @@ class SNELL(Adapter):
         d_out, d_in, q = base.out_features, base.in_features, config.low_rank_dim
         self.In_Qs = nn.Parameter(torch.empty(HEADS, d_in, q // HEADS, device=base.device))
         self.Out_Qs = nn.Parameter(torch.empty(HEADS, d_out, q // HEADS, device=base.device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
         self.setup_extra(base)
         if config.zero_start:
             self.register_buffer("K0", torch.empty(d_in, d_out, device=base.device))

@@ -38,6 +38,7 @@ from peftkit.core.protocol import (
     LowRank,
     RankConfig,
     add_lowrank,
+    input_dropout,
     require_rank_fits,
 )
 from peftkit.core.registry import register
@@ -94,7 +95,7 @@ class SoRA(Adapter):
         self.A = nn.Parameter(torch.empty(r, base.in_features))
         self.B = nn.Parameter(torch.empty(base.out_features, r))
         self.gate = nn.Parameter(torch.empty(r))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:

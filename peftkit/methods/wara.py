@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, RankConfig
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, RankConfig, input_dropout
 from peftkit.core.registry import register
 
 _SQRT2 = math.sqrt(2.0)
@@ -91,7 +91,7 @@ class WaRA(Adapter):
         self.scale = config.scale
         self.A = nn.Parameter(torch.empty(config.r, d_in // 2, device=base.device))
         self.B = nn.Parameter(torch.empty(d_out // 2, config.r, device=base.device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = input_dropout(config.dropout)
 
     def reset_parameters(self, base: BaseView) -> None:
         g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
