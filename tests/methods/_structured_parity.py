@@ -1,11 +1,13 @@
-"""Helpers for PEFT parity of the structured / sparse / Kronecker methods: the same trained tensors loaded
-into a PEFT model and a peftkit model must give the same outputs, gradients and merged weights."""
+"""Helpers for the structured / sparse / Kronecker method tests: one seeded ``Linear(24, 20)`` to build an
+adapter on, and PEFT parity (the same trained tensors loaded into a PEFT model and a peftkit model must give
+the same outputs, gradients and merged weights)."""
 
 from __future__ import annotations
 
 import copy
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +15,19 @@ from torch import nn
 import peftkit as pk
 
 ATOL = 1e-5
+
+
+def seeded_linear() -> tuple[pk.core.base.BaseView, nn.Linear]:
+    """A ``Linear(24, 20)`` drawn from seed 0 and its view."""
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 20)
+    return pk.core.base.BaseView(lin), lin
+
+
+def on_linear(method: type[pk.Adapter], config: pk.AdapterConfig) -> tuple[Any, pk.core.base.BaseView, nn.Linear]:
+    """``(method(view, config), view, linear)`` on :func:`seeded_linear`."""
+    base, lin = seeded_linear()
+    return method(base, config), base, lin
 
 
 def peft_model(base: nn.Module, peft_config: object) -> nn.Module:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _structured_parity import assert_grad_parity, assert_parity, peft_model
+from _structured_parity import assert_grad_parity, assert_parity, on_linear, peft_model
 from conftest import make_tiny_net, tiny_bert, tiny_gpt2
 from torch import nn
 
@@ -18,10 +18,7 @@ from peftkit.methods.fourierft import FourierFT, FourierFTConfig
 
 
 def _adapter(**kw: object) -> tuple[FourierFT, BaseView, nn.Linear]:
-    torch.manual_seed(0)
-    lin = nn.Linear(24, 20)
-    base = BaseView(lin)
-    return FourierFT(base, FourierFTConfig(**kw)), base, lin
+    return on_linear(FourierFT, FourierFTConfig(**kw))
 
 
 def test_count_and_delta_matches_numpy_ifft2() -> None:

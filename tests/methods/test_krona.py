@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _structured_parity import seeded_linear
 from conftest import make_tiny_net
 from torch import nn
 
@@ -16,9 +17,7 @@ from peftkit.methods.krona import DiffuseKronA, DiffuseKronAConfig, KronA, KronA
 
 
 def _base() -> tuple[BaseView, nn.Linear]:
-    torch.manual_seed(0)
-    lin = nn.Linear(24, 20)
-    return BaseView(lin), lin
+    return seeded_linear()
 
 
 def _randomise(adapter: nn.Module) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _structured_parity import on_linear
 from conftest import make_tiny_net
 from torch import nn
 
@@ -16,10 +17,7 @@ from peftkit.methods.loca import LoCA, LoCAConfig, dct, dct_matrix, idct
 
 
 def _adapter(**kw: object) -> tuple[LoCA, BaseView, nn.Linear]:
-    torch.manual_seed(0)
-    lin = nn.Linear(24, 20)
-    base = BaseView(lin)
-    return LoCA(base, LoCAConfig(**kw)), base, lin
+    return on_linear(LoCA, LoCAConfig(**kw))
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 16, 20])

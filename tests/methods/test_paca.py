@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _structured_parity import on_linear
 from conftest import make_tiny_net
 from torch import nn
 
@@ -19,10 +20,7 @@ from peftkit.methods.paca import PaCA, PaCAConfig, column_indices
 
 
 def _adapter(**kw: object) -> tuple[PaCA, BaseView, nn.Linear]:
-    torch.manual_seed(0)
-    lin = nn.Linear(24, 20)
-    base = BaseView(lin)
-    return PaCA(base, PaCAConfig(**kw)), base, lin
+    return on_linear(PaCA, PaCAConfig(**kw))
 
 
 def test_count_and_distinct_seeded_columns() -> None:

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from _structured_parity import assert_grad_parity, assert_parity, fill, peft_model
+from _structured_parity import assert_grad_parity, assert_parity, fill, on_linear, peft_model
 from conftest import make_tiny_net, tiny_bert, tiny_gpt2
 from torch import nn
 
@@ -25,10 +25,7 @@ from peftkit.methods.shira import (
 
 
 def _adapter(**kw: object) -> tuple[SHiRA, BaseView, nn.Linear]:
-    torch.manual_seed(0)
-    lin = nn.Linear(24, 20)
-    base = BaseView(lin)
-    return SHiRA(base, SHiRAConfig(**kw)), base, lin
+    return on_linear(SHiRA, SHiRAConfig(**kw))
 
 
 def test_count_mask_and_sorted_indices() -> None:

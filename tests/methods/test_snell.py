@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from _structured_parity import on_linear
 from conftest import make_tiny_net
 from torch import nn
 
@@ -29,11 +30,7 @@ from peftkit.methods.snell import (
 
 
 def _adapter(cls: type = SNELL, **kw: object) -> tuple[SNELL, BaseView, nn.Linear]:
-    torch.manual_seed(0)
-    lin = nn.Linear(24, 20)
-    base = BaseView(lin)
-    cfg = (SNELLAConfig if cls is SNELLA else SNELLConfig)(**kw)
-    return cls(base, cfg), base, lin
+    return on_linear(cls, (SNELLAConfig if cls is SNELLA else SNELLConfig)(**kw))
 
 
 def test_count_and_kernel_double_loop() -> None:
