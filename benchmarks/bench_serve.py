@@ -31,6 +31,7 @@ Writes ``benchmarks/results/serve.json`` and ``benchmarks/results/serve.png``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -332,6 +333,8 @@ def main() -> None:
         weights = write_adapters(root, max(counts))
         engine = engine_for(make_base(), tok, root)
         run_engine(engine, workload(64, 8, "uniform", 99), args.clients)  # warm-up
+        gc.collect()
+        gc.freeze()  # as `peftkit serve` does once the model is loaded (a full GC pass stalls the process ~0.2 s)
         rows: list[dict[str, Any]] = []
 
         def record(system: str, n: int, popularity: str, result: dict[str, float]) -> dict[str, float]:

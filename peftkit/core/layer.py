@@ -47,29 +47,44 @@ class Routing:
 
 
 class _Slot(NamedTuple):
-    """One adapter's row of a bank: the tensors it was built from (with their versions) and its rank."""
+    """One adapter's row of a bank: the module and the tensors (with their versions) it was built from."""
 
     row: int
+    adapter: Adapter
     sources: list[tuple[Tensor, int]]
     rank: int
 
 
-class _Bank(NamedTuple):
-    """A layer's stacked low-rank adapters, valid while ``order`` and the ``sources`` versions are unchanged."""
+@dataclass
+class _Bank:
+    """A layer's stacked low-rank adapters for mixed batches (see ``AdaptedLayer._lowrank_bank``).
+
+    ``packed`` has one row per slot, ``[down (R×in) | (scale·up)ᵀ (R×out)]``, zero-padded to the bank's rank
+    ``R``; row 0 stays all zeros and serves base-only rows; rows of removed adapters are reused by new ones.
+    ``packed is None`` records that some adapter has no low-rank form.
+    """
 
     order: tuple[str, ...]
     slots: dict[str, _Slot]
-    packed: Tensor | None  # [N+1, in·R + R·out]; None: some adapter has no low-rank form
-    rank: int
-    slot_by_id: Tensor | None
+    packed: Tensor | None
+    rank: int = 0
+    slot_by_id: Tensor | None = None  # adapter id -> row; its last entry (id -1) is row 0
+    tensors: list[Tensor] = field(default_factory=list)  # every slot's sources, flat: one freshness check
+    versions: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sources = [pair for slot in self.slots.values() for pair in slot.sources]
+        self.tensors = [t for t, _ in sources]
+        self.versions = [v for _, v in sources]
 
     def fresh(self) -> bool:
-        return all(t._version == v for slot in self.slots.values() for t, v in slot.sources)
+        """No adapter tensor was changed in place since the bank was built (their ``_version``)."""
+        return [t._version for t in self.tensors] == self.versions
 
 
 def _sources(adapter: Adapter) -> list[tuple[Tensor, int]]:
     # The tensors a bank row is built from, with their versions. Read from each module's own dicts: ~2x cheaper
-    # than parameters()/buffers(), and a server swapping adapters calls this for every adapter of every layer.
+    # than parameters()/buffers().
     out: list[tuple[Tensor, int]] = []
     for module in adapter.modules():
         out += [(t, t._version) for t in module._parameters.values() if t is not None]
@@ -77,8 +92,8 @@ def _sources(adapter: Adapter) -> list[tuple[Tensor, int]]:
     return out
 
 
-def _unchanged(old: list[tuple[Tensor, int]], new: list[tuple[Tensor, int]]) -> bool:
-    return len(old) == len(new) and all(a is b and va == vb for (a, va), (b, vb) in zip(old, new))
+def _unchanged(slot: _Slot) -> bool:
+    return all(t._version == v for t, v in slot.sources)
 
 
 class AdaptedLayer(nn.Module):
@@ -166,68 +181,86 @@ class AdaptedLayer(nn.Module):
         return out
 
     def _lowrank_bank(self) -> _Bank | None:
-        """Stack every low-rank adapter into one bank of ``N+1`` slots holding ``down [R, in]`` and
-        ``(scale·up)ᵀ [R, out]`` (zero-padded to the largest rank; the last slot is all zeros and serves
-        base-only rows); ``None`` when an adapter has no low-rank form.
+        """Stack every low-rank adapter into one bank (see :class:`_Bank`); ``None`` when an adapter has no
+        low-rank form.
 
-        Under ``no_grad`` the bank (or the answer ``None``) is cached. It is rebuilt when the adapters or their
-        order change or when any parameter or buffer of an adapter is changed in place (its ``_version``);
-        so the per-forward cost is a few attribute reads per adapter, not a rebuild.
+        Under ``no_grad`` the bank (or the answer ``None``) is kept and updated in place: when adapters are
+        added, removed or changed in place (a tensor's ``_version``), only their rows are written; the other
+        rows are not touched, so a server swapping one adapter in writes one row per layer. With gradients
+        enabled the bank is built anew from the adapters' live tensors, so gradients reach them.
         """
         order = tuple(self.routing.order)
-        cacheable = not torch.is_grad_enabled()
-        cached = self._bank
-        if cacheable and cached is not None and cached.order == order and cached.fresh():
-            return cached if cached.packed is not None else None
-        # Rows of adapters unchanged since the last bank are copied over in one index_select; only new or
-        # changed adapters are asked for their low-rank form (a server swapping one adapter in rebuilds one row).
-        prev = cached if cached is not None and cached.packed is not None else None
-        names = [n for n in order if n in self.adapters]
-        sources = {n: _sources(self.adapters[n]) for n in names}
+        bank = self._bank
+        if not torch.is_grad_enabled():
+            if bank is not None and bank.order == order and bank.fresh():
+                return bank if bank.packed is not None else None
+            self._bank = bank = self._update_bank(bank if bank is not None and bank.packed is not None else None)
+            return bank if bank.packed is not None else None
+        self._bank = None
+        built = self._update_bank(None)
+        return built if built.packed is not None else None
+
+    def _update_bank(self, bank: _Bank | None) -> _Bank:
+        """``bank`` brought up to date with the adapters (a new bank when ``bank`` is ``None``, when the
+        largest rank grows, or when most rows are free)."""
+        order = tuple(self.routing.order)
+        adapters = cast(dict[str, Adapter], cast(nn.ModuleDict, self.adapters)._modules)  # plain dict: per swap
+        names = [n for n in order if n in adapters]
+        slots: dict[str, _Slot] = {}
+        if bank is not None:
+            versions_unchanged = bank.fresh()  # the usual case: only adapters came or went
+            slots = {
+                n: slot
+                for n, slot in bank.slots.items()
+                if adapters.get(n) is slot.adapter and (versions_unchanged or _unchanged(slot))
+            }
         forms: dict[str, LowRank] = {}
-        reused: dict[str, _Slot] = {}
         for name in names:
-            old = prev.slots.get(name) if prev is not None else None
-            if old is not None and _unchanged(old.sources, sources[name]):
-                reused[name] = old
-                continue
-            form = self.adapters[name].lowrank(self.base)
-            if form is None:
-                if cacheable:
-                    self._bank = _Bank(order, {m: _Slot(-1, sources[m], 0) for m in names}, None, 0, None)
-                return None
-            forms[name] = form
-        ranks = {m: reused[m].rank if m in reused else forms[m].down.shape[0] for m in names}
-        rank = max(ranks.values())
-        if prev is None or prev.rank != rank:  # the padding changes: every row is rebuilt
-            forms.update({m: cast(LowRank, self.adapters[m].lowrank(self.base)) for m in reused})
-            reused = {}
-        n, dtype, device = len(names), base_dtype(self.base), self.base.device
+            if name not in slots:
+                form = adapters[name].lowrank(self.base)
+                if form is None:
+                    no_form = {n: _Slot(0, adapters[n], _sources(adapters[n]), 0) for n in names}
+                    return _Bank(order, no_form, None)
+                forms[name] = form
+        rank = max([s.rank for s in slots.values()] + [f.down.shape[0] for f in forms.values()], default=1)
         d_in, d_out = self.base.in_features, self.base.out_features
-        # One row per slot: [down (R×in) | (scale·up)ᵀ (R×out)], so a mixed batch gathers both in one op.
-        # (down is kept as stored, [R, in]: the batched x·downᵀ then reads both operands along `in`, which is
-        # ~20% faster than a [in, R] layout for few tokens per row.)
-        packed = torch.zeros(n + 1, d_in * rank + rank * d_out, dtype=dtype, device=device)
-        slots = {name: _Slot(i, sources[name], ranks[name]) for i, name in enumerate(names)}
-        if reused and prev is not None and prev.packed is not None:
-            to = torch.tensor([slots[name].row for name in reused], device=device)
-            at = torch.tensor([s.row for s in reused.values()], device=prev.packed.device)
-            packed.index_copy_(0, to, prev.packed.index_select(0, at))
-        down = packed[:, : d_in * rank].view(n + 1, rank, d_in)
-        up_t = packed[:, d_in * rank :].view(n + 1, rank, d_out)
-        for name, f in forms.items():
-            i = slots[name].row
-            down[i, : f.down.shape[0]] = f.down
-            up_t[i, : f.up.shape[1]] = (f.up * f.scale).T
-        slot_by_id = torch.tensor([slots[name].row if name in slots else n for name in order] + [n], device=device)
-        bank = _Bank(order, slots, packed, rank, slot_by_id)
-        self._bank = bank if cacheable else None
-        return bank
+        if bank is None or bank.packed is None or rank > bank.rank or len(bank.packed) > 4 * (len(names) + 4):
+            # (re)pack every row: the first bank, a larger padded rank, or a bank mostly free after removals
+            forms.update({n: cast(LowRank, adapters[n].lowrank(self.base)) for n in slots})
+            slots, packed = {}, None
+            rank = max([f.down.shape[0] for f in forms.values()], default=1)
+        else:
+            packed, rank = bank.packed, bank.rank
+        used = {slot.row for slot in slots.values()}
+        capacity = len(packed) if packed is not None else 0
+        free = [row for row in range(1, capacity) if row not in used]
+        if len(free) < len(forms):  # grow (doubling, so a server adding adapters one by one copies O(N) in total)
+            grown = torch.zeros(
+                max(2 * capacity, len(names) + 1),
+                d_in * rank + rank * d_out,
+                dtype=base_dtype(self.base),
+                device=self.base.device,
+            )
+            if packed is not None:
+                grown[:capacity] = packed
+            free += range(max(capacity, 1), len(grown))
+            packed = grown
+        assert packed is not None
+        down = packed[:, : d_in * rank].view(-1, rank, d_in)
+        up_t = packed[:, d_in * rank :].view(-1, rank, d_out)
+        for (name, f), row in zip(forms.items(), free):
+            r = f.down.shape[0]
+            down[row, :r], up_t[row, :r] = f.down, (f.up * f.scale).T
+            if r < rank:  # a reused row may hold a larger adapter's values past r
+                down[row, r:], up_t[row, r:] = 0, 0
+            slots[name] = _Slot(row, adapters[name], _sources(adapters[name]), r)
+        slot_by_id = torch.tensor([slots[n].row if n in slots else 0 for n in order] + [0], device=packed.device)
+        return _Bank(order, {n: slots[n] for n in names}, packed, rank, slot_by_id)
 
     def _forward_bank(self, x: Tensor, base_out: Tensor, ids: Tensor, bank: _Bank) -> Tensor:
         """``base_out + (x downᵀ) (scale·up)ᵀ`` row by row: one gather and two batched matmuls per layer."""
         assert bank.packed is not None and bank.slot_by_id is not None
-        slots = bank.slot_by_id[ids.to(bank.slot_by_id.device)]  # id -1 picks the trailing base slot
+        slots = bank.slot_by_id[ids.to(bank.slot_by_id.device)]  # id -1 picks row 0, the zero row
         rows, rank = x.shape[0], bank.rank
         d_in, d_out = self.base.in_features, self.base.out_features
         sel = bank.packed.index_select(0, slots)
@@ -240,6 +273,7 @@ class AdaptedLayer(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- adapters
     def add(self, name: str, adapter: Adapter) -> None:
+        """Add ``adapter`` as ``name`` (replacing the module of that name, if any)."""
         self.adapters[name] = adapter
         self._invalidate_bank()
 
@@ -250,10 +284,21 @@ class AdaptedLayer(nn.Module):
         self._invalidate_bank()
 
     def _invalidate_bank(self) -> None:
-        # Not dropped: the next rebuild copies the rows of the adapters that did not change. An order that
-        # matches nothing forces that rebuild (a name removed and added again may restore the same order).
+        # Not dropped: the next forward updates the rows of the adapters that changed. An order that matches
+        # nothing forces that update (a name removed and added again may restore the same order).
         if self._bank is not None:
-            self._bank = self._bank._replace(order=())
+            self._bank.order = ()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdaptedLayer:
+        # .to(dtype/device) converts tensors without bumping their versions: the bank is rebuilt from them.
+        self._bank = None
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> AdaptedLayer:
+        # Training may replace adapter tensors by new objects (growing ranks), which the in-place version
+        # check of the mixed-batch bank cannot see: a mode switch rebuilds it.
+        self._bank = None
+        return super().train(mode)
 
     # ------------------------------------------------------------------------------------------------ merging
     @torch.no_grad()

@@ -171,12 +171,21 @@ class AdapterCache:
                 done.set_result(entry)
                 return done
             pending = self._loading.get(name)
-            if pending is not None:
-                return pending
-            self.stats["misses"] += 1
-            future = self._pool.submit(self._load, name, self._paths[name])
-            self._loading[name] = future
-            return future
+            return pending if pending is not None else self._start_load(name)
+
+    def _start_load(self, name: str) -> Future[CachedAdapter]:
+        self.stats["misses"] += 1
+        future = self._pool.submit(self._load, name, self._paths[name])
+        self._loading[name] = future
+        return future
+
+    def prefetch(self, name: str) -> None:
+        """Start loading ``name`` in a loader thread unless it is resident or loading already (not counted as
+        a lookup: a later :meth:`get_async` counts the hit)."""
+        with self._lock:
+            self._require(name)
+            if name not in self._lru and name not in self._loading:
+                self._start_load(name)
 
     def get(self, name: str, timeout: float | None = None) -> CachedAdapter:
         """The loaded adapter (blocking)."""

@@ -260,7 +260,8 @@ class Engine:
         self._admitting: list[Request] = []
         self._batch_cache: Any = None
         self._batch_mask = torch.zeros(0, 0, dtype=torch.long)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # held for a whole step: the model, the running batch, the adapters
+        self._queue_lock = threading.Lock()  # held briefly: the waiting queue
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -362,8 +363,7 @@ class Engine:
             dtype = layer.base.dtype if layer.base.dtype.is_floating_point else torch.float32
             down = (root[:, None] * vh[:k]).to(dtype)
             up = (u[:, :k] * root).to(dtype)
-            layer.adapters[name] = SVDLowRank(layer.base, config, down, up)
-            layer._bank = None
+            layer.add(name, SVDLowRank(layer.base, config, down, up))  # replaces the module
         if worst is not None:
             self.approximation_error[name] = worst
 
@@ -400,11 +400,20 @@ class Engine:
         request.prompt_ids = ids
         seed = request.params.seed
         request._gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
-        with self._lock:
+        with self._queue_lock:  # not the step lock: a request joins the queue while a step runs
             if len(self.waiting) >= self.max_queue:
                 raise EngineOverloadedError(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
             self.waiting.append(request)
             self.metrics["requests_total"] += 1
+            queued = len(self.waiting)
+        adapter = request.adapter
+        if adapter is not None and queued <= self.max_loras and adapter not in self._installed:
+            # Load it now, while the running step goes on: otherwise the load would start only when a step
+            # sees the request, and it would join one step later than a request for a resident adapter.
+            try:
+                self.cache.prefetch(adapter)
+            except PeftkitError:  # unregistered meanwhile: admission reports it
+                pass
         self._wake.set()
         return request
 
@@ -489,7 +498,7 @@ class Engine:
         return torch.softmax(logits.float(), dim=-1), int(mask.sum())
 
     def has_work(self) -> bool:
-        with self._lock:  # a step moves requests from waiting to running under the lock
+        with self._lock:  # a step moves requests from waiting to running under the step lock
             return bool(self.waiting or self.running)
 
     def cancel(self, request: Request) -> bool:
@@ -497,11 +506,13 @@ class Engine:
         and the batch goes on without it. Returns whether it was still unfinished."""
         if request.finished:  # the common case (stream ended normally): no need to wait for the step lock
             return False
+        with self._queue_lock:
+            if self._dequeue(request):
+                self._finish(request, "cancelled")
+                return True
         with self._lock:
             if request.finished:
                 return False
-            if request in self.waiting:
-                self.waiting.remove(request)
             self._finish(request, "cancelled")
             self._retire()
             return True
@@ -524,17 +535,30 @@ class Engine:
             self._retire()
             return True
 
+    def _dequeue(self, req: Request) -> bool:
+        """Take ``req`` out of the waiting queue (call with ``_queue_lock`` held); ``False`` if it is not there
+        (cancelled meanwhile)."""
+        try:
+            self.waiting.remove(req)
+        except ValueError:
+            return False
+        return True
+
     def _admit(self) -> bool:
         new: list[Request] = []
         self._admitting = new
-        for req in list(self.waiting):
+        with self._queue_lock:
+            queue = list(self.waiting)
+        for req in queue:
             if len(self.running) + len(new) >= self.max_batch or len(new) >= self.max_prefills_per_step:
                 break
             if req.adapter is not None and req.adapter not in self._installed and not self._ready(req):
                 continue
-            self.waiting.remove(req)
-            new.append(req)
+            with self._queue_lock:
+                if self._dequeue(req):
+                    new.append(req)
         self._admitting = []
+        self._prefetch(queue)
         if not new:
             return False
         try:
@@ -548,19 +572,42 @@ class Engine:
         self.running += [r for r in new if not r.finished]
         return True
 
+    def _fetch(self, name: str) -> Future[CachedAdapter]:
+        """The (shared) load of adapter ``name`` into the cache, started if needed; its end wakes the loop."""
+        future = self._fetching.get(name)
+        if future is None:
+            future = self.cache.get_async(name)
+            self._fetching[name] = future
+            future.add_done_callback(lambda _: self._wake.set())
+        return future
+
+    def _prefetch(self, queue: list[Request]) -> None:
+        """Start loading the adapters of the first ``max_loras`` distinct adapters waiting in ``queue``, so
+        that they are in memory when their requests reach the front (loads run in the cache's loader threads
+        while this thread decodes); forget finished loads that no waiting request wants any more."""
+        wanted: dict[str, None] = {}
+        for req in queue:
+            if len(wanted) >= self.max_loras:
+                break
+            if req.adapter is not None and req.adapter not in self._installed and not req.finished:
+                wanted[req.adapter] = None
+        for name in wanted:
+            try:
+                self._fetch(name)
+            except PeftkitError:  # unregistered meanwhile: reported when its request reaches admission
+                pass
+        for name in [n for n, f in self._fetching.items() if f.done() and n not in wanted]:
+            del self._fetching[name]
+
     def _ready(self, req: Request) -> bool:
         """Start or finish the fetch of ``req``'s adapter; install it when it arrives."""
         name = req.adapter
         assert name is not None
-        future = self._fetching.get(name)
-        if future is None:
-            try:
-                future = self.cache.get_async(name)
-            except PeftkitError as exc:  # unregistered meanwhile
-                self._fail_adapter(name, exc)
-                return False
-            self._fetching[name] = future
-            future.add_done_callback(lambda _: self._wake.set())
+        try:
+            future = self._fetch(name)
+        except PeftkitError as exc:  # unregistered meanwhile
+            self._fail_adapter(name, exc)
+            return False
         if not future.done():
             return False
         try:
@@ -718,8 +765,11 @@ class Engine:
         self._finish(req, "error")
 
     def _fail_adapter(self, name: str, exc: BaseException) -> None:
-        for req in [r for r in self.waiting if r.adapter == name]:
-            self.waiting.remove(req)
+        with self._queue_lock:
+            failed = [r for r in self.waiting if r.adapter == name]
+            for req in failed:
+                self.waiting.remove(req)
+        for req in failed:
             self._fail(req, exc)
 
     def _retire(self) -> None:
@@ -793,7 +843,7 @@ class Engine:
             self._thread.join(timeout=10)
             self._thread = None
         if drain:
-            with self._lock:
+            with self._lock, self._queue_lock:
                 for req in [*self.waiting, *self.running]:
                     self._fail(req, EngineClosedError("the engine stopped before the request finished"))
                 self.waiting.clear()

@@ -248,3 +248,80 @@ def test_mixed_batch_bank_swaps_one_adapter_without_rebuilding_the_others(monkey
         model.add_adapter("a9", pk.LoRAConfig(r=2, targets=["fc1"], seed=10))
         torch.nn.init.normal_(model.adapter_modules("a9")["fc1"].B)
         torch.testing.assert_close(model(ids, adapter_ids=rows), reference(), atol=1e-6, rtol=0)
+
+
+def _lora_model(ranks: list[int]) -> pk.AdaptedModel:
+    """Adapters ``a0..`` with the given ranks on ``fc1`` and non-zero ``B`` (so each changes the output)."""
+    from peftkit.methods.lora import LoRA
+
+    model = pk.adapt(make_tiny_net().eval(), pk.LoRAConfig(r=ranks[0], targets=["fc1"], seed=0), name="a0")
+    for i, r in enumerate(ranks[1:], start=1):
+        model.add_adapter(f"a{i}", pk.LoRAConfig(r=r, targets=["fc1"], seed=i))
+    for a in model.modules():
+        if isinstance(a, LoRA):
+            torch.nn.init.normal_(a.B)
+    return model
+
+
+def _per_adapter_reference(model: pk.AdaptedModel, ids: torch.Tensor) -> torch.Tensor:
+    outs = []
+    for row, name in enumerate(model.adapter_names):
+        model.set_adapter(name)
+        outs.append(model(ids[row : row + 1]))
+    return torch.cat(outs)
+
+
+def test_mixed_batch_bank_reuses_freed_rows_in_place() -> None:
+    """Swapping adapters writes into the existing bank (no new tensor); a smaller adapter taking a larger
+    one's row leaves no trace of the old values past its rank."""
+    from peftkit.methods.lora import LoRA
+
+    model = _lora_model([4, 2, 4])
+    layer = model.get_submodule("model.fc1")
+    ids = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(0))
+    rows = torch.arange(3)
+    with torch.no_grad():
+        model(ids, adapter_ids=rows)
+        packed = layer._bank.packed
+        model.delete_adapter("a0")  # rank 4: its row is freed...
+        model.add_adapter("a9", pk.LoRAConfig(r=1, targets=["fc1"], seed=9))  # ...and taken by a rank-1 adapter
+        torch.nn.init.normal_(model.adapter_modules("a9")["fc1"].B)
+        got = model(ids, adapter_ids=rows)
+        assert layer._bank.packed is packed
+        torch.testing.assert_close(got, _per_adapter_reference(model, ids), atol=1e-6, rtol=0)
+        for i in range(3, 12):  # more adapters than rows: the bank grows and stays exact
+            model.add_adapter(f"b{i}", pk.LoRAConfig(r=2, targets=["fc1"], seed=i))
+        for a in model.modules():
+            if isinstance(a, LoRA):
+                torch.nn.init.normal_(a.B)  # in place: the version check rewrites every row
+        many = torch.randint(0, 40, (len(model.adapter_names), 5), generator=torch.Generator().manual_seed(1))
+        got = model(many, adapter_ids=torch.arange(len(model.adapter_names)))
+        assert layer._bank.packed is not packed and layer._bank.packed.shape[0] > len(model.adapter_names)
+        torch.testing.assert_close(got, _per_adapter_reference(model, many), atol=1e-6, rtol=0)
+
+
+def test_mixed_batch_with_gradients_after_a_cached_bank() -> None:
+    """An eval-mode mixed batch with gradients enabled builds its bank from the live tensors: gradients
+    reach every adapter, also after a no_grad forward cached a bank of detached rows."""
+    model = _lora_model([2, 2])
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids, adapter_ids=[0, 1])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    factors = [m.B for m in (model.adapter_modules(n)["fc1"] for n in model.adapter_names)]
+    for b in factors:
+        b.requires_grad_(True)
+    model(ids, adapter_ids=[0, 1]).square().sum().backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in factors)
+
+
+def test_mixed_batch_after_changing_dtype() -> None:
+    model = _lora_model([2, 3])
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids, adapter_ids=[0, 1])
+        model.to(torch.float64)
+        got = model(ids, adapter_ids=[0, 1])
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, _per_adapter_reference(model, ids), atol=1e-9, rtol=0)

@@ -381,3 +381,34 @@ def test_adapters_of_requests_admitted_together_are_not_evicted(tmp_path: Path) 
     )
     for r in reqs:
         _check(r, _reference(make, paths[r.adapter], r.prompt, 3))
+
+
+def test_submit_and_cancel_do_not_wait_for_a_running_step(tmp_path: Path) -> None:
+    """The waiting queue has its own lock: while a step holds the engine (simulated by holding its step lock
+    in another thread), requests still join the queue, waiting ones can be cancelled, and the adapter of a new
+    request starts loading at once."""
+    import threading
+
+    engine, paths, make = _setup(tmp_path, "gpt2")
+    held, release = threading.Event(), threading.Event()
+
+    def long_step() -> None:
+        with engine._lock:
+            held.set()
+            release.wait(30)
+
+    blocker = threading.Thread(target=long_step)
+    blocker.start()
+    try:
+        held.wait(10)
+        req = engine.submit(Request("hi", adapter="ad1", params=SamplingParams(max_tokens=2)))
+        gone = engine.submit(Request("bye", params=SamplingParams(max_tokens=2)))
+        assert list(engine.waiting) == [req, gone]
+        assert engine.cancel(gone) and gone.finish_reason == "cancelled"
+        engine.cache.get_async("ad1").result(10)  # joins (or finds) the load submit started: no second load
+        assert engine.cache.stats["misses"] == 1 and engine.cache.resident() == ["ad1"]
+    finally:
+        release.set()
+        blocker.join()
+    engine.generate([req])
+    _check(req, _reference(make, paths["ad1"], "hi", 2))
