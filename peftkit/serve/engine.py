@@ -183,6 +183,7 @@ class Request:
     _emitted: int = field(default=0, repr=False)
     _gen: torch.Generator | None = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _submitted: bool = field(default=False, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -394,6 +395,8 @@ class Engine:
         down, ``InvalidConfigError`` for a prompt that does not fit the model."""
         if self._closed:
             raise EngineClosedError("the engine is shutting down")
+        if request._submitted:  # twice in the batch, its rows would both write its output
+            raise InvalidConfigError(f"request {request.id!r} was submitted already; make a new Request")
         if request.adapter is not None and request.adapter not in self.cache:
             raise AdapterNotFoundError(request.adapter, self.cache.names())
         ids = self._prompt_ids(request.prompt, reserve=1)
@@ -404,6 +407,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 raise EngineOverloadedError(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
             self.waiting.append(request)
+            request._submitted = True
             self.metrics["requests_total"] += 1
             queued = len(self.waiting)
         adapter = request.adapter

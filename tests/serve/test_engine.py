@@ -410,5 +410,8 @@ def test_submit_and_cancel_do_not_wait_for_a_running_step(tmp_path: Path) -> Non
     finally:
         release.set()
         blocker.join()
-    engine.generate([req])
+    with pytest.raises(InvalidConfigError, match="submitted already"):
+        engine.submit(req)
+    while engine.has_work():
+        engine.step()
     _check(req, _reference(make, paths["ad1"], "hi", 2))
