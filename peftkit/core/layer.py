@@ -106,7 +106,6 @@ class AdaptedLayer(nn.Module):
         self.base = BaseView(base_layer)
         self.routing = routing
         # name -> (ΔW, Δb) folded into the base weight; kept so unmerge subtracts exactly what was added.
-        # what merge() added, per adapter, so unmerge() subtracts exactly that
         self.merged: dict[str, tuple[Tensor | SparseDelta, Tensor | None]] = {}
         self._bank: _Bank | None = None  # cached stacked low-rank bank for mixed batches (see _lowrank_bank)
 
