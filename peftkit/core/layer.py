@@ -28,6 +28,8 @@ class Routing:
         active: names applied to every row when no ``adapter_ids`` are given.
         enabled: ``False`` runs the bare base model.
         adapter_ids: per-row adapter ids of the forward call in flight (set only for the duration of a call).
+        shared_id: the id every row of ``adapter_ids`` has, if they all have the same one (``None`` otherwise):
+            such a batch runs the single-adapter path, with no per-row grouping or gather.
         task_ids: per-row task ids of the forward call in flight (``model(..., task_ids=ids)``; set only for
             the duration of a call). Independent of ``adapter_ids``: they say which *task* a row belongs to, for
             methods whose adapter depends on it (task-routed inventories such as Poly/MHR). Only adapters that
@@ -42,6 +44,7 @@ class Routing:
     active: tuple[str, ...] = ()
     enabled: bool = True
     adapter_ids: Tensor | None = None
+    shared_id: int | None = None
     task_ids: Tensor | None = None
     forward_state: dict[str, Any] = field(default_factory=dict)
 
@@ -166,6 +169,12 @@ class AdaptedLayer(nn.Module):
             raise AdapterIdsError(f"adapter_ids has {ids.shape[0]} entries but the batch has {x.shape[0]} rows")
         if not self.adapters:
             return base_out
+        shared = self.routing.shared_id
+        if shared is not None:  # one adapter (or the base) for every row: as if it were the active adapter
+            name = self.routing.order[shared] if shared >= 0 else None
+            if name is None or name not in self.adapters:
+                return base_out
+            return self._run_adapter(self.adapters[name], x, base_out)
         if not self.training and self.base.kind == "linear":
             bank = self._lowrank_bank()
             if bank is not None:

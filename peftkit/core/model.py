@@ -110,14 +110,14 @@ class AdaptedModel(nn.Module):
         one task index per batch row, handed to the adapters that declare ``uses_task_ids`` (task-routed
         methods such as Poly/MHR); other adapters ignore them."""
         routing = self.routing
-        ids = None if adapter_ids is None else self._check_ids(adapter_ids, args, kwargs)
+        ids, shared = (None, None) if adapter_ids is None else self._check_ids(adapter_ids, args, kwargs)
         tasks = None if task_ids is None else self._check_task_ids(task_ids, args, kwargs)
-        routing.adapter_ids, routing.task_ids = ids, tasks  # both checked first: a bad one leaves nothing set
+        # all checked first: a bad argument leaves nothing set
+        routing.adapter_ids, routing.shared_id, routing.task_ids = ids, shared, tasks
         try:
             return self.model(*args, **kwargs)
         finally:
-            routing.adapter_ids = None
-            routing.task_ids = None
+            routing.adapter_ids = routing.shared_id = routing.task_ids = None
             if routing.forward_state:  # values adapters handed each other in this forward: do not keep them
                 routing.forward_state.clear()
 
@@ -135,7 +135,8 @@ class AdaptedModel(nn.Module):
             raise AdapterIdsError(f"task_ids has {ids.shape[0]} entries but the batch has {first.shape[0]} rows")
         return ids.long()
 
-    def _check_ids(self, ids: Tensor | Sequence[int | str], args: tuple, kwargs: dict) -> Tensor:
+    def _check_ids(self, ids: Tensor | Sequence[int | str], args: tuple, kwargs: dict) -> tuple[Tensor, int | None]:
+        """The ids as a long tensor, and the id all rows share (``None`` if they differ or there are none)."""
         order = self.routing.order
         if not isinstance(ids, Tensor):
             ids = torch.tensor([self._id_of(i) for i in ids], dtype=torch.long)
@@ -143,15 +144,15 @@ class AdaptedModel(nn.Module):
             raise AdapterIdsError(f"adapter_ids must be an integer tensor, got dtype {ids.dtype}")
         if ids.dim() != 1:
             raise AdapterIdsError(f"adapter_ids must be 1-D (one id per batch row), got shape {tuple(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(order)):
+        lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, -1)
+        if ids.numel() and (lo < -1 or hi >= len(order)):
             raise AdapterIdsError(
-                f"adapter_ids must lie in [-1, {len(order) - 1}] (the model holds {order}), "
-                f"got values in [{int(ids.min())}, {int(ids.max())}]"
+                f"adapter_ids must lie in [-1, {len(order) - 1}] (the model holds {order}), got values in [{lo}, {hi}]"
             )
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if first is not None and first.dim() > 0 and first.shape[0] != ids.shape[0]:
             raise AdapterIdsError(f"adapter_ids has {ids.shape[0]} entries but the batch has {first.shape[0]} rows")
-        return ids.long()
+        return ids.long(), (lo if lo == hi else None)
 
     def _id_of(self, item: int | str | None) -> int:
         if item is None:

@@ -325,3 +325,23 @@ def test_mixed_batch_after_changing_dtype() -> None:
         got = model(ids, adapter_ids=[0, 1])
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, _per_adapter_reference(model, ids), atol=1e-9, rtol=0)
+
+
+def test_batch_whose_rows_share_one_adapter_takes_the_single_adapter_path(monkeypatch) -> None:
+    """Every row on adapter k: exactly the output of k active (no bank, no gather); every row -1: the base;
+    a merged adapter still refuses adapter_ids."""
+    model = _lora_model([2, 3])
+    ids = torch.randint(0, 40, (4, 5), generator=torch.Generator().manual_seed(0))
+    model.set_adapter("a1")
+    with torch.no_grad():
+        want = model(ids)
+        with model.adapters_disabled():
+            base = model(ids)
+        layer = model.get_submodule("model.fc1")
+        monkeypatch.setattr(type(layer), "_lowrank_bank", lambda self: pytest.fail("the bank was built"))
+        torch.testing.assert_close(model(ids, adapter_ids=[1, 1, 1, 1]), want, atol=0, rtol=0)
+        torch.testing.assert_close(model(ids, adapter_ids=[-1, -1, -1, -1]), base, atol=0, rtol=0)
+        assert model.routing.shared_id is None  # reset after the call
+        model.merge("a0", unload=False)
+        with pytest.raises(pk.errors.AdapterIdsError, match="merged"):
+            model(ids, adapter_ids=[0, 0, 0, 0])
