@@ -179,10 +179,7 @@ class AdaptedModel(nn.Module):
         ``activate=True``. ``init``: a data-aware initialiser (:mod:`peftkit.init`, e.g. ``"pissa"`` or
         ``pk.init.LoRAGA(batches)``): ``init.prepare(config)`` gives the config the adapter is built with and
         ``init.apply(model, name)`` then writes its initial values (if that fails, the adapter is removed)."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
-        if name in self.configs:
-            raise AdapterExistsError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+        self._check_new_name(name)
         if init is not None:
             from peftkit.init import as_initializer
 
@@ -243,6 +240,22 @@ class AdaptedModel(nn.Module):
         # paging adapters in and out deletes one per swap, and the walk cost ~13 ms with 64 adapters).
         self.routing.active = tuple(n for n in self.routing.active if n != name)
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        """Give adapter ``old`` the name ``new``; its modules, id (position in :attr:`adapter_names`), active
+        and merged state stay as they are. A server reuses an evicted adapter's modules this way for a new
+        adapter with the same config, instead of deleting one and building the other."""
+        self._require(old)
+        self._check_new_name(new)
+        for path in self.layer_paths[old]:
+            layer = self._layer(path)
+            layer.add(new, layer.adapters.pop(old))
+            if old in layer.merged:
+                layer.merged[new] = layer.merged.pop(old)
+        self.configs[new] = self.configs.pop(old)
+        self.layer_paths[new] = self.layer_paths.pop(old)
+        self.routing.order[self.routing.order.index(old)] = new
+        self.routing.active = tuple(new if n == old else n for n in self.routing.active)
+
     def disable_adapters(self) -> None:
         """Run the bare base model. Merged adapters are unmerged first, so outputs are the base's."""
         self.unmerge()
@@ -263,6 +276,12 @@ class AdaptedModel(nn.Module):
 
     def _layer(self, path: str) -> AdaptedLayer:
         return cast(AdaptedLayer, inject.submodule(self.model, path))
+
+    def _check_new_name(self, name: object) -> None:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
+        if name in self.configs:
+            raise AdapterExistsError(f"an adapter named {name!r} already exists; delete it first or pick another name")
 
     def _require(self, name: str) -> None:
         if name not in self.configs:

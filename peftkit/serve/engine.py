@@ -4,8 +4,11 @@ How a step runs (CPU reference design, chosen for being obviously correct):
 
 1. **Admission.** Waiting requests (FIFO) join the running batch between decode steps (continuous batching)
    once their adapter is injected in the model. A missing adapter is fetched from the :class:`AdapterCache`
-   in a loader thread; requests for other adapters go ahead meanwhile. At most ``max_loras`` adapters live in
-   the model; the least recently used one that no running request needs is deleted to make room.
+   in a loader thread, started when the request is submitted (and, for the first ``max_loras`` adapters
+   waiting, again at each step), so it is usually in memory by the next step; requests for other adapters
+   go ahead meanwhile. At most ``max_loras`` adapters live in the model; the least recently used one that no
+   running request needs is deleted to make room. The waiting queue has its own short lock: submitting or
+   cancelling never waits for a step to finish.
 2. **Prefill** runs the requests admitted in this step together: their prompts are right-padded to the
    longest, with an attention mask that is 0 on the padding (a real token only attends to real tokens before
    it, so its keys, values and logits are what it computes alone), one adapter id per row. Each request then
@@ -299,17 +302,26 @@ class Engine:
         name = entry.name
         if name in self._installed:
             return True
+        meta = entry.meta
+        config = get_method(meta["method"]).config_class.from_dict(meta["config"])
         # requests being admitted in this step are not running yet, but their adapters must stay too
         in_use = {r.adapter for r in (*self.running, *self._admitting)}
+        reused = None
         while len(self._installed) >= self.max_loras:
             victim = next((n for n in self._installed if n not in in_use), None)
             if victim is None:
                 return False
-            self._remove(victim)
-        meta = entry.meta
-        config = get_method(meta["method"]).config_class.from_dict(meta["config"])
-        with skip_init():  # every saved tensor is copied in below
-            self.model.add_adapter(name, config, activate=False)
+            if reused is None and self.model.configs[victim] == config and victim not in self.approximation_error:
+                reused = victim  # same config: its modules take the new tensors (no delete + build)
+                del self._installed[victim]
+                self.metrics["adapter_unloads"] += 1
+            else:
+                self._remove(victim)
+        if reused is not None:
+            self.model.rename_adapter(reused, name)
+        else:
+            with skip_init():  # every saved tensor is copied in below
+                self.model.add_adapter(name, config, activate=False)
         try:
             modules = self.model.adapter_modules(name)
             if sorted(modules) != sorted(meta["base_fingerprint"]):
@@ -665,8 +677,9 @@ class Engine:
         if not batch:
             self._batch, self._batch_cache = [], None
             return
-        if self._batch_cache is None or [id(r) for r in batch] != [id(r) for r in self._batch]:
+        if self._batch_cache is None or {id(r) for r in batch} != {id(r) for r in self._batch}:
             self._rebuild_batch_cache(batch)
+        batch = self._batch
         lens = [r._len for r in batch]
         mask = torch.cat([self._batch_mask, self._batch_mask.new_ones(len(batch), 1)], dim=1)
         out = self.model(
@@ -680,48 +693,52 @@ class Engine:
         )
         self._batch_cache, self._batch_mask = _cache_of(out), mask
         self.metrics["decode_steps"] += 1
+        logits = out.logits[:, -1]
+        # one argmax for every greedy row (a per-row argmax over the vocabulary costs ~35 us each)
+        greedy = logits.argmax(-1).tolist() if any(r.params.temperature == 0 for r in batch) else []
         for i, req in enumerate(batch):
             req._len += 1
-            self._emit(req, out.logits[i, -1])
+            self._emit(req, logits[i], greedy[i] if req.params.temperature == 0 else None)
 
     def _rebuild_batch_cache(self, batch: list[Request]) -> None:
-        """Stack the caches of ``batch`` (in this order) into one left-padded cache and its attention mask.
+        """Stack the caches of ``batch`` into one left-padded cache and its attention mask; ``self._batch``
+        becomes the rows' order in it (the requests already in the previous cache first, then the new ones).
 
         Only needed when the batch changes (a request joined or left): otherwise the cache the previous decode
-        step returned is passed on as is. Rows that stay are cut out of the previous batched cache (their last
-        ``_len`` positions), new rows bring their own prefill cache."""
+        step returned is passed on as is. Rows that stay are taken out of the previous batched cache with one
+        ``index_select`` per layer (keeping its last ``longest`` positions: each row's own positions are its
+        last ``_len``); new rows bring their own prefill cache."""
         from transformers import DynamicCache
 
         previous = {id(r): i for i, r in enumerate(self._batch)}
         old = _kv_of(self._batch_cache) if self._batch_cache is not None else []
-        old_len = old[0][0].shape[2] if old else 0
-
-        def own(req: Request, layer: int) -> tuple[Tensor, Tensor]:
-            if req._kv is not None:
-                return req._kv[layer]
-            i = previous[id(req)]
-            k, v = old[layer]
-            return k[i : i + 1, :, old_len - req._len :], v[i : i + 1, :, old_len - req._len :]
-
+        stay = [r for r in batch if r._kv is None]
+        new = [r for r in batch if r._kv is not None]
         longest = max(r._len for r in batch)
-        n_layers = len(batch[0]._kv) if batch[0]._kv is not None else len(old)
+        rows = torch.tensor([previous[id(r)] for r in stay], dtype=torch.long)
+        n_layers = len(old) if old else len(new[0]._kv or [])
         layers = []
         for layer in range(n_layers):
-            pairs = [own(r, layer) for r in batch]
-            keys = torch.cat([_left_pad(k, longest) for k, _ in pairs])
-            values = torch.cat([_left_pad(v, longest) for _, v in pairs])
-            layers.append((keys, values))
+            pair = []
+            for j in range(2):  # keys, values
+                parts = [_left_pad(old[layer][j].index_select(0, rows), longest)] if stay else []
+                parts += [_left_pad(r._kv[layer][j], longest) for r in new]  # type: ignore[index]
+                pair.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+            layers.append((pair[0], pair[1]))
+        batch = stay + new  # the rows' order in the stacked cache (the decode step follows it)
         mask = torch.zeros(len(batch), longest, dtype=torch.long)
         for i, r in enumerate(batch):
             mask[i, longest - r._len :] = 1
             r._kv = None  # it lives in the batched cache now
         self._batch, self._batch_cache, self._batch_mask = list(batch), DynamicCache(ddp_cache_data=layers), mask
 
-    def _emit(self, req: Request, logits: Tensor) -> None:
-        """Sample the next token from ``logits`` and update the request's text, finishing it if due."""
+    def _emit(self, req: Request, logits: Tensor, token: int | None = None) -> None:
+        """Take ``token`` (or sample one from ``logits``) as the next token and update the request's text,
+        finishing it if due."""
         if self.record_logits:
             req.logits.append(logits.detach().clone())
-        token = sample(logits, req.params, req._gen)
+        if token is None:
+            token = sample(logits, req.params, req._gen)
         eos = getattr(self.tokenizer, "eos_token_id", None)
         p = req.params
         reason = None
@@ -883,7 +900,8 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _left_pad(t: Tensor, length: int) -> Tensor:
+    """``t`` ``[batch, heads, L, dim]`` cut or zero-padded on the left to ``length`` positions."""
     missing = length - t.shape[2]
-    if missing == 0:
-        return t
+    if missing <= 0:
+        return t[:, :, -missing:] if missing else t
     return torch.cat([t.new_zeros(t.shape[0], t.shape[1], missing, t.shape[3]), t], dim=2)

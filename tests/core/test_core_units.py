@@ -345,3 +345,29 @@ def test_batch_whose_rows_share_one_adapter_takes_the_single_adapter_path(monkey
         model.merge("a0", unload=False)
         with pytest.raises(pk.errors.AdapterIdsError, match="merged"):
             model(ids, adapter_ids=[0, 0, 0, 0])
+
+
+def test_rename_adapter_keeps_modules_id_and_state(tmp_path) -> None:
+    model = _lora_model([2, 3])
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.set_adapter("a1")
+    with torch.no_grad():
+        want, mixed = model(ids), model(ids, adapter_ids=[0, 1])
+        module = model.adapter_modules("a1")["fc1"]
+        model.rename_adapter("a1", "z")
+        assert model.adapter_names == ["a0", "z"] and model.active_adapters == ["z"]
+        assert model.adapter_modules("z")["fc1"] is module and "a1" not in model.configs
+        torch.testing.assert_close(model(ids), want, atol=0, rtol=0)
+        torch.testing.assert_close(model(ids, adapter_ids=[0, 1]), mixed, atol=1e-6, rtol=0)
+        model.merge("z", unload=False)
+        model.rename_adapter("z", "y")
+        model.unmerge()  # the merged record moved with the name
+        torch.testing.assert_close(model(ids), want, atol=1e-6, rtol=0)
+    with pytest.raises(pk.errors.AdapterExistsError):
+        model.rename_adapter("y", "a0")
+    with pytest.raises(pk.errors.AdapterNameError):
+        model.rename_adapter("y", "../x")
+    with pytest.raises(pk.errors.AdapterNotFoundError):
+        model.rename_adapter("nope", "x")
+    model.save(tmp_path / "y", adapter="y")
+    assert pk.load(make_tiny_net(), tmp_path / "y").configs["y"] == model.configs["y"]

@@ -415,3 +415,30 @@ def test_submit_and_cancel_do_not_wait_for_a_running_step(tmp_path: Path) -> Non
     while engine.has_work():
         engine.step()
     _check(req, _reference(make, paths["ad1"], "hi", 2))
+
+
+def test_evicted_adapter_modules_are_reused_for_the_same_config(tmp_path: Path, monkeypatch) -> None:
+    """With one slot and adapters that share a config, each new adapter takes over the evicted one's modules
+    (renamed, new tensors copied in) instead of being built; outputs stay those of its merged model, also when
+    an adapter of another config comes in between."""
+    same = pk.LoRAConfig(r=3, alpha=6.0, targets=["q_proj", "v_proj"])
+    paths = {f"s{i}": random_adapter(tiny_llama, same, tmp_path / f"s{i}", seed=i) for i in range(3)}
+    other = pk.LoRAConfig(r=2, targets=["o_proj"])
+    paths["o0"] = random_adapter(tiny_llama, other, tmp_path / "o0", seed=9)
+    cache = AdapterCache(max_bytes=1 << 24, root=tmp_path)
+    cache.register_dir(tmp_path)
+    engine = Engine(tiny_llama(), CharTokenizer(), cache, max_loras=1, record_logits=True)
+    _warm(engine, *paths)  # all in memory: requests are admitted in order, one adapter at a time
+    built = []
+    original = pk.AdaptedModel.add_adapter
+    monkeypatch.setattr(
+        pk.AdaptedModel, "add_adapter", lambda self, n, *a, **k: built.append(n) or original(self, n, *a, **k)
+    )
+    plan = [("hello", "s0"), ("abc", "s1"), ("zz", "o0"), ("qq q", "s2"), ("k", "s0")]
+    reqs = engine.generate([Request(p, adapter=a, params=SamplingParams(max_tokens=3)) for p, a in plan])
+    # both s0 requests run first (s0 is in the slot); then s1 takes over s0's modules, o0 is built (another
+    # config), and s2 is built in place of o0
+    assert built == ["s0", "o0", "s2"]
+    assert engine.installed == ["s2"] and engine.metrics["adapter_unloads"] == 3
+    for r in reqs:
+        _check(r, _reference(tiny_llama, paths[r.adapter], r.prompt, 3))
