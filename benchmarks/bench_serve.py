@@ -534,7 +534,7 @@ def plot(rows: list[dict[str, Any]], counts: list[int], path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("Multi-adapter serving, shared 2-core CPU (other jobs running: compare ratios)")
+    fig.suptitle("Multi-adapter serving, shared 2-core CPU (compare ratios, not absolute tokens/s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
