@@ -347,6 +347,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peft-max", type=int, default=128, help="largest adapter count run through PEFT")
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help="comma-separated module names the LoRA adapters target (all seven Llama linears: "
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
+    )
     parser.add_argument("--no-server", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON in --out")
@@ -360,6 +366,7 @@ def main() -> None:
         )
         return
     torch.set_num_threads(1)
+    TARGETS[:] = args.targets.split(",")
     counts = [int(c) for c in args.counts.split(",")]
     tok = tokenizer()
     tmp = Path(tempfile.mkdtemp(prefix="peftkit-bench-serve-"))
