@@ -12,8 +12,10 @@ residual is ``W_res = W − Σ A0_t ⊗ B0_t`` and
 
 ``y = x (W_res + Σ A_t ⊗ B_t)ᵀ + b = base(x) + x (Σ A_t ⊗ B_t − Σ A0_t ⊗ B0_t)ᵀ``
 
-is identity at init without storing ``W_res``. Forward never materialises ``ΔW``: ``X = x.reshape(..., n1, n2)``,
-``Σ_t A_t X B_tᵀ`` over the ``2k`` stacked terms (``O(tokens · 2k · (n1·n2·m2 + n1·m2·m1))``). Merge exact.
+is identity at init without storing ``W_res``. Forward: the spec's factored form ``X = x.reshape(..., n1, n2)``,
+``Σ_t A_t X B_tᵀ`` over the ``2k`` stacked terms, while its intermediate ``[2k, tokens, m1, n2]`` is smaller than
+``ΔW``; for more tokens (decision, same result) ``ΔW`` itself is built (``d_out·d_in`` values) and applied as one
+linear, which keeps training memory near LoRA's instead of ``2k`` copies of the activations. Merge exact.
 
 Rank selection (decision, once at init): ``e_t = σ_t² / Σ σ²``; ``k_E`` = smallest ``k`` with cumulative energy
 ``≥ tau``; ``k_elbow`` = Kneedle elbow (both axes normalised to [0, 1], the point farthest from the chord
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
@@ -145,7 +148,10 @@ class SoKA(Adapter):
         return kron_sum(self.A, self.B) - kron_sum(self.A0, self.B0)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
-        _, _, n1, n2 = self.dims
+        m1, m2, n1, n2 = self.dims
+        tokens = x.numel() // (n1 * n2)
+        if tokens * 2 * self.A.shape[0] * m1 * n2 > m1 * m2 * n1 * n2:  # the factored form's intermediate > ΔW
+            return base_out + F.linear(x.to(self.A.dtype), self.delta_weight(base)).to(base_out.dtype)
         a = torch.cat([self.A, self.A0])
         b = torch.cat([self.B, -self.B0])
         xs = x.reshape(*x.shape[:-1], n1, n2).to(a.dtype)

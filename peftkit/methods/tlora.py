@@ -13,7 +13,10 @@ cores ``G_k [ρ_{k−1}, o_k, n_k, ρ_k]``, ``ρ_0 = ρ_K = 1``, TT-rank ``rank_
 
 ``y = x Wᵀ + (x Wᵀ) TT_Tᵀ + x TT_Rᵀ + b``,
 
-each TT product contracted core by core (``O(tokens · Σ_k ρ_{k−1}·ρ_k·d·o_k)``-ish, no dense matrix). Merge
+each TT product contracted core by core (``O(tokens · Σ_k ρ_{k−1}·ρ_k·d·o_k)``-ish, no dense matrix) for at most
+as many tokens as the product's input width; for more tokens (decision, same result) the dense TT-matrix is
+built once per forward (contracting the cores, no tokens involved) and applied as one linear, whose saved
+activations are ``ρ`` times smaller than the core-by-core intermediates. Merge
 exact: ``W ← W + TT_T W + TT_R`` (the bias is not transformed). Init (decision): last core of each train zero
 (identity at init), the others ``N(0, 1 / (o_k·n_k·ρ))`` with ``ρ`` the train's TT-rank, drawn from the config
 seed. Count ``Σ_k ρ_{k−1} o_k o_k ρ_k + Σ_k ρ_{k−1} o_k n_k ρ_k``.
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
@@ -66,10 +70,24 @@ def tt_apply(cores: list[Tensor] | nn.ParameterList, x: Tensor) -> Tensor:
     return t.reshape(*lead, -1)
 
 
-def tt_dense(cores: list[Tensor] | nn.ParameterList, d_in: int) -> Tensor:
-    """The dense ``[Π o_k, Π n_k]`` TT-matrix."""
-    eye = torch.eye(d_in, dtype=cores[0].dtype, device=cores[0].device)
-    return tt_apply(cores, eye).T
+def tt_dense(cores: list[Tensor] | nn.ParameterList) -> Tensor:
+    """The dense ``[Π o_k, Π n_k]`` TT-matrix, by contracting the cores left to right (row-major multi-indices:
+    the first core's indices are the most significant); the largest intermediate is the last but one partial
+    product, ``ρ_{K−1}`` times the matrix over all cores but the last."""
+    m = cores[0][0]  # [o_1, n_1, ρ_1] (ρ_0 = 1)
+    for g in cores[1:]:
+        m = torch.einsum("ONr,rons->OoNns", m, g)
+        m = m.reshape(m.shape[0] * m.shape[1], m.shape[2] * m.shape[3], m.shape[4])
+    return m[..., 0]
+
+
+def tt_matmul(cores: list[Tensor] | nn.ParameterList, x: Tensor) -> Tensor:
+    """``x Mᵀ``: core by core for at most ``d_in`` tokens, else through the dense ``M`` (one linear, which saves
+    only ``x`` and ``M`` for backward instead of every core's intermediate over all tokens)."""
+    d_in = x.shape[-1]
+    if x.numel() // d_in <= d_in:
+        return tt_apply(cores, x)
+    return F.linear(x, tt_dense(cores))
 
 
 @dataclass(kw_only=True)
@@ -132,13 +150,13 @@ class TLoRA(Adapter):
                     core.copy_(torch.randn(core.shape, generator=g) / math.sqrt(core.shape[1] * core.shape[2] * rank))
 
     def delta_weight(self, base: BaseView) -> Tensor:
-        t = tt_dense(self.transform, base.out_features)
-        return t @ base.weight.to(t.dtype) + tt_dense(self.residual, base.in_features)
+        t = tt_dense(self.transform)
+        return t @ base.weight.to(t.dtype) + tt_dense(self.residual)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         linear = base_out if base.bias is None else base_out - base.bias
         dtype = self.transform[0].dtype
-        y = tt_apply(self.transform, linear.to(dtype)) + tt_apply(self.residual, x.to(dtype))
+        y = tt_matmul(self.transform, linear.to(dtype)) + tt_matmul(self.residual, x.to(dtype))
         return base_out + y.to(base_out.dtype)
 
     @classmethod

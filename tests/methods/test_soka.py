@@ -79,3 +79,19 @@ def test_merge_matches_unmerged() -> None:
             a.A.add_(0.1 * torch.randn_like(a.A))
         want = model(x)
         torch.testing.assert_close(model.merge(unload=True)(x), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (2, 3, 24)])  # factored form (1 token) / ΔW built (6 tokens)
+def test_both_forward_forms_give_dense_values_and_gradients(shape: tuple[int, ...]) -> None:
+    base, lin = _base()
+    a = SoKA(base, SoKAConfig(k=3))
+    with torch.no_grad():
+        a.A.add_(0.1 * torch.randn_like(a.A))
+        a.B.add_(0.1 * torch.randn_like(a.B))
+    x = torch.randn(shape)
+    got = a(x, lin(x), base)
+    grads = torch.autograd.grad(got.square().sum(), [a.A, a.B])
+    want = lin(x) + x @ a.delta_weight(base).T
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), [a.A, a.B])):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)

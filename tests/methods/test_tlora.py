@@ -35,7 +35,7 @@ def test_tt_equals_kronecker_of_slices() -> None:
     want = torch.zeros(24, 12)
     for a, b in itertools.product(range(2), range(3)):
         want += torch.kron(torch.kron(cores[0][0, :, :, a], cores[1][a, :, :, b]), cores[2][b, :, :, 0])
-    torch.testing.assert_close(tt_dense(cores, 12), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tt_dense(cores), want, atol=1e-5, rtol=0)
     x = torch.randn(2, 5, 12)
     torch.testing.assert_close(tt_apply(cores, x), x @ want.T, atol=1e-5, rtol=0)
 
@@ -54,9 +54,9 @@ def test_count_identity_full_rank_and_dense_form() -> None:
     with torch.no_grad():
         torch.testing.assert_close(a(x, lin(x), base), lin(x), atol=0, rtol=0)
         _randomise(a)
-        t = torch.eye(20) + tt_dense(a.transform, 20)
+        t = torch.eye(20) + tt_dense(a.transform)
         assert torch.linalg.matrix_rank(t) == 20
-        w_new = t @ lin.weight + tt_dense(a.residual, 24)
+        w_new = t @ lin.weight + tt_dense(a.residual)
         torch.testing.assert_close(a(x, lin(x), base), x @ w_new.T + lin.bias, atol=1e-5, rtol=0)
         torch.testing.assert_close(a.delta_weight(base), w_new - lin.weight, atol=1e-5, rtol=0)
 
@@ -71,3 +71,20 @@ def test_merge_matches_unmerged_and_validation() -> None:
         torch.testing.assert_close(model.merge(unload=True)(x), want, atol=1e-5, rtol=0)
     with pytest.raises(InvalidConfigError, match="rank_residual"):
         TLoRAConfig(rank_residual=0)
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # core by core (3 <= 20, 24) / through the dense matrices (40)
+def test_both_forward_forms_give_dense_values_and_gradients(tokens: int) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 20)
+    base = BaseView(lin)
+    a = TLoRA(base, TLoRAConfig())
+    _randomise(a)
+    x = torch.randn(tokens, 24)
+    got = a(x, lin(x), base)
+    params = list(a.parameters())
+    grads = torch.autograd.grad(got.square().sum(), params)
+    want = lin(x) + x @ a.delta_weight(base).T
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), params)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
