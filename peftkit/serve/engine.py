@@ -523,9 +523,10 @@ class Engine:
         if request.finished:  # the common case (stream ended normally): no need to wait for the step lock
             return False
         with self._queue_lock:
-            if self._dequeue(request):
-                self._finish(request, "cancelled")
-                return True
+            dequeued = self._dequeue(request)
+        if dequeued:  # (finished outside the queue lock: its listener may submit again)
+            self._finish(request, "cancelled")
+            return True
         with self._lock:
             if request.finished:
                 return False
@@ -864,11 +865,12 @@ class Engine:
             self._thread.join(timeout=10)
             self._thread = None
         if drain:
-            with self._lock, self._queue_lock:
-                for req in [*self.waiting, *self.running]:
-                    self._fail(req, EngineClosedError("the engine stopped before the request finished"))
-                self.waiting.clear()
+            with self._lock:
+                with self._queue_lock:
+                    left, self.waiting = [*self.waiting, *self.running], deque()
                 self.running = []
+                for req in left:  # outside the queue lock: a listener may call submit (and get EngineClosedError)
+                    self._fail(req, EngineClosedError("the engine stopped before the request finished"))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
