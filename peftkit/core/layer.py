@@ -34,6 +34,9 @@ class Routing:
             the duration of a call). Independent of ``adapter_ids``: they say which *task* a row belongs to, for
             methods whose adapter depends on it (task-routed inventories such as Poly/MHR). Only adapters that
             declare ``uses_task_ids = True`` receive them (as ``forward(..., task_ids=rows' ids)``).
+        static_adapters: the owner promised that adapter tensors change only through adding, removing or
+            renaming adapters (``AdaptedModel.set_static_adapters``), so mixed batches skip the per-forward
+            version check of every adapter tensor.
         forward_state: values adapters hand to each other *within one forward of the model* (an adapter on the
             patch embedding publishes an image context that adapters at later blocks read). Only adapters that
             declare ``uses_forward_state = True`` receive it (as ``forward(..., state=forward_state)``); the
@@ -46,6 +49,7 @@ class Routing:
     adapter_ids: Tensor | None = None
     shared_id: int | None = None
     task_ids: Tensor | None = None
+    static_adapters: bool = False
     forward_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -200,7 +204,7 @@ class AdaptedLayer(nn.Module):
         order = tuple(self.routing.order)
         bank = self._bank
         if not torch.is_grad_enabled():
-            if bank is not None and bank.order == order and bank.fresh():
+            if bank is not None and bank.order == order and (self.routing.static_adapters or bank.fresh()):
                 return bank if bank.packed is not None else None
             self._bank = bank = self._update_bank(bank if bank is not None and bank.packed is not None else None)
             return bank if bank.packed is not None else None

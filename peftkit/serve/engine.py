@@ -200,7 +200,9 @@ class Engine:
     """Batched multi-adapter generation on one frozen causal LM.
 
     Args:
-        model: a Hugging Face causal LM (or an ``AdaptedModel`` around one); wrapped once and frozen.
+        model: a Hugging Face causal LM (or an ``AdaptedModel`` around one); wrapped once and frozen. Its
+            adapters are declared static (``AdaptedModel.set_static_adapters``): change them through the
+            engine (load / unload), not by writing into their tensors.
         tokenizer: see :class:`Tokenizer`.
         cache: where adapters come from (the engine installs its fingerprint check as ``cache.validate`` if
             the cache has none).
@@ -236,6 +238,8 @@ class Engine:
         self.model = model if isinstance(model, AdaptedModel) else AdaptedModel(model)
         self.model.eval()
         self.model.set_adapter([])  # rows choose their adapter; none applies to all
+        # adapter tensors are written only by _install: mixed batches need not re-check their versions
+        self.model.set_static_adapters()
         self.tokenizer = tokenizer
         self.cache = cache
         if cache.validate is None:

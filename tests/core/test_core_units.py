@@ -371,3 +371,26 @@ def test_rename_adapter_keeps_modules_id_and_state(tmp_path) -> None:
         model.rename_adapter("nope", "x")
     model.save(tmp_path / "y", adapter="y")
     assert pk.load(make_tiny_net(), tmp_path / "y").configs["y"] == model.configs["y"]
+
+
+def test_static_adapters_skip_the_version_check_until_released() -> None:
+    """Under set_static_adapters an in-place write is not seen by the cached bank (the promise was broken);
+    adding an adapter or releasing the promise brings every row up to date."""
+    model = _lora_model([2, 2])
+    ids = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.set_static_adapters()
+    with torch.no_grad():
+        before = model(ids, adapter_ids=[0, 1])
+        model.adapter_modules("a0")["fc1"].B.mul_(2.0)
+        torch.testing.assert_close(model(ids, adapter_ids=[0, 1]), before, atol=0, rtol=0)
+        model.set_static_adapters(False)
+        torch.testing.assert_close(
+            model(ids, adapter_ids=[0, 1]), _per_adapter_reference(model, ids), atol=1e-6, rtol=0
+        )
+        model.set_static_adapters()
+        model.adapter_modules("a1")["fc1"].B.mul_(3.0)
+        model.add_adapter("a2", pk.LoRAConfig(r=2, targets=["fc1"], seed=2))  # the order changes: full check
+        three = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(
+            model(three, adapter_ids=[0, 1, 2]), _per_adapter_reference(model, three), atol=1e-6, rtol=0
+        )
