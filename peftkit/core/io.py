@@ -176,14 +176,23 @@ def load_adapter(model: Any, path: str | Path, name: str | None = None, activate
                 f"on this model the adapter's targets select {len(model.layer_paths[name])} modules, "
                 f"but it was saved for {len(meta['base_fingerprint'])}"
             )
-        _assign(model, name, tensors, path)
+        assign_state(model, name, tensors, path)
     except BaseException:
         model.delete_adapter(name)
         raise
     return name
 
 
-def _assign(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path) -> None:
+def assign_state(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path) -> None:
+    """Copy saved tensors (keyed ``<module path>.<tensor name>``, as :func:`save_adapter` writes them) into the
+    modules of adapter ``name``: the one path from saved tensors to adapter modules (loading, serving).
+
+    Each module's :meth:`Adapter.fit_state` sees its saved tensors first (methods whose structure changes while
+    training reshape to them); then every tensor ``state_dict`` names must be in ``tensors`` with its shape.
+
+    Raises:
+        AdapterFileError: names or shapes do not match the adapter's config (``path`` is named in the message).
+    """
     # One pass over the adapter's modules; tensors are copied straight into the parameters and buffers that
     # ``state_dict`` names (what ``save`` wrote), which is ``load_state_dict`` without its per-module overhead.
     modules = model.adapter_modules(name)
