@@ -5,10 +5,15 @@ with ``m [out]`` trainable and the LoRA pair ``A, B`` as in :mod:`peftkit.method
 too). The row norm (per output row, over every input dim, spec decision) is detached from the graph, as
 in the paper (§4.3). At init ``m = ||W||_row`` and ``B = 0``, so DoRA starts as the identity.
 
-Forward, as PEFT computes it (the bias is not rescaled):
-``y = b + g ⊙ (x Wᵀ + s·(drop(x) Aᵀ) Bᵀ)`` with ``g = m / ||W + s·BA||_row``. When dropout is active in
-training, PEFT's code computes the base term ``x Wᵀ`` from the *dropped* input; we follow the code (the spec
-text says the undropped input) so that training matches PEFT step for step.
+Forward (as PEFT computes it; the bias is not rescaled), with ``g = m / ||W + s·BA||_row``:
+
+* no dropout, or eval mode: ``y = b + g ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ)``;
+* dropout active in training, ``x_d = drop(x)``: ``y = base(x) + (g − 1) ⊙ (x_d Wᵀ) + g ⊙ s·(x_d Aᵀ) Bᵀ``.
+  The frozen output ``base(x)`` keeps the un-dropped input (so a fresh adapter, ``g = 1`` and ``B = 0``, is the
+  identity in training too); only the magnitude's rescaling term and the LoRA term see the dropped input.
+  This is PEFT's formula (``DoraLinearLayer.forward`` / ``_DoraConvNdLayer.forward`` given ``base_result=None``:
+  ``x_d Wᵀ`` without the bias, added to the full base output); for Conv2d ``x_d Wᵀ`` is the base convolution
+  (stride, padding, dilation) of ``x_d`` without bias, and the LoRA term a conv with ``A`` then a 1x1 conv with ``B``.
 
 Supported: ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d`` (groups=1). Merge: ``ΔW = W' − W`` (exact).
 """
@@ -104,20 +109,22 @@ class DoRA(LoRA):
             out.addmm_(hidden.reshape(-1, hidden.shape[-1]), (self.B * gain[:, None]).T, alpha=self.scale)
             return out.view(base_out.shape)
         if dropped:
-            x = self.dropout(x)
-            base_term = base.apply(x, base.weight)
-        else:
-            base_term = base_out if bias is None else base_out - bias
-        hidden = base.apply(x, self.A)  # x is already dropped where dropout applies
-        if self.kind == "conv2d":
-            inner = base_term + self.scale * torch.nn.functional.conv2d(hidden, self.B[:, :, None, None])
-        else:
-            inner = torch.addmm(
-                base_term.reshape(-1, base_term.shape[-1]),
-                hidden.reshape(-1, hidden.shape[-1]),
-                self.B.T,
-                alpha=self.scale,
-            ).view(base_term.shape)
+            # PEFT's training formula: y = base(x) + (g − 1)·(x_d Wᵀ) + g·s·B A x_d, base(x) with the undropped x.
+            x_d = self.dropout(x)
+            frozen = base.apply(x_d, base.weight)  # x_d Wᵀ, no bias
+            hidden = base.apply(x_d, self.A)
+            if self.kind == "conv2d":
+                lora = torch.nn.functional.conv2d(hidden, self.B[:, :, None, None])
+                return base_out + (gain - 1) * frozen + (self.scale * gain) * lora
+            flat = torch.addcmul(
+                base_out.reshape(-1, base_out.shape[-1]), frozen.reshape(-1, frozen.shape[-1]), gain - 1
+            )
+            flat.addmm_(hidden.reshape(-1, hidden.shape[-1]), (self.B * gain[:, None]).T, alpha=self.scale)
+            return flat.view(base_out.shape)
+        # conv2d, no dropout: y = g·(x Wᵀ + s·B A x) + b
+        base_term = base_out if bias is None else base_out - bias
+        hidden = base.apply(x, self.A)
+        inner = base_term + self.scale * torch.nn.functional.conv2d(hidden, self.B[:, :, None, None])
         return inner * gain if bias is None else torch.addcmul(bias, inner, gain)
 
     def delta_weight(self, base: BaseView) -> Tensor:
