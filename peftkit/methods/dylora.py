@@ -15,11 +15,17 @@ the components ``< b`` are detached, so only component ``b`` (row ``A[b]``, colu
 
 State is explicit, per module: ``train_rank`` (used in training mode) and ``eval_rank`` (used in eval mode,
 by :meth:`delta_weight` / :meth:`lowrank`, hence by merging and mixed batches; default ``r`` or
-``config.eval_rank``). Two ways to draw the training rank, both with no global state:
+``config.eval_rank``). ``eval_rank`` is a persistent buffer, so a rank chosen with :meth:`DyLoRA.set_rank` /
+:func:`set_rank` is saved with the adapter and a reloaded adapter runs at that rank. ``train_rank`` is not
+saved: it is redrawn before every optimizer step. Two ways to draw it, both with no global state:
 
-* :meth:`DyLoRA.step` (called by the trainer after each optimizer step): the rank for the next step is drawn
-  from a generator seeded by ``(config.seed or 0, global_step)``; every layer of the adapter shares the config,
-  so every layer draws the same rank (inferred: the official callback uses the global torch RNG).
+* :meth:`DyLoRA.step`, i.e. ``model.step_adapters(global_step)``: ``step(s)`` draws the rank that trains in the
+  optimizer step that follows step ``s`` (``s`` updates done), from a generator seeded by
+  ``(config.seed or 0, s)``; every layer of the adapter shares the config, so every layer draws the same rank
+  (inferred: the official callback uses the global torch RNG). peftkit's trainers call it once before the
+  first optimizer step (``step(0)`` draws the first rank) and after every optimizer step with the new
+  ``global_step``. **A plain PyTorch loop must do the same**: without ``step_adapters`` the adapter keeps
+  training rank ``r`` only (component ``r − 1`` in the frozen mode), and the lower ranks never train.
 * :func:`sample_rank` with an explicit ``torch.Generator`` (set ``sample_in_step=False`` to use it alone).
 
 Supported layers: ``nn.Linear`` and GPT-2 ``Conv1D``.
@@ -103,10 +109,13 @@ class DyLoRA(Adapter):
         self.train_rank = r
         self.frozen = not config.update_all_below
         k = config.eval_rank or r
-        # The eval rank is also a (non-persistent) buffer so that changing it bumps a tensor version: the
-        # core's cached mixed-batch bank is rebuilt then.
-        self.register_buffer("eval_rank", torch.tensor(k), persistent=False)
-        self._eval_k = k
+        # The eval rank is a persistent buffer: it is saved, so a rank set with set_rank survives save -> load.
+        # Writing it bumps its tensor version, which also makes the core rebuild its cached mixed-batch bank.
+        # The Python int is a cache of the buffer (slicing needs an int; reading the tensor in every forward
+        # would synchronise with the GPU), re-read whenever the buffer was replaced or written to (loading
+        # copies the saved value into it, ``load_state_dict`` too).
+        self.register_buffer("eval_rank", torch.tensor(k))
+        self._eval_cache = (self.eval_rank, self.eval_rank._version, k)
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
@@ -120,9 +129,27 @@ class DyLoRA(Adapter):
         return int(k)
 
     def set_rank(self, k: int) -> None:
-        """Use the rank-``k`` adapter in eval mode, for merging and in mixed batches."""
-        self._eval_k = self._check(k)
-        self.eval_rank.fill_(self._eval_k)
+        """Use the rank-``k`` adapter in eval mode, for merging and in mixed batches (saved with the adapter)."""
+        k = self._check(k)
+        self.eval_rank.fill_(k)
+        self._eval_cache = (self.eval_rank, self.eval_rank._version, k)
+
+    @property
+    def _eval_k(self) -> int:
+        """The eval rank as an int: the cached value while the ``eval_rank`` buffer is the same tensor with the
+        same version, else read from it (after loading or ``.to()``)."""
+        t = self.eval_rank
+        cached, version, k = self._eval_cache
+        if t is not cached or t._version != version:
+            k = self._check(int(t))
+            self._eval_cache = (t, t._version, k)
+        return k
+
+    def fit_state(self, state: dict[str, Tensor]) -> None:
+        """Files saved before the eval rank was saved have no ``eval_rank``: they load at the config's eval rank
+        (as they did then), the buffer staying unsaved for this module."""
+        if "eval_rank" not in state:
+            self.register_buffer("eval_rank", self.eval_rank, persistent=False)
 
     def set_train_rank(self, k: int, frozen: bool | None = None) -> None:
         """Train the rank-``k`` adapter (component ``b = k − 1``); ``frozen`` overrides the config's mode."""
@@ -131,7 +158,12 @@ class DyLoRA(Adapter):
             self.frozen = frozen
 
     def step(self, global_step: int) -> None:
-        """Draw the training rank for the next optimizer step from ``(config.seed or 0, global_step)``."""
+        """Draw the rank that trains in the next optimizer step, from ``(config.seed or 0, global_step)``.
+
+        ``global_step`` is the number of optimizer steps done: ``step(0)`` (before the first update) draws the
+        rank of the first update, ``step(s)`` after the ``s``-th update the rank of update ``s + 1``. Called by
+        ``model.step_adapters``; a loop that never calls it trains rank ``r`` only. Does nothing when
+        ``config.sample_in_step`` is ``False``."""
         if self.config.sample_in_step:
             g = torch.Generator().manual_seed((self.config.seed or 0) * 1_000_003 + int(global_step))
             self.set_train_rank(int(torch.randint(self.config.r, (1,), generator=g)) + 1)

@@ -115,3 +115,83 @@ def test_mixed_batch_uses_each_adapters_eval_rank() -> None:
         model.set_adapter("b")
         only_b = model(input_ids=ids)
     torch.testing.assert_close(mixed[1], only_b[1], atol=1e-5, rtol=0)
+
+
+def test_set_rank_is_saved_and_reloaded(tmp_path) -> None:
+    """Issue 12 item 14: a rank chosen with set_rank is part of the saved adapter; the reloaded adapter runs,
+    merges and reports at that rank, also when it is moved (``.to``) before its first forward."""
+    model = pk.adapt(make_tiny_net(), DyLoRAConfig(r=4, targets=["fc1", "fc2"], seed=0)).eval()
+    with torch.no_grad():
+        for m in model.adapter_modules("default").values():
+            m.B.normal_()
+    ids = torch.randint(0, 40, (4, 5), generator=torch.Generator().manual_seed(1))
+    set_rank(model, 1)
+    with torch.no_grad():
+        want = model(input_ids=ids)
+        full_rank = model.adapter_modules("default")["fc1"].delta_weight(None).clone()
+    model.save(tmp_path / "dy")
+    loaded = pk.load(make_tiny_net(), tmp_path / "dy").eval()
+    mods = loaded.adapter_modules("default")
+    assert all(m.effective_rank() == 1 and m.lowrank(None).down.shape[0] == 1 for m in mods.values())
+    with torch.no_grad():
+        got = loaded(input_ids=ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    torch.testing.assert_close(mods["fc1"].delta_weight(None), full_rank, rtol=0, atol=0)
+    plain = loaded.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_load_state_dict_carries_the_eval_rank() -> None:
+    a, base, lin = _adapter(r=4)
+    a.eval().set_rank(2)
+    b, _, _ = _adapter(r=4)
+    b.eval()
+    assert b.rank == 4
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 10)
+    assert b.rank == 2 and torch.equal(b(x, lin(x), base), a(x, lin(x), base))
+
+
+def test_eval_rank_follows_a_replaced_buffer() -> None:
+    """The int cache of the eval rank is re-read when the buffer is written or replaced (``.to(device)`` makes a
+    new tensor whose version restarts at 0, which can equal the cached version)."""
+    a, base, _ = _adapter(r=4)
+    a.eval()
+    assert a.rank == 4  # cached at version 0
+    a.eval_rank.copy_(torch.tensor(2))  # written as loading writes it (version 1), no forward in between
+    a.eval_rank = a.eval_rank.clone()  # replaced as .to(device) replaces it: a new tensor at version 0
+    assert a.rank == 2 and a.lowrank(base).down.shape[0] == 2
+
+
+def test_step_semantics_documented_draws() -> None:
+    """``step(s)`` draws the rank of the update after ``s`` updates from ``(seed, s)``: step(0) draws the first."""
+    a, _, _ = _adapter(r=4, seed=7)
+    for s in (0, 1, 5):
+        a.step(s)
+        g = torch.Generator().manual_seed(7 * 1_000_003 + s)
+        assert a.train_rank == int(torch.randint(4, (1,), generator=g)) + 1
+
+
+def test_files_saved_without_the_eval_rank_still_load() -> None:
+    """Adapters saved before the eval rank was saved (no ``eval_rank`` tensors) load through the same path as
+    ``pk.load`` (``skip_init`` + ``assign_state``) at the config's eval rank."""
+    from peftkit.core.io import assign_state
+    from peftkit.core.protocol import skip_init
+
+    config = DyLoRAConfig(r=4, eval_rank=3, targets=["fc1", "fc2"], seed=0)
+    model = pk.adapt(make_tiny_net(), config).eval()
+    with torch.no_grad():
+        for m in model.adapter_modules("default").values():
+            m.B.normal_()
+    old_file = {k: t for k, t in model.adapter_state_dict("default").items() if not k.endswith("eval_rank")}
+    assert len(old_file) == 4
+    loaded = pk.AdaptedModel(make_tiny_net())
+    with skip_init():
+        loaded.add_adapter("default", config)
+    assign_state(loaded, "default", old_file, "old file")
+    loaded.eval()
+    ids = torch.randint(0, 40, (4, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids), model(input_ids=ids), rtol=0, atol=0)
+    assert all(m.effective_rank() == 3 for m in loaded.adapter_modules("default").values())
