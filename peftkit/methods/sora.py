@@ -18,7 +18,8 @@ official GLUE script):
 The official code runs the gates in their own AdamW with weight decay 0; that optimizer split is the
 trainer's business. After training, :meth:`SoRA.prune` gives the equivalent plain LoRA of rank
 ``|K|``, ``K = {i : g_i ≠ 0}``, with ``B' = B[:, K] diag(g_K)``, ``A' = A[K]``; :func:`prune_to_lora` does
-that for a whole adapter (rank ``max |K|`` over layers, zero-padded). Supported: ``nn.Linear``, ``Conv1D``.
+that for a whole adapter (rank ``max |K|`` over layers, zero-padded; each layer keeps its own scale, including
+per-module ``alpha`` / ``r`` overrides). Supported: ``nn.Linear``, ``Conv1D``.
 """
 
 from __future__ import annotations
@@ -172,6 +173,10 @@ def prune_to_lora(model: nn.Module, name: str, new_name: str) -> LoRAConfig:
     """Add adapter ``new_name`` to ``model`` (an ``AdaptedModel``): a plain LoRA equivalent to the SoRA adapter
     ``name``, of rank ``max |K|`` over its layers (layers with fewer nonzero gates are zero-padded).
 
+    Each layer keeps its own scale and dropout: where ``config.overrides`` gave some layers another ``alpha``,
+    ``r`` or ``dropout``, the LoRA config gets per-module overrides (one per layer, by exact path) with
+    ``alpha = s_layer · r_new``, so ``alpha / r_new`` is that layer's SoRA scale.
+
     Returns:
         the new adapter's config.
     """
@@ -182,7 +187,11 @@ def prune_to_lora(model: nn.Module, name: str, new_name: str) -> LoRAConfig:
     pruned = {path: m.prune(model.get_submodule(f"model.{path}").base) for path, m in modules.items()}
     r = max([p.config.r for p in pruned.values() if p is not None], default=1)
     targets = "|".join(re.escape(p) for p in modules)
-    new = LoRAConfig(r=r, alpha=config.scale * r, targets=targets)
+    per_layer = {path: {"alpha": m.scale * r, "dropout": m.config.dropout} for path, m in modules.items()}
+    shared = {"alpha": config.scale * r, "dropout": config.dropout}
+    # Exact paths for every layer once any differs: a path key also matches longer paths as a suffix.
+    overrides = per_layer if any(v != shared for v in per_layer.values()) else {}
+    new = LoRAConfig(r=r, targets=targets, overrides=overrides, **shared)
     model.add_adapter(new_name, new)
     for path, lora in model.adapter_modules(new_name).items():
         lora.A.zero_()

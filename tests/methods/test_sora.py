@@ -98,3 +98,27 @@ def test_merge_exact() -> None:
         want = model(input_ids=IDS)
         plain = model.merge()
         torch.testing.assert_close(plain(input_ids=IDS), want, atol=1e-5, rtol=0)
+
+
+def test_prune_to_lora_keeps_per_module_alpha_and_rank_overrides() -> None:
+    """Issue 12 item 14: a per-module ``alpha`` (or ``r``) override changes that layer's scale; the pruned LoRA
+    must keep it (it used the adapter-wide scale)."""
+    config = SoRAConfig(r=4, targets=["fc1", "fc2"], seed=0, overrides={"fc1": {"alpha": 40.0}, "fc2": {"r": 2}})
+    model = pk.adapt(make_tiny_net(), config).eval()
+    with torch.no_grad():
+        for m in model.adapter_modules("default").values():
+            m.B.normal_()
+        model.adapter_modules("default")["fc2"].gate[0] = 0.0  # fc2 prunes to rank 1, zero-padded to 4
+        want = model(input_ids=IDS)
+    new = prune_to_lora(model, "default", "pruned")
+    loras = model.adapter_modules("pruned")
+    assert new.r == 4 and loras["fc1"].scale == 10.0 and loras["fc2"].scale == 8.0
+    model.set_adapter("pruned")
+    with torch.no_grad():
+        got = model(input_ids=IDS)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+def test_prune_to_lora_without_overrides_writes_none() -> None:
+    model = _adapted()
+    assert prune_to_lora(model, "default", "pruned").overrides == {}
