@@ -9,7 +9,8 @@ An initialiser is any object with the two methods of :class:`Initializer`: ``pre
 config the adapter is built with (residual inits record their name in ``LoRAConfig.init``, so a saved adapter
 reloads with its residual offset buffers) and ``apply(model, name)`` writes the initial values once the adapter
 exists. Residual inits (PiSSA, LoRA-GA, LoKU) never modify the base weights: see :mod:`peftkit.methods.lora`.
-Specs: ``shared/methods/init.md`` and the LoRA-SB entry of ``shared/methods/lowrank.md``.
+Papers: PiSSA (Meng et al., 2024), LoRA-GA (Wang et al., 2024), LoKU/FILA (Cha et al., 2025), LoRA-SB
+(Ponkshe et al., 2024).
 """
 
 from __future__ import annotations

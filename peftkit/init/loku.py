@@ -1,7 +1,7 @@
 """LoKU (Cha et al., 2025, "Towards Robust and Parameter-Efficient Knowledge Unlearning for LLMs"): the FILA
 initialisation and the inverted hinge loss.
 
-Spec ``shared/methods/init.md`` (LoKU). FILA: Fisher diagonals over one pass of the forget set and of the
+FILA: Fisher diagonals over one pass of the forget set and of the
 retain set, ``F_f = Σ_batches (∂L/∂W)²·n_tok`` (``n_tok``: the batch's non-ignored label tokens), likewise
 ``F_r``; relative importance ``I = (F_f/f_cnt) / (1e-5 + F_r/r_cnt)``; row weights ``w = √(Σ_j I_ij)``;
 ``U, S, V = svd_lowrank(diag(w) W, q=r)``; ``S ← S/s``; ``A = (V√S)ᵀ``, ``B = diag(1/(w + 1e-5)) U√S``; the

@@ -1,6 +1,6 @@
 """LoRA-GA (Wang et al., 2024, "LoRA-GA: Low-Rank Adaptation with Gradient Approximation").
 
-Spec ``shared/methods/init.md`` (LoRA-GA). The averaged full gradient ``G = mean_batches ∂L/∂W`` of every
+The averaged full gradient ``G = mean_batches ∂L/∂W`` of every
 target weight is estimated on a few calibration batches; ``U, S, V = svd_lowrank(G, q=min(4r, min(G.shape)),
 niter=4)``, ``Vh = Vᵀ``; direction ``"ArB2r"`` (default): ``A = Vh[:r]``, ``B = U[:, r:2r]``; then the scale
 (``"stable"``: both times ``d_out^{1/4}/√γ``). The residual offset ``B₀A₀ = BA`` keeps the model unchanged

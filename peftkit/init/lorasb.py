@@ -1,4 +1,5 @@
-"""The LoRA-SB initialisation (spec ``shared/methods/lowrank.md``, LoRA-SB; summary in ``init.md``).
+"""The LoRA-SB initialisation (Ponkshe et al., 2024, "Initialization using Update Approximation is a Silver
+Bullet for Extremely Efficient Low-Rank Fine-Tuning").
 
 (1) Gradients of the target weights on a few training examples (official: 50 examples in batches of 3,
 ``model.train()``, summed over batches); (2) the processed update ``ΔŴ = −η_eff · sign(Σ G)``,

@@ -11,20 +11,24 @@ Gaussian ``N(0, 1/r²)``, ``B = 0``; for embeddings ``A = 0`` and ``B ~ N(0, 1)`
 ``ΔW = s · B A`` (exact merge). With ``bias=True`` (PEFT ``lora_bias``) ``B`` carries a bias, scaled by ``s``
 (not on embeddings, which have no bias to merge it into; PEFT refuses it there too).
 
-Residual (data-aware) initialisations (``init="pissa"``, ``"pissa_niter_<K>"``, ``"lora_ga"``, ``"loku"``;
-spec ``shared/methods/init.md``). These choose non-zero initial factors ``A₀``, ``B₀`` and, in the papers and in
-PEFT, replace the frozen weight by ``W_res = W − s·B₀A₀`` so the model is unchanged at step 0. **Decision:** we
-never touch the user's base weight. The adapter keeps ``A₀ [r, in]``, ``B₀ [out, r]`` as frozen persistent
-buffers (the "residual offset") and computes
+Residual (data-aware) initialisations (``init="pissa"``, ``"pissa_niter_<K>"``, ``"lora_ga"``, ``"loku"``:
+PiSSA, Meng et al., 2024; LoRA-GA, Wang et al., 2024; LoKU/FILA, Cha et al., 2025). These choose non-zero
+initial factors ``A₀``, ``B₀`` and, in the papers and in PEFT, replace the frozen weight by
+``W_res = W − s·B₀A₀`` so the model is unchanged at step 0. **Decision:** we never touch the user's base weight.
+The adapter keeps ``A₀ [r, in]``, ``B₀ [out, r]`` as frozen persistent buffers (the "residual offset") and
+computes
 
-``y = base(x) + s · (B A − B₀ A₀) x``  (one fused rank-``2r`` product ``[B, −B₀] · [A; A₀] x``),
+``y = base(x) + s · (B A drop(x) − B₀ A₀ x)``  (one fused rank-``2r`` up-product ``[B, −B₀] · [A drop(x); A₀ x]``),
 
 so ``ΔW = s(BA − B₀A₀)`` and :meth:`LoRA.lowrank` is the rank-``2r`` concatenation. This is the same function
-as LoRA on ``W_res`` (``W_res + s·BA = W + s(BA − B₀A₀)``), and it costs one extra frozen rank-``r`` product
-per layer. In exchange the base stays untouched, so disabling the adapter, mixed batches (rows with ``-1``
-get the real base), several adapters on one base, merge/unmerge, saving and loading onto a fresh base and
-the export to a plain PEFT LoRA of rank ``2r`` all stay exact through the generic core with no special case;
-PEFT's in-place residual makes ``disable_adapter()`` return the *residual* model, not the base.
+as LoRA on ``W_res`` (``W_res x + s·BA drop(x) = W x − s·B₀A₀ x + s·BA drop(x)``), and it costs one extra
+frozen rank-``r`` product per layer. Dropout belongs to the trainable branch only: the frozen offset stands for
+part of the residual base weight and sees the undropped ``x`` (with dropout inactive — eval mode or ``p = 0`` —
+both down-products share one input and run as one ``[A; A₀] x``). In exchange the base stays untouched, so
+disabling the adapter, mixed batches (rows with ``-1`` get the real base), several adapters on one base,
+merge/unmerge, saving and loading onto a fresh base and the export to a plain PEFT LoRA of rank ``2r`` all stay
+exact through the generic core with no special case; PEFT's in-place residual makes ``disable_adapter()``
+return the *residual* model, not the base.
 PiSSA needs only the weight, so its SVD runs in :meth:`LoRA.reset_parameters`; ``"lora_ga"`` and ``"loku"``
 need calibration data: the adapter starts as plain LoRA with a zero offset and an initialiser from
 :mod:`peftkit.init` writes the factors with :meth:`LoRA.set_factors`. The init name is saved with the
@@ -64,7 +68,8 @@ class LoRAConfig(AdapterConfig):
         r: rank of the update.
         alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
             Default ``alpha = r = 8`` (PEFT's default, spec decision).
-        dropout: dropout probability on the LoRA branch's input (off in eval mode).
+        dropout: dropout probability on the LoRA branch's input (off in eval mode; with a residual init the
+            frozen offset ``B₀A₀`` sees the undropped input).
         rslora: use the rank-stabilised scale ``alpha / sqrt(r)``.
         bias: give ``B`` a trainable bias (PEFT ``lora_bias``); merging then changes the base bias.
         init: ``"kaiming"`` (PEFT default) or ``"gaussian"`` initialisation of ``A`` (``B`` starts at zero);
@@ -120,7 +125,7 @@ _PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
 def fix_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
-    """The spec's sign convention for singular pairs (``shared/methods/init.md``): flip each pair so that the
+    """Our sign convention for singular pairs (a decision: SVD signs are arbitrary): flip each pair so that the
     entry of largest magnitude of each left vector (column of ``u``) is positive; ``vh``'s rows flip with it.
     Makes SVD-based inits independent of the LAPACK backend's sign choice."""
     idx = u.abs().argmax(dim=0)
@@ -131,7 +136,8 @@ def fix_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def pissa_factors(weight: Tensor, r: int, scale: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
-    """PiSSA's initial factors (spec ``init.md``, PEFT ``pissa_init``), in float32.
+    """PiSSA's initial factors (Meng et al., 2024, "PiSSA: Principal Singular Values and Singular Vectors
+    Adaptation of Large Language Models"; as PEFT's ``pissa_init``), in float32.
 
     ``W = U S Vᵀ`` (``torch.linalg.svd``, or ``torch.svd_lowrank(W, q=r, niter)`` when ``niter`` is set);
     ``S_r = S[:r] / s``; ``A = diag(√S_r) V_rᵀ`` (``[r, in]``), ``B = U_r diag(√S_r)`` (``[out, r]``), so
@@ -156,7 +162,7 @@ def pissa_factors(weight: Tensor, r: int, scale: float, niter: int | None = None
 
 @register("lora", LoRAConfig)
 class LoRA(Adapter):
-    """``y = base(x) + s · B A drop(x)``; with a residual init ``y = base(x) + s · (B A − B₀ A₀) drop(x)``.
+    """``y = base(x) + s · B A drop(x)``; with a residual init ``y = base(x) + s · (B A drop(x) − B₀ A₀ x)``.
 
     See the module docstring. The residual form costs one extra frozen rank-``r`` product per layer; we chose
     it over PEFT's in-place ``W_res`` so the base stays untouched (disable and mixed batches give the true
@@ -257,11 +263,23 @@ class LoRA(Adapter):
         return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
 
     # --------------------------------------------------------------------------------------------- forward
-    def lora_out(self, x: Tensor, base: BaseView) -> Tensor:
-        """``B A drop(x)`` (``(BA − B₀A₀) drop(x)`` with a residual offset; unscaled, without bias), in the base
-        output's layout."""
+    def down_project(self, x: Tensor, base: BaseView) -> tuple[Tensor, Tensor]:
+        """``(hidden, up)`` with ``up · hidden`` the unscaled update: ``(A drop(x), B)``, or with a residual
+        offset ``([A drop(x); A₀ x], [B, −B₀])`` (the rank-``2r`` form; ``hidden`` in the base output's layout,
+        rank on the last dim, or on dim 1 for Conv2d)."""
+        if self.residual and self.training and isinstance(self.dropout, nn.Dropout):
+            # Dropout belongs to the trainable branch only: the frozen offset s·B₀A₀ stands for the residual base
+            # weight (PEFT's W_res = W − s·B₀A₀), which sees the undropped x. Two down products, one up product.
+            rank_dim = 1 if self.kind == "conv2d" else -1
+            hidden = torch.cat([base.apply(self.dropout(x), self.A), base.apply(x, self.A0)], dim=rank_dim)
+            return hidden, torch.cat([self.B, -self.B0], dim=1)
         down, up = self.factors()
-        hidden = base.apply(self.dropout(x), down)
+        return base.apply(self.dropout(x), down), up
+
+    def lora_out(self, x: Tensor, base: BaseView) -> Tensor:
+        """``B A drop(x)`` (``B A drop(x) − B₀A₀ x`` with a residual offset; unscaled, without bias), in the base
+        output's layout."""
+        hidden, up = self.down_project(x, base)
         if self.kind == "conv2d":
             return F.conv2d(hidden, up[:, :, None, None])
         return hidden @ up.T
@@ -273,8 +291,7 @@ class LoRA(Adapter):
                 delta = delta + (self.bias if self.kind != "conv2d" else self.bias[:, None, None])
             return base_out + self.scale * delta
         # Linear / embedding: one fused addmm, so no [tokens, out] temporary besides the result.
-        down, up = self.factors()
-        hidden = base.apply(self.dropout(x), down)
+        hidden, up = self.down_project(x, base)
         return add_lowrank(base_out, hidden, up, self.scale)
 
     # ------------------------------------------------------------------------------------------- weights

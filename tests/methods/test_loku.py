@@ -1,4 +1,4 @@
-"""LoKU (spec shared/methods/init.md, LoKU): inverted hinge loss, FILA init (identity at init, base untouched,
+"""LoKU (Cha et al., 2025): inverted hinge loss, FILA init (identity at init, base untouched,
 Fisher importance, constant weights reduce to PiSSA), save/load, and the unlearning example."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _residual_dropout import assert_train_mode_parity, move_off_init, peft_lora_on_residual_base
 
 import peftkit as pk
 from peftkit.init import fila_factors, inverted_hinge_loss
@@ -139,3 +140,18 @@ def test_unlearning_example_raises_forget_loss_and_keeps_retain_loss() -> None:
     assert result["retain_at_init"] == pytest.approx(result["retain_before"], abs=1e-4)
     assert result["forget_after"] > result["forget_before"] + 3.0  # forgotten (NLL up by > 3 nats)
     assert result["retain_after"] < result["retain_before"] + 0.25  # retained (NLL stays close)
+
+
+@pytest.mark.parity
+def test_dropout_in_training_leaves_the_frozen_offset_undropped() -> None:
+    """With dropout in training, ``y = W_res x + s·B A drop(x)``: the frozen FILA offset ``s·B₀A₀`` sees the
+    undropped ``x`` (PEFT's residual convention). Compared with a PEFT LoRA on ``W_res`` (same masks), GPT-2 Conv1D."""
+    pytest.importorskip("peft")
+    forget, retain = _sets()
+    base = tiny_gpt2()
+    cfg = pk.LoRAConfig(r=2, alpha=8, targets=TARGETS, dropout=0.2)
+    ours = pk.adapt(copy.deepcopy(base), cfg, init=pk.init.LoKU(forget, retain))
+    move_off_init(ours)
+    pm = peft_lora_on_residual_base(base, ours, 0.2)
+    ids = forget[0]["input_ids"]
+    assert_train_mode_parity(pm, ours, lambda m: m(ids).logits)

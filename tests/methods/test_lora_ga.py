@@ -1,4 +1,4 @@
-"""LoRA-GA init (spec shared/methods/init.md, LoRA-GA): factor properties, identity at init with an untouched
+"""LoRA-GA init (Wang et al., 2024): factor properties, identity at init with an untouched
 base, the first step approximates the full-gradient step, parity with PEFT's ``init_lora_weights="lora_ga"``."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _residual_dropout import assert_train_mode_parity, move_off_init, peft_lora_on_residual_base
 from torch import nn
 
 import peftkit as pk
@@ -219,3 +220,19 @@ def test_weight_scale_and_norm_clip() -> None:
     torch.testing.assert_close(clipped_b, unit_b * ratio)
     with pytest.raises(InvalidConfigError, match="need the layer's weight"):
         lora_ga_factors(grad, 2, 4.0, norm_clip=True)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("dropout", [0.1, 0.3])
+def test_dropout_in_training_leaves_the_frozen_offset_undropped(dropout: float) -> None:
+    """With dropout in training, ``y = W_res x + s·B A drop(x)`` (PEFT's LoRA-GA on its rewritten base): the
+    frozen offset ``s·B₀A₀`` sees the undropped ``x``. Compared with a PEFT LoRA on ``W_res`` (same masks)."""
+    pytest.importorskip("peft")
+    base = Net()
+    init = pk.init.LoRAGA(_batches(), loss_fn=mse)
+    cfg = pk.LoRAConfig(r=2, alpha=4, targets=["fc1", "fc2"], dropout=dropout)
+    ours = pk.adapt(copy.deepcopy(base), cfg, init=init)
+    move_off_init(ours)
+    pm = peft_lora_on_residual_base(base, ours, dropout)
+    x = _batches()[0][0]
+    assert_train_mode_parity(pm, ours, lambda m: m(x))

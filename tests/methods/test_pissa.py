@@ -1,4 +1,4 @@
-"""PiSSA as a residual LoRA init (spec shared/methods/init.md, PiSSA): properties, PEFT parity, save/load onto an
+"""PiSSA as a residual LoRA init (Meng et al., 2024): properties, PEFT parity, save/load onto an
 untouched base, export to a plain PEFT LoRA of rank 2r."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from _residual_dropout import assert_train_mode_parity, move_off_init, peft_lora_on_residual_base
 from conftest import tiny_gpt2
 from torch import nn
 
@@ -217,3 +218,61 @@ def test_peft_converted_pissa_adapter_imports_onto_the_untouched_base(tmp_path) 
     theirs.save_pretrained(tmp_path / "raw")
     with pytest.raises(pk.errors.UnsupportedAdapterError, match="rewrites the base weights"):
         pk.import_peft(MLP(), tmp_path / "raw")
+
+
+# ------------------------------------------------------------------------------------- dropout in training
+@pytest.mark.parity
+@pytest.mark.parametrize("dropout", [0.1, 0.3])
+def test_dropout_in_training_matches_peft(dropout: float) -> None:
+    """Dropout belongs to the trainable branch only: ``y = W_res x + s·B A drop(x)`` as PEFT's PiSSA (whose
+    rewritten base sees the undropped ``x``), with the same masks; the frozen offset is not dropped."""
+    peft = pytest.importorskip("peft")
+    base = MLP()
+    ours = pk.adapt(copy.deepcopy(base), _cfg(dropout=dropout), init="pissa")
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=R, lora_alpha=ALPHA, target_modules=["fc1", "fc2"], init_lora_weights="pissa", lora_dropout=dropout
+        ),
+    )
+    with torch.no_grad():
+        for path, a in _adapters(ours).items():
+            layer = theirs.base_model.model.get_submodule(path)
+            pa, pb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            sign = torch.sign((pb * a.B).sum(0))  # same factors up to one sign per singular pair
+            torch.testing.assert_close(a.B * sign, pb, atol=1e-4, rtol=1e-4)
+            a.A.copy_(pa)
+            a.B.copy_(pb)
+    move_off_init(ours)  # ... then the same "training" move on both sides
+    with torch.no_grad():
+        for path, a in _adapters(ours).items():
+            layer = theirs.base_model.model.get_submodule(path)
+            layer.lora_A["default"].weight.copy_(a.A)
+            layer.lora_B["default"].weight.copy_(a.B)
+    x = _x()
+    assert_train_mode_parity(theirs, ours, lambda m: m(x))
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, kernel_size=3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.tanh(self.conv1(x)))
+
+
+@pytest.mark.parity
+def test_conv2d_dropout_in_training_matches_lora_on_the_residual_base() -> None:
+    """Conv2d PiSSA with dropout in training = a PEFT LoRA (same dropout mask) on the rewritten ``W_res``."""
+    pytest.importorskip("peft")
+    base = ConvNet()
+    ours = pk.adapt(
+        copy.deepcopy(base), pk.LoRAConfig(r=2, alpha=4.0, targets=["conv1", "conv2"], dropout=0.2), init="pissa"
+    )
+    move_off_init(ours)
+    pm = peft_lora_on_residual_base(base, ours, 0.2)
+    x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(2))
+    assert_train_mode_parity(pm, ours, lambda m: m(x))
