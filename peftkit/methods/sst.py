@@ -16,7 +16,9 @@ Rounds (decision): every ``round_steps`` optimizer steps (:meth:`step`) the samp
 Enhanced gradient (decision, on by default): ``∂L/∂U_i = (∂L/∂W) V_i`` and ``∂L/∂V_i = (∂L/∂W)ᵀ U_i``, i.e. the
 usual gradients divided by ``σ_i`` (a custom autograd identity). Simplification: optimizer states of
 ``U_s``/``V_s`` are not reset at a round boundary (the adapter does not own the optimizer). The evolving
-``U``, ``V`` and ``S`` are persistent buffers (saved: SST is full training, the saved state is weight-sized).
+``U``, ``V``, ``S`` and the round counter ``round_index`` are persistent buffers (saved: SST is full training,
+the saved state is weight-sized), so a run saved and resumed draws the same samples at its next rounds as one
+that was never interrupted.
 Hyperbolic (Lorentz) layers are not implemented.
 """
 
@@ -97,14 +99,31 @@ class SST(Adapter):
         self.sigma = nn.Parameter(torch.empty(m, **kw))
         self.U_s = nn.Parameter(torch.empty(d_out, r, **kw))
         self.V_s = nn.Parameter(torch.empty(d_in, r, **kw))
-        self.round = 0
+        # Rounds done so far: it seeds the next draw, so it is saved (a resumed run continues the same sequence).
+        self.register_buffer("round_index", torch.zeros((), dtype=torch.long, device=base.device))
 
     def reset_parameters(self, base: BaseView) -> None:
         u, s, vh = torch.linalg.svd(base.weight.detach().double(), full_matrices=False)
         self.U.copy_(u)
         self.V.copy_(vh.T)
         self.sigma.copy_(s)
+        self.round_index.zero_()
         self._sample()
+
+    def fit_state(self, state: dict[str, Tensor]) -> None:
+        """Files saved before the round counter was saved have no ``round_index``: they load at round 0 (as
+        they did then), the counter staying unsaved for this module."""
+        if "round_index" not in state:
+            self.register_buffer("round_index", self.round_index, persistent=False)
+
+    @property
+    def round(self) -> int:
+        """Rounds done so far (the saved ``round_index``); round ``k``'s sample is drawn from ``(seed, k)``."""
+        return int(self.round_index)
+
+    @round.setter
+    def round(self, value: int) -> None:
+        self.round_index.fill_(int(value))
 
     # ------------------------------------------------------------------------------------------- rounds
     @torch.no_grad()
@@ -133,7 +152,7 @@ class SST(Adapter):
         self.U.copy_(u2)
         self.V.copy_(vh2.T)
         self.sigma.copy_(s2)
-        self.round += 1
+        self.round_index.add_(1)
         self._sample()
 
     def step(self, global_step: int) -> None:

@@ -88,3 +88,71 @@ def test_enhanced_gradient_divides_by_sigma() -> None:
         a(x, lin(x), base).pow(2).sum().backward()
         grads[enhanced] = a.U_s.grad.clone()
     torch.testing.assert_close(grads[True], grads[False] / a.sigma.detach()[a.S], rtol=1e-4, atol=1e-6)
+
+
+def _run(model, steps: range, samples: list) -> None:
+    """SGD steps ``steps`` (global step numbers) as a trainer runs them: update, then ``step_adapters``."""
+    import torch.nn.functional as F
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05)  # no optimizer state: a resumed run can match exactly
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 40, (4, 5), generator=g)
+        target = torch.randn(4, 3, generator=g)
+        opt.zero_grad()
+        F.mse_loss(model(input_ids=ids), target).backward()
+        opt.step()
+        model.step_adapters(step + 1)
+        samples.append({p: m.S.clone() for p, m in model.adapter_modules("default").items()})
+
+
+def test_resumed_run_samples_the_same_columns(tmp_path) -> None:
+    """Issue 12 item 14: the round counter is saved, so a run saved after round 2 and resumed from the file on a
+    fresh base draws the same columns at every later round as the run that was never interrupted."""
+    from conftest import make_tiny_net
+
+    import peftkit as pk
+
+    config = SSTConfig(r=3, round_steps=2, targets=["fc1", "fc2"], seed=4)
+    straight: list = []
+    model = pk.adapt(make_tiny_net(), config)
+    _run(model, range(10), straight)
+    assert all(m.round == 5 for m in model.adapter_modules("default").values())
+
+    resumed: list = []
+    first = pk.adapt(make_tiny_net(), config)
+    _run(first, range(5), resumed)  # rounds 1 and 2 done, mid-way through round 3
+    first.save(tmp_path / "sst")
+    again = pk.load(make_tiny_net(), tmp_path / "sst").train()
+    assert all(m.round == 2 for m in again.adapter_modules("default").values())
+    _run(again, range(5, 10), resumed)
+    assert len(resumed) == len(straight) == 10
+    for step, (got, want) in enumerate(zip(resumed, straight)):
+        for path in want:
+            assert torch.equal(got[path], want[path]), f"step {step + 1}, {path}"
+    ids = torch.randint(0, 40, (4, 5), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        want_out = model.eval()(input_ids=ids)
+        torch.testing.assert_close(
+            again.eval()(input_ids=ids), want_out, rtol=0, atol=1e-6 * float(want_out.abs().max())
+        )
+
+
+def test_files_saved_without_the_round_counter_still_load() -> None:
+    """Adapters saved before ``round_index`` was saved load (through ``pk.load``'s path) at round 0."""
+    from conftest import make_tiny_net
+
+    import peftkit as pk
+    from peftkit.core.io import assign_state
+    from peftkit.core.protocol import skip_init
+
+    config = SSTConfig(r=3, round_steps=2, targets=["fc1", "fc2"], seed=4)
+    model = pk.adapt(make_tiny_net(), config)
+    old_file = {k: t for k, t in model.adapter_state_dict("default").items() if not k.endswith("round_index")}
+    loaded = pk.AdaptedModel(make_tiny_net())
+    with skip_init():
+        loaded.add_adapter("default", config)
+    assign_state(loaded, "default", old_file, "old file")
+    for path, m in loaded.adapter_modules("default").items():
+        assert m.round == 0 and torch.equal(m.S, model.adapter_modules("default")[path].S)
