@@ -72,6 +72,8 @@ class CachedAdapter:
         meta: the parsed ``adapter.json`` (method, config, base fingerprint, ...).
         tensors: ``{module path.tensor name: tensor}`` exactly as saved.
         nbytes: total bytes of ``tensors``.
+        source: how messages name the folder: its path relative to the cache's root (never the server's
+            absolute path).
     """
 
     name: str
@@ -79,6 +81,7 @@ class CachedAdapter:
     meta: dict[str, Any]
     tensors: dict[str, Tensor]
     nbytes: int
+    source: str = ""
     pins: int = field(default=0, repr=False)
 
 
@@ -156,6 +159,13 @@ class AdapterCache:
             self._require(name)
             return self._paths[name]
 
+    def shown(self, folder: Path) -> str:
+        """How messages name ``folder``: relative to the root (``"."`` for the root itself), else its last
+        component, so no error sent to a client reveals the server's filesystem layout."""
+        if self.root is not None and folder.is_relative_to(self.root):
+            return folder.relative_to(self.root).as_posix() or "."
+        return folder.name
+
     # ----------------------------------------------------------------------------------------------- loading
     def get_async(self, name: str) -> Future[CachedAdapter]:
         """A future of the loaded adapter: already done on a hit; otherwise the load runs in a loader thread
@@ -205,7 +215,7 @@ class AdapterCache:
             nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
             if nbytes > self.max_bytes:
                 raise AdapterTooLargeError(name, f"{nbytes} bytes exceed the cache budget of {self.max_bytes}")
-            entry = CachedAdapter(name, path, meta, tensors, nbytes)
+            entry = CachedAdapter(name, path, meta, tensors, nbytes, source=self.shown(path))
         except BaseException:
             with self._lock:
                 self._loading.pop(name, None)

@@ -54,8 +54,8 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
-from peftkit.core.errors import AdapterNotFoundError, InvalidConfigError, PeftkitError
-from peftkit.core.io import check_fingerprint
+from peftkit.core.errors import AdapterFileError, AdapterNotFoundError, InvalidConfigError, PeftkitError
+from peftkit.core.io import assign_state, check_fingerprint
 from peftkit.core.model import AdaptedModel
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, skip_init
 from peftkit.core.registry import get_method
@@ -315,7 +315,7 @@ class Engine:
             victim = next((n for n in self._installed if n not in in_use), None)
             if victim is None:
                 return False
-            if reused is None and self.model.configs[victim] == config and victim not in self.approximation_error:
+            if reused is None and self._reusable(victim, config):
                 reused = victim  # same config: its modules take the new tensors (no delete + build)
                 del self._installed[victim]
                 self.metrics["adapter_unloads"] += 1
@@ -327,21 +327,12 @@ class Engine:
             with skip_init():  # every saved tensor is copied in below
                 self.model.add_adapter(name, config, activate=False)
         try:
-            modules = self.model.adapter_modules(name)
-            if sorted(modules) != sorted(meta["base_fingerprint"]):
+            if sorted(self.model.layer_paths[name]) != sorted(meta["base_fingerprint"]):
                 raise AdapterLoadError(name, "its targets select other modules on this base than it was saved for")
-            expected = {
-                f"{path}.{key}": t
-                for path, adapter in modules.items()
-                for key, t in adapter.state_dict(keep_vars=True).items()
-            }
-            if set(expected) != set(entry.tensors):
-                raise AdapterLoadError(name, "its tensors do not match its config")
-            with torch.no_grad():
-                for key, t in expected.items():
-                    if entry.tensors[key].shape != t.shape:
-                        raise AdapterLoadError(name, f"tensor {key!r} has shape {tuple(entry.tensors[key].shape)}")
-                    t.copy_(entry.tensors[key])
+            try:  # the one path from saved tensors to adapter modules (pk.load's): fit_state, checks, copy
+                assign_state(self.model, name, entry.tensors, entry.source)
+            except AdapterFileError as exc:
+                raise AdapterLoadError(name, str(exc)) from None
             self._to_lowrank(name, config)
         except BaseException:
             self.model.delete_adapter(name)
@@ -350,6 +341,14 @@ class Engine:
         self._installed[name] = None
         self.metrics["adapter_loads"] += 1
         return True
+
+    def _reusable(self, victim: str, config: AdapterConfig) -> bool:
+        """Whether the modules of installed adapter ``victim`` can take another saved adapter's tensors: same
+        config, not an SVD stand-in, and shapes that the config alone fixes (no module reshapes to its saved
+        state in ``fit_state``: a reused module could hold another adapter's structure, e.g. grown components)."""
+        if self.model.configs[victim] != config or victim in self.approximation_error:
+            return False
+        return all(type(a).fit_state is Adapter.fit_state for a in self.model.adapter_modules(victim).values())
 
     @torch.no_grad()
     def _to_lowrank(self, name: str, config: AdapterConfig) -> None:
