@@ -12,10 +12,14 @@ so the principal subspace is untouched: ``U_kᵀ ΔW = 0`` and ``ΔW V_k = 0``. 
 principal the fewest top directions holding a fraction ``e`` of the energy ``Σ σ²`` (inferred reading of
 the spec's "90% energy" option).
 
-The bases come from :func:`peftkit.methods.loraxs.svd_signed` (exact float64 SVD, deterministic signs).
-They are *non-persistent* buffers, rebuilt from the frozen base weight whenever the adapter is built (also on
-load): saving them would cost ``(in + out) · p`` numbers per layer, about ``q²``, against ``2 r p`` trainable
-ones (inferred choice; the adapter is tied to its base like any adapter). Supported: Linear, GPT-2 Conv1D.
+The bases come from :func:`peftkit.methods.loraxs.svd_signed` (exact float64 SVD, deterministic signs),
+computed once when the adapter is created, and are saved with it (persistent buffers, as SVFit and SALT save
+theirs): ``U_c [out, p]`` and ``V_c [in, p]``, ``(in + out) · p`` numbers per layer (about ``q²``) besides the
+``2 r p`` trainable ones. They cannot be rebuilt on load: singular vectors of (nearly) equal singular values
+are not determined by the weight (any rotation of them is as good), so a recomputed SVD, on another machine
+or BLAS build, or after a ``1e-7`` change of an orthogonal weight, can give another basis and another
+function. A loaded adapter therefore computes no SVD; with ``complement_energy`` its ``k_top`` is read from
+the saved shapes (:meth:`CompLoRA.fit_state`). Supported: Linear, GPT-2 Conv1D.
 """
 
 from __future__ import annotations
@@ -103,25 +107,55 @@ class CompLoRA(Adapter):
 
     def __init__(self, base: BaseView, config: CompLoRAConfig) -> None:
         super().__init__(base, config)
-        u, s, vh = svd_signed(base.weight)
-        k = principal_count(s, config)
-        p = s.numel() - k
-        if p < config.r:
-            raise UnsupportedLayerError(
-                f"the complementary subspace of this layer has dimension {p} (k_top={k} of {s.numel()}), "
-                f"smaller than r={config.r}"
-            )
-        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
-        self.k_top = k
+        self.q = min(base.in_features, base.out_features)
         self.scale = config.scale
-        self.register_buffer("U_c", u[:, k:].contiguous().to(dtype), persistent=False)  # [out, p]
-        self.register_buffer("V_c", vh[k:].T.contiguous().to(dtype), persistent=False)  # [in, p]
-        self.A = nn.Parameter(torch.empty(config.r, p, dtype=dtype, device=base.device))
-        self.B = nn.Parameter(torch.empty(p, config.r, dtype=dtype, device=base.device))
         self.dropout = input_dropout(config.dropout)
+        # Allocation only: the bases are computed in reset_parameters or read from a saved file. With
+        # complement_energy, p depends on the spectrum: reset_parameters or fit_state sizes the tensors.
+        p = 0 if config.complement_energy is not None else self.q - principal_count(torch.empty(self.q), config)
+        if config.complement_energy is None:
+            self._check_fits(p)
+        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+        self.allocate(p, base.out_features, base.in_features, dtype, base.device)
+
+    def _check_fits(self, p: int) -> None:
+        if p < self.config.r:
+            raise UnsupportedLayerError(
+                f"the complementary subspace of this layer has dimension {p} (k_top={self.q - p} of {self.q}), "
+                f"smaller than r={self.config.r}"
+            )
+
+    def allocate(self, p: int, out: int, inp: int, dtype: torch.dtype, device: torch.device) -> None:
+        """(Re)allocate empty tensors for a complementary subspace of dimension ``p``; replaced parameters keep
+        their ``requires_grad``."""
+        kw = {"dtype": dtype, "device": device}
+        trainable = self.A.requires_grad if "A" in self._parameters else True
+        self.register_buffer("U_c", torch.empty(out, p, **kw))  # [out, p]
+        self.register_buffer("V_c", torch.empty(inp, p, **kw))  # [in, p]
+        self.A = nn.Parameter(torch.empty(self.config.r, p, **kw), requires_grad=trainable)
+        self.B = nn.Parameter(torch.empty(p, self.config.r, **kw), requires_grad=trainable)
+
+    @property
+    def k_top(self) -> int:
+        """The number of principal directions left untouched, ``q − p``."""
+        return self.q - self.A.shape[1]
+
+    def fit_state(self, state: dict[str, Tensor]) -> None:
+        """Take ``p`` from the saved file (``complement_energy`` chose it from the spectrum when the adapter was
+        made; it is not recomputed)."""
+        saved = state.get("U_c")
+        if saved is not None and saved.dim() == 2 and saved.shape[1] != self.U_c.shape[1]:
+            self.allocate(saved.shape[1], self.U_c.shape[0], self.V_c.shape[0], self.A.dtype, self.A.device)
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
+        u, s, vh = svd_signed(base.weight)
+        k = principal_count(s, self.config)
+        if self.config.complement_energy is not None:
+            self._check_fits(self.q - k)
+            self.allocate(self.q - k, self.U_c.shape[0], self.V_c.shape[0], self.A.dtype, self.A.device)
+        self.U_c.copy_(u[:, k:])
+        self.V_c.copy_(vh[k:].T)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
 
