@@ -762,7 +762,12 @@ class Engine:
         ):
             reason = "length"
         req.text = full
-        hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
+        # Held back until the next token: the end of the text while a stop string may be starting there, and
+        # trailing U+FFFD characters, which byte-level BPE tokenizers (GPT-2, Llama 3, Qwen) decode while a
+        # multi-byte UTF-8 character is split across tokens and which become that character once its last
+        # byte arrives (as vLLM's and TGI's detokenizers do). A finished request flushes everything, so a
+        # byte sequence that stays invalid reaches the client as the replacement character the text has.
+        hold = 0 if reason else max(max((len(s) - 1 for s in p.stop), default=0), _trailing_replacements(full))
         upto = max(req._emitted, len(full) - hold)
         delta, req._emitted = full[req._emitted : upto], upto
         if reason:
@@ -887,6 +892,11 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         keep = (sorted_p.cumsum(0) - sorted_p) < params.top_p  # the first token is always kept
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def _trailing_replacements(text: str) -> int:
+    """How many U+FFFD replacement characters end ``text`` (an incomplete UTF-8 sequence decodes to them)."""
+    return len(text) - len(text.rstrip("\ufffd"))
 
 
 def _cache_of(out: Any) -> Any:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +27,24 @@ class CharTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(ALPHABET[i] for i in ids)
+
+
+def start_server(app: object) -> tuple[Any, threading.Thread, str]:
+    """uvicorn serving ``app`` on a free loopback port in a thread; returns ``(server, thread, url)`` once it
+    accepts connections (stop it with ``server.should_exit = True`` and join the thread)."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    return srv, thread, f"http://127.0.0.1:{port}"
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
@@ -62,3 +84,74 @@ def char_tokenizer_hf() -> object:
     tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tk.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=".")
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (what byte-level BPE vocabularies spell
+    tokens with; Radford et al., 2019, released ``encoder.py``)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_level_bpe() -> object:
+    """A GPT-2-style byte-level BPE tokenizer (ByteLevel pre-tokenizer and decoder, every byte a token,
+    merges trained here on a small corpus), as a Hugging Face fast tokenizer with EOS ``<|endoftext|>``.
+    Decoding joins the tokens' bytes and replaces invalid UTF-8 by U+FFFD, as GPT-2's, Llama 3's and Qwen's
+    tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["hello there, the quick brown fox jumps over the lazy dog.", "role user assistant: 中文 😀"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tk.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+
+
+def successor_llama(vocab_size: int, successor: dict[int, int], default: int, hidden: int = 32) -> nn.Module:
+    """A 1-layer Llama whose greedy next token depends only on the current token: ``successor[t]`` after a
+    token ``t`` of the table, ``default`` after any other token. Attention and MLP write nothing (``o_proj`` and
+    ``down_proj`` are zero), so the last hidden state is the token's embedding: a one-hot direction per table
+    token (one shared direction for all others) that ``lm_head`` maps to its successor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert len(successor) < hidden
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb.zero_()
+        head.zero_()
+        other = len(successor)  # the direction of every token outside the table
+        emb[:, other] = 1.0
+        head[default, other] = 1.0
+        for d, (token, nxt) in enumerate(successor.items()):
+            emb[token].zero_()
+            emb[token, d] = 1.0
+            head[nxt, d] = 1.0
+    return model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,32 +20,13 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_util import CharTokenizer, random_adapter  # noqa: E402
+from serve_util import CharTokenizer, random_adapter, start_server  # noqa: E402
 
 from peftkit.serve.cache import AdapterCache  # noqa: E402
 from peftkit.serve.engine import Engine, Request  # noqa: E402
 from peftkit.serve.server import create_app  # noqa: E402
 
 KEY = "sk-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(app: object) -> tuple[uvicorn.Server, threading.Thread, str]:
-    """uvicorn on a free loopback port in a thread; returns once it accepts connections."""
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    return srv, thread, f"http://127.0.0.1:{port}"
 
 
 class SlowTokenizer(CharTokenizer):
@@ -94,7 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     enc_cache.register_dir(enc_root)
     embedder = Engine(enc_model, enc_tokenizer, enc_cache)
     app = create_app(engine, base_name="tiny-gpt2", api_key=KEY, embedder=embedder, embedder_name="minilm")
-    srv, thread, url = _start(app)
+    srv, thread, url = start_server(app)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=30)
     yield {
         "url": url,
@@ -326,7 +306,7 @@ def test_client_disconnect_cancels_request(tmp_path: Path) -> None:
     """A client that goes away mid-stream (or while waiting for a plain answer) has its request taken out of
     the running batch; the other request in the batch finishes normally."""
     engine = Engine(tiny_gpt2(), SlowTokenizer(0.05), AdapterCache(1 << 20))
-    srv, thread, url = _start(create_app(engine))
+    srv, thread, url = start_server(create_app(engine))
     try:
         body = {"model": "base", "prompt": "abc", "max_tokens": 25, "temperature": 0}
         result: dict = {}
@@ -354,7 +334,7 @@ def test_client_disconnect_cancels_request(tmp_path: Path) -> None:
 
 def test_graceful_shutdown_finishes_in_flight_requests(tmp_path: Path) -> None:
     engine = Engine(tiny_gpt2(), SlowTokenizer(0.03), AdapterCache(1 << 20))
-    srv, thread, url = _start(create_app(engine))
+    srv, thread, url = start_server(create_app(engine))
     results: list = []
     body = {"model": "base", "prompt": "abc", "max_tokens": 20, "temperature": 0}
     clients = [

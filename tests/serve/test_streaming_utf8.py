@@ -1,0 +1,95 @@
+"""Streaming with a byte-level BPE tokenizer: a UTF-8 character split across tokens reaches the client whole
+(issue 12, item 19).
+
+The model is a 1-layer Llama whose greedy next token is a fixed function of the current one
+(:func:`serve_util.successor_llama`), so generation walks a chosen token sequence: ``a``, the two bytes of ``¯``,
+the three of ``中``, the four of ``😀``, ``b``, a lone ``0xE5`` (a 3-byte lead that never completes: invalid
+UTF-8), ``c``, then EOS. Decoded whole that is ``a¯中😀b�c``; decoded token by token, the prefixes end in U+FFFD
+while a character is incomplete.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from serve_util import byte_level_bpe, byte_to_unicode, start_server, successor_llama
+
+from peftkit.serve.cache import AdapterCache
+from peftkit.serve.engine import Engine, Request, SamplingParams
+
+FFFD = "\ufffd"
+BYTES = [ord("a"), *"¯中😀".encode(), ord("b"), 0xE5, ord("c")]
+
+
+@pytest.fixture(scope="module")
+def lm() -> tuple[object, object]:
+    tok = byte_level_bpe()
+    b2u = byte_to_unicode()
+    ids = [tok.convert_tokens_to_ids(b2u[b]) for b in BYTES]  # type: ignore[attr-defined]
+    assert len(set(ids)) == len(ids) and tok.decode(ids) == f"a¯中😀b{FFFD}c"  # type: ignore[attr-defined]
+    succ = dict(itertools.pairwise(ids))
+    succ[ids[-1]] = tok.eos_token_id  # type: ignore[attr-defined]
+    return successor_llama(len(tok), succ, default=ids[0]), tok  # type: ignore[arg-type]
+
+
+def _stream(engine: Engine, prompt: str, max_tokens: int) -> tuple[Request, list[tuple[str, bool]]]:
+    chunks: list[tuple[str, bool]] = []
+    req = Request(
+        prompt,
+        params=SamplingParams(max_tokens=max_tokens),
+        on_event=lambda r, delta, done: chunks.append((delta, done)),
+    )
+    engine.generate([req])
+    return req, chunks
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "text"),
+    [
+        (3, "a¯"),  # ends right after a split character completes
+        (11, "a¯中😀b"),  # every multi-byte character split across tokens, all complete
+        (12, f"a¯中😀b{FFFD}"),  # ends on an invalid (never completed) byte: flushed as U+FFFD
+        (20, f"a¯中😀b{FFFD}c"),  # the invalid byte mid-text, then more text, then EOS
+    ],
+)
+def test_engine_stream_never_splits_a_character(lm: tuple, max_tokens: int, text: str) -> None:
+    model, tok = lm
+    engine = Engine(model, tok, AdapterCache(1 << 20))
+    req, chunks = _stream(engine, "hello there", max_tokens)
+    assert req.error is None and req.text == text
+    assert "".join(d for d, _ in chunks) == text
+    # U+FFFD only where the final text has it (the invalid 0xE5), never for a character still arriving
+    assert sum(d.count(FFFD) for d, _ in chunks) == text.count(FFFD)
+    if text.endswith(FFFD):  # the final flush carries it
+        assert chunks[-1][1] and chunks[-1][0].endswith(FFFD)
+    assert req.finish_reason == ("stop" if max_tokens == 20 else "length")
+
+
+def test_openai_stream_equals_plain_text(lm: tuple, tmp_path: Path) -> None:
+    """Through the server with the real openai client: completions and chat, streamed and not."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from peftkit.serve.server import create_app
+
+    model, tok = lm
+    engine = Engine(model, tok, AdapterCache(1 << 20))
+    srv, thread, url = start_server(create_app(engine))
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+        for max_tokens in (11, 12, 20):
+            kw = dict(model="base", prompt="hello there", max_tokens=max_tokens, temperature=0)
+            plain = client.completions.create(**kw).choices[0].text
+            chunks = [c.choices[0].text for c in client.completions.create(**kw, stream=True)]
+            assert "".join(chunks) == plain and plain.startswith("a¯中😀b")
+            assert sum(c.count(FFFD) for c in chunks) == plain.count(FFFD)
+            messages = [{"role": "user", "content": "hi"}]
+            ckw = dict(model="base", messages=messages, max_tokens=max_tokens, temperature=0)
+            chat = client.chat.completions.create(**ckw).choices[0].message.content
+            deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**ckw, stream=True)]
+            assert "".join(deltas) == chat == plain
+            assert sum(d.count(FFFD) for d in deltas) == chat.count(FFFD)
+    finally:
+        srv.should_exit = True
+        thread.join(30)
