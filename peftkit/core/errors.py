@@ -20,8 +20,10 @@ __all__ = [
     "ExportError",
     "FormatVersionError",
     "InvalidConfigError",
+    "NoAdaptersError",
     "NotMergeableError",
     "PeftkitError",
+    "SavePathError",
     "TargetModuleError",
     "TargetModuleNotFound",
     "UnknownMethodError",
@@ -87,6 +89,10 @@ class AdapterNotFoundError(AdapterNameError):
         super().__init__(f"no adapter named {name!r}{_close(name, known)}; the model holds: {known or 'none'}")
 
 
+class NoAdaptersError(PeftkitError, LookupError):
+    """An operation that needs adapters (saving, say) on a model that holds none."""
+
+
 class AlreadyAdaptedError(PeftkitError, TypeError):
     """Wrapping a model that is already an ``AdaptedModel`` (add another adapter with ``add_adapter``)."""
 
@@ -101,6 +107,10 @@ class BaseModelMismatch(PeftkitError, ValueError):
 
 class AdapterFileError(PeftkitError, ValueError):
     """A saved adapter that cannot be read: missing, truncated or corrupted files."""
+
+
+class SavePathError(PeftkitError, OSError):
+    """A save target that cannot take the files: a path that is a file, or a read-only folder or file."""
 
 
 class FormatVersionError(AdapterFileError):

@@ -8,6 +8,7 @@ same bank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -314,39 +315,65 @@ class AdaptedLayer(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ merging
     @torch.no_grad()
-    def merge(self, name: str) -> None:
-        """Fold adapter ``name`` into the base weight (``W += ΔW`` in float32)."""
-        if name in self.merged:
+    def merge(self, names: str | Sequence[str]) -> None:
+        """Fold adapters ``names`` into the base weight (``W += ΔW`` in float32), all or none.
+
+        Every ``ΔW`` is computed against the base's own weight ``W``, never against ``W`` plus adapters merged
+        before it: a method whose ``ΔW`` depends on ``W`` (DoRA's column norm, PaCA, SST, ...) then merges to
+        exactly what the forward with several active adapters computes (``y = W x + Σᵢ ΔWᵢ x``). Adapters merged
+        by an earlier call are taken out (their stored deltas subtracted) while the new deltas are computed, and
+        put back after. (While some adapters are merged and others run unmerged, the unmerged ones do see the
+        merged weight, as in PEFT: merge them together, or unmerge first, to get exact sums.)
+        """
+        todo = [names] if isinstance(names, str) else list(names)
+        todo = [n for n in dict.fromkeys(todo) if n not in self.merged]
+        if not todo:
             return
+        earlier = list(self.merged.items())
+        for name in reversed(self.merged):
+            self._add(self.merged[name], sign=-1.0)
+        self.merged = {}
+        try:
+            new = {name: self._delta(name) for name in todo}
+        except BaseException:
+            for _, entry in earlier:
+                self._add(entry)
+            self.merged = dict(earlier)
+            raise
+        self.merged = dict(earlier)
+        for _, entry in earlier:
+            self._add(entry)
+        for name, entry in new.items():
+            self._add(entry)
+            self.merged[name] = entry
+
+    def _delta(self, name: str) -> tuple[Tensor | SparseDelta, Tensor | None]:
+        """Adapter ``name``'s update as stored for merging (a copy, so unmerging subtracts exactly this)."""
         adapter = self.adapters[name]
         sparse = adapter.sparse_delta(self.base)
         if sparse is not None and adapter.delta_bias(self.base) is None:  # O(entries), no dense [out, in] delta
-            sparse = SparseDelta(sparse.positions, sparse.values.detach().clone())
-            self.base.add_to_entries(sparse.positions, sparse.values)
-            self.merged[name] = (sparse, None)
-            return
+            return SparseDelta(sparse.positions, sparse.values.detach().clone()), None
         delta = adapter.delta_weight(self.base)
         if delta is None:
             raise NotMergeableError(
                 f"method {adapter.method!r} (adapter {name!r}) has no weight-space equivalent and cannot be merged"
             )
-        delta = delta.detach().clone()
         delta_bias = adapter.delta_bias(self.base)
-        if delta_bias is not None:
-            delta_bias = delta_bias.detach().clone()
-            if self.base.bias is None:
-                raise NotMergeableError(f"adapter {name!r} changes the bias but the base module has none")
-        self.base.add_to_weight(delta, delta_bias)
-        self.merged[name] = (delta, delta_bias)
+        if delta_bias is not None and self.base.bias is None:
+            raise NotMergeableError(f"adapter {name!r} changes the bias but the base module has none")
+        return delta.detach().clone(), None if delta_bias is None else delta_bias.detach().clone()
+
+    def _add(self, entry: tuple[Tensor | SparseDelta, Tensor | None], sign: float = 1.0) -> None:
+        delta, delta_bias = entry
+        if isinstance(delta, SparseDelta):
+            self.base.add_to_entries(delta.positions, delta.values, sign=sign)
+        else:
+            self.base.add_to_weight(delta, delta_bias, sign=sign)
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
         """Subtract exactly what :meth:`merge` added."""
-        delta, delta_bias = self.merged.pop(name)
-        if isinstance(delta, SparseDelta):
-            self.base.add_to_entries(delta.positions, delta.values, sign=-1.0)
-        else:
-            self.base.add_to_weight(delta, delta_bias, sign=-1.0)
+        self._add(self.merged.pop(name), sign=-1.0)
 
 
 def base_dtype(base: BaseView) -> torch.dtype:

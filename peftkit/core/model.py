@@ -21,7 +21,15 @@ from torch import Tensor, nn
 
 from . import inject
 from .base import BaseView
-from .errors import AdapterExistsError, AdapterIdsError, AdapterNameError, AdapterNotFoundError, AlreadyAdaptedError
+from .errors import (
+    AdapterExistsError,
+    AdapterIdsError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    AlreadyAdaptedError,
+    NoAdaptersError,
+    NotMergeableError,
+)
 from .layer import AdaptedLayer, Routing
 from .protocol import Adapter, AdapterConfig
 from .registry import get_method, method_of
@@ -65,6 +73,7 @@ class AdaptedModel(nn.Module):
         self.routing = Routing()
         self.configs: dict[str, AdapterConfig] = {}
         self.layer_paths: dict[str, list[str]] = {}
+        self.merged_and_unloaded: list[str] = []  # what merge(unload=True) folded in (named when saving fails)
         for p in model.parameters():
             p.requires_grad_(False)
         self._expose_base_signature()
@@ -325,6 +334,13 @@ class AdaptedModel(nn.Module):
 
         With ``unload=True`` (default) the wrappers are removed and the plain base module is returned: no
         peftkit class is left in it. With ``unload=False`` the merge is in place and :meth:`unmerge` undoes it.
+        Several adapters on one layer merge to the sum of their updates, each computed against the base weight
+        (what the forward with all of them active computes). All or nothing: if one layer cannot merge, no layer
+        stays merged.
+
+        Raises:
+            NotMergeableError: an adapter has no weight-space form, or ``unload=False`` while adapters are
+                disabled (a disabled model must keep the base outputs: :meth:`enable_adapters` first).
         """
         if adapters is None:
             names = list(self.routing.active)
@@ -332,20 +348,30 @@ class AdaptedModel(nn.Module):
             names = [adapters] if isinstance(adapters, str) else list(adapters)
         for name in names:
             self._require(name)
-        done: list[tuple[AdaptedLayer, str]] = []
+        if not unload and not self.routing.enabled:
+            raise NotMergeableError(
+                "adapters are disabled, and merging in place would make the disabled model give adapted outputs: "
+                "call enable_adapters() first (or merge(unload=True) for a plain merged model)"
+            )
+        per_layer: dict[str, list[str]] = {}
+        for name in names:
+            for path in self.layer_paths[name]:
+                per_layer.setdefault(path, []).append(name)
+        done: list[tuple[AdaptedLayer, list[str]]] = []
         try:
-            for name in names:
-                for path in self.layer_paths[name]:
-                    layer = self._layer(path)
-                    if name not in layer.merged:
-                        layer.merge(name)
-                        done.append((layer, name))
+            for path, layer_names in per_layer.items():
+                layer = self._layer(path)
+                new = [n for n in layer_names if n not in layer.merged]
+                layer.merge(new)
+                done.append((layer, new))
         except BaseException:  # all or nothing: a layer that cannot merge leaves no other layer merged
-            for layer, name in reversed(done):
-                layer.unmerge(name)
+            for layer, merged in reversed(done):
+                for name in reversed(merged):
+                    layer.unmerge(name)
             raise
         if not unload:
             return self
+        self.merged_and_unloaded = [n for n in self.routing.order if n in names]
         return self._unwrap_all(keep_merged=True)
 
     def unmerge(self) -> None:
@@ -369,11 +395,14 @@ class AdaptedModel(nn.Module):
         return self.model
 
     # ------------------------------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, adapter: str | None = None) -> Path:
-        """Save one adapter (default: the single active one) as ``adapter.json`` + ``adapter.safetensors``."""
-        from .io import save_adapter
+    def save(self, path: str | Path, names: str | Sequence[str] | None = None) -> Path:
+        """Save adapters (default: every adapter the model holds, as PEFT's ``save_pretrained`` does) into the
+        folder ``path``: one adapter as ``adapter.json`` + ``adapter.safetensors`` in ``path``, several as one
+        sub-folder each plus an index that :func:`peftkit.load` reads back. Only these files are written; other
+        files in ``path`` are left alone. Returns the folder."""
+        from .io import save_adapters
 
-        return save_adapter(self, path, adapter or self._single_active())
+        return save_adapters(self, path, names)
 
     def load_adapter(self, path: str | Path, name: str | None = None, *, activate: bool | None = None) -> str:
         """Load a saved adapter into this model under ``name`` (default: the name it was saved with)."""
@@ -382,9 +411,21 @@ class AdaptedModel(nn.Module):
         return load_adapter(self, path, name=name, activate=activate)
 
     def _single_active(self) -> str:
-        if len(self.routing.active) != 1:
-            raise AdapterNameError(f"name the adapter to use: {len(self.routing.active)} adapters are active")
-        return self.routing.active[0]
+        """The one active adapter (what functions taking an optional adapter name use by default)."""
+        if len(self.routing.active) == 1:
+            return self.routing.active[0]
+        if not self.configs:
+            raise self.no_adapters_error()
+        raise AdapterNameError(
+            f"name the adapter to use: {len(self.routing.active)} of the adapters {self.adapter_names} are active"
+        )
+
+    def no_adapters_error(self) -> NoAdaptersError:
+        """The error for an operation that needs adapters on a model that holds none (saying why, if merging
+        removed them)."""
+        merged = self.merged_and_unloaded
+        why = f": merge() folded {merged} into the base weights and removed them" if merged else ""
+        return NoAdaptersError(f"the model holds no adapters{why}")
 
     def adapter_state_dict(self, name: str) -> dict[str, Tensor]:
         """The tensors one adapter saves, keyed ``<module path>.<tensor name>``."""

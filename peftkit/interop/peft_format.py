@@ -70,7 +70,7 @@ from peftkit.core.errors import (
     TargetModuleError,
     UnsupportedAdapterError,
 )
-from peftkit.core.io import atomic_write_dir
+from peftkit.core.io import safetensors_bytes, write_files
 from peftkit.core.model import DENSE_METHOD, AdaptedModel, restore_grad_flags_on_error
 from peftkit.core.protocol import skip_init
 from peftkit.core.registry import get_method
@@ -218,15 +218,18 @@ def export_peft(
         "layers_pattern": None,
         **patterns,
     }
+
+    return _write_peft_folder(path, peft_config, tensors)
+
+
+def _write_peft_folder(path: str | Path, peft_config: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
+    """Write a PEFT folder: only its two files, each replaced atomically, the tensors first (so a kill in
+    between leaves the old config, never a config without its tensors); other files in ``path`` stay."""
     from peftkit import __version__
 
-    target = Path(path)
-    files: dict[str, bytes | dict[str, Tensor]] = {
-        PEFT_CONFIG_FILE: json.dumps(peft_config, indent=2, sort_keys=True).encode(),
-        PEFT_WEIGHTS_FILE: tensors,
-    }
-    atomic_write_dir(target, files, {"format": "pt", "exported_by": f"peftkit {__version__}"})
-    return target
+    weights = safetensors_bytes(tensors, {"format": "pt", "exported_by": f"peftkit {__version__}"})
+    config = json.dumps(peft_config, indent=2, sort_keys=True).encode()
+    return write_files(path, [(PEFT_WEIGHTS_FILE, weights), (PEFT_CONFIG_FILE, config)])
 
 
 def _lora_state(module: nn.Module) -> dict[str, Tensor]:
@@ -819,14 +822,8 @@ def _export_format(
                 f"(PEFT would use {getattr(theirs, f.name)!r})"
             )
         _check_frozen(modules[module_path], cls, base, theirs, module_path, hint)
-    from peftkit import __version__
 
-    files: dict[str, bytes | dict[str, Tensor]] = {
-        PEFT_CONFIG_FILE: json.dumps(peft_config, indent=2, sort_keys=True).encode(),
-        PEFT_WEIGHTS_FILE: tensors,
-    }
-    atomic_write_dir(target, files, {"format": "pt", "exported_by": f"peftkit {__version__}"})
-    return target
+    return _write_peft_folder(target, peft_config, tensors)
 
 
 def _import_format(

@@ -196,6 +196,26 @@ def check_merge_matches_unmerged(c: Combo, tmp_path: Path) -> None:
     same(c.run(model), unmerged, MERGE_ATOL, "merged forward != unmerged forward")
 
 
+def check_merge_several_active(c: Combo, tmp_path: Path) -> None:
+    """Adapters a and b active on the same layers: merging both (in one call, or one call each) gives the
+    forward with both active, since each update is computed against the base weight, not against the weight
+    with the other already merged (DoRA's norm, PaCA, SST ... depend on it)."""
+    if not c.mergeable:
+        return
+    model = c.adapted("a", "b")
+    randomise(model, "a")
+    randomise(model, "b", seed=1)
+    model.set_adapter(["a", "b"])
+    both = c.run(model)
+    model.merge(unload=False)
+    same(c.run(model), both, MERGE_ATOL, "merging two active adapters != their forward")
+    model.unmerge()
+    same(c.run(model), both, MERGE_ATOL, "unmerging two adapters changed the forward")
+    model.merge("a", unload=False)
+    model.merge("b", unload=False)
+    same(c.run(model), both, MERGE_ATOL, "merging a, then b != the forward with both active")
+
+
 def check_unmerge_restores_base(c: Combo, tmp_path: Path) -> None:
     if not c.mergeable:
         return  # covered by check_merge_matches_unmerged

@@ -369,7 +369,7 @@ def test_rename_adapter_keeps_modules_id_and_state(tmp_path) -> None:
         model.rename_adapter("y", "../x")
     with pytest.raises(pk.errors.AdapterNotFoundError):
         model.rename_adapter("nope", "x")
-    model.save(tmp_path / "y", adapter="y")
+    model.save(tmp_path / "y", names="y")
     assert pk.load(make_tiny_net(), tmp_path / "y").configs["y"] == model.configs["y"]
 
 

@@ -26,5 +26,8 @@ def test_readme_python_example_runs(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trainable params" in done.stdout
-    assert (tmp_path / "out/adapter/adapter.safetensors").is_file()
+    # two adapters: one folder each plus the index that pk.load reads
+    assert (tmp_path / "out/adapter/adapters.json").is_file()
+    assert (tmp_path / "out/adapter/default/adapter.safetensors").is_file()
+    assert (tmp_path / "out/adapter/dora/adapter.safetensors").is_file()
     assert (tmp_path / "out/peft/adapter_model.safetensors").is_file()

@@ -60,7 +60,7 @@ def test_pilot_then_per_layer_lora_save_load(tmp_path) -> None:
         got = m(x, torch.zeros(3, 32), model.get_submodule(f"model.{path}").base)
         torch.testing.assert_close(got, x @ m.A.T @ m.B.T)
     assert model.trainable_parameters().trainable == sum(r * (32 + 32) for r in ranks.values())
-    model.save(tmp_path / "co", adapter="co")
+    model.save(tmp_path / "co", names="co")
     loaded = pk.load(tiny_bert(), tmp_path / "co")
     assert rank_report(loaded) == ranks
     loaded.eval()
