@@ -12,6 +12,13 @@ A linear adapter ``A(h) = h + s · fc2(drop(fc1(h)))`` (no activation; ``fc1: d�
   ``W' = W M``, ``b' = W c + b``.
 
 Both are exact (``delta_weight`` / ``delta_bias``), so ``merge()`` leaves exactly the base's parameters.
+
+Bias-free linears (*decision*; the spec's CLIP/ViT linears all have biases): the constant ``c`` (and ``W c``) is
+an offset that only a bias can hold, so by default (``bias=None``) the adapter has biases exactly when the
+adapted linear has one. On a bias-free linear it is then ``A(h) = h + s·W₂W₁h`` (``2rd`` trainable), ``c = 0``,
+and it folds into ``W`` alone: every default ZeroI2V adapter is mergeable. ``bias=True`` forces the biases; on
+a bias-free linear such an adapter trains and runs, but merging it raises :class:`NotMergeableError` (its
+``delta_bias`` is a bias change that the base cannot take). ``bias=False`` drops them everywhere.
 Init: ``fc1`` trunc-normal std 0.02, bias 0; ``fc2`` weight and bias 0 (identity at init).
 Defaults: ``s = 0.5``, ``r = d/4``, dropout 0.1.
 
@@ -49,6 +56,8 @@ class ZeroI2VConfig(AdapterConfig):
         ratio: ``r / d`` when ``r`` is ``None`` (official 0.25).
         scale: ``s`` (official ``adapter_scale`` 0.5).
         dropout: dropout between ``fc1`` and ``fc2`` (off in eval mode).
+        bias: whether ``fc1`` / ``fc2`` have biases; ``None`` (default): as the adapted linear, so the adapter
+            always folds into it (see the module docstring); ``True`` on a bias-free linear is not mergeable.
     """
 
     side: Literal["output", "input"] = "output"
@@ -56,6 +65,7 @@ class ZeroI2VConfig(AdapterConfig):
     ratio: float = 0.25
     scale: float = 0.5
     dropout: float = 0.1
+    bias: bool | None = None
 
     def validate(self) -> None:
         if self.side not in ("output", "input"):
@@ -65,6 +75,12 @@ class ZeroI2VConfig(AdapterConfig):
         if not 0.0 < self.ratio <= 1.0:
             raise InvalidConfigError(f"ratio must lie in (0, 1], got {self.ratio!r}")
         require_probability("dropout", self.dropout)
+        if self.bias not in (None, True, False):
+            raise InvalidConfigError(f"bias must be None, True or False, got {self.bias!r}")
+
+    def has_bias(self, base: BaseView) -> bool:
+        """Whether the adapter on ``base`` has biases (``bias``, or ``None``: whether ``base`` has one)."""
+        return base.bias is not None if self.bias is None else self.bias
 
     def width(self, d: int) -> int:
         return self.r if self.r is not None else max(1, round(self.ratio * d))
@@ -106,15 +122,26 @@ class ZeroI2V(Adapter):
         self.input_side = config.side == "input"
         d = base.in_features if self.input_side else base.out_features
         r = config.width(d)
-        self.fc1 = nn.Linear(d, r)
-        self.fc2 = nn.Linear(r, d)
+        bias = config.has_bias(base)
+        self.fc1 = nn.Linear(d, r, bias=bias)
+        self.fc2 = nn.Linear(r, d, bias=bias)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
         nn.init.trunc_normal_(self.fc1.weight, std=0.02)
-        for t in (self.fc1.bias, self.fc2.weight, self.fc2.bias):
-            t.zero_()
+        self.fc2.weight.zero_()
+        for t in (self.fc1.bias, self.fc2.bias):
+            if t is not None:
+                t.zero_()
+
+    def fit_state(self, state: dict[str, Tensor]) -> None:
+        """Files saved when the adapter always had biases keep them on a bias-free linear (such an adapter is
+        not mergeable there, as it was not then)."""
+        for name, lin in (("fc1", self.fc1), ("fc2", self.fc2)):
+            if f"{name}.bias" in state and lin.bias is None:
+                w = lin.weight
+                lin.bias = nn.Parameter(torch.empty(w.shape[0], dtype=w.dtype, device=w.device), w.requires_grad)
 
     def change(self, h: Tensor) -> Tensor:
         """``A(h) − h = s · fc2(drop(fc1(h)))``."""
@@ -129,25 +156,33 @@ class ZeroI2V(Adapter):
     def _m_minus_identity(self) -> Tensor:
         return self.config.scale * (self.fc2.weight @ self.fc1.weight)  # M − I = s W₂W₁
 
-    def _c(self) -> Tensor:
+    def _c(self) -> Tensor | None:
+        """``c = s·(W₂b₁ + b₂)``; ``None`` when the adapter has no biases (``c = 0``)."""
+        if self.fc1.bias is None or self.fc2.bias is None:
+            return None
         return self.config.scale * (self.fc2.weight @ self.fc1.bias + self.fc2.bias)
 
     def delta_weight(self, base: BaseView) -> Tensor:
         m = self._m_minus_identity()
         return base.weight @ m if self.input_side else m @ base.weight
 
-    def delta_bias(self, base: BaseView) -> Tensor:
-        if self.input_side:  # b' − b = W c
-            return base.weight @ self._c()
-        bias = base.bias
-        folded = self._m_minus_identity() @ bias if bias is not None else 0.0
-        return folded + self._c()  # b' − b = (M − I) b + c
+    def delta_bias(self, base: BaseView) -> Tensor | None:
+        """``b' − b``: ``W c`` (input side) or ``(M − I) b + c`` (output side); ``None`` when it is zero by
+        construction (no adapter biases and, on the output side, no base bias), which is what lets a default
+        adapter merge into a bias-free linear."""
+        c = self._c()
+        if self.input_side:
+            return None if c is None else base.weight @ c
+        folded = self._m_minus_identity() @ base.bias if base.bias is not None else None
+        if folded is None or c is None:
+            return c if folded is None else folded
+        return folded + c
 
     @classmethod
     def expected_trainable(cls, base: BaseView, config: ZeroI2VConfig) -> int:
         d = base.in_features if config.side == "input" else base.out_features
         r = config.width(d)
-        return 2 * r * d + r + d
+        return 2 * r * d + (r + d if config.has_bias(base) else 0)
 
 
 def stdha_shift(t: Tensor, frames: int, fold: int) -> Tensor:

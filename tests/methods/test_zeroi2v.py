@@ -98,3 +98,69 @@ def test_stdha_shift() -> None:
     assert torch.equal(out[..., 4:], clips[..., 4:])  # other channels untouched
     with pytest.raises(ValueError, match="clips"):
         stdha_shift(t, frames=4, fold=2)
+
+
+def _bias_free_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16, bias=False), nn.GELU(), nn.Linear(16, 12, bias=False))
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_merges_into_a_bias_free_linear(side: str) -> None:
+    """Issue 12 item 16: on a bias-free linear the default adapter has no biases (its constant c would need a
+    bias to fold into), so it merges exactly; before, merge raised NotMergeableError."""
+    base = _bias_free_net()
+    before = [(p, p.detach().clone()) for p in base.parameters()]
+    model = pk.adapt(base, ZeroI2VConfig(r=3, side=side, dropout=0.0, targets=["0", "2"])).eval()
+    for a in model.adapter_modules("default").values():
+        assert a.fc1.bias is None and a.fc2.bias is None
+    d = {"0": 12 if side == "input" else 16, "2": 16 if side == "input" else 12}
+    assert model.trainable_parameters().trainable == sum(2 * 3 * w for w in d.values())
+    assert all(
+        ZeroI2V.expected_trainable(model.get_submodule(f"model.{p}").base, a.config) == 2 * 3 * d[p]
+        for p, a in model.adapter_modules("default").items()
+    )
+    _randomise(model)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(x)
+        model.merge(unload=False)
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5 * float(adapted.abs().max()))
+        model.unmerge()
+        for p, b in before:
+            torch.testing.assert_close(p, b, rtol=0, atol=1e-6)
+        plain = model.merge()
+        assert all(m.bias is None for m in (plain[0], plain[2]))
+        torch.testing.assert_close(plain(x), adapted, rtol=0, atol=1e-5 * float(adapted.abs().max()))
+
+
+def test_forced_biases_on_a_bias_free_linear_refuse_to_merge() -> None:
+    base = _bias_free_net()
+    model = pk.adapt(base, ZeroI2VConfig(r=3, bias=True, dropout=0.0, targets=["0"])).eval()
+    _randomise(model)
+    before = base[0].weight.detach().clone()
+    with pytest.raises(pk.errors.NotMergeableError, match="bias"):
+        model.merge(unload=False)
+    assert torch.equal(base[0].weight, before)
+    with pytest.raises(InvalidConfigError, match="bias"):
+        ZeroI2VConfig(bias="auto")
+
+
+def test_biased_files_reload_onto_a_bias_free_linear() -> None:
+    """Files written when the adapter always had biases load (through ``pk.load``'s path) with them."""
+    from peftkit.core.io import assign_state
+    from peftkit.core.protocol import skip_init
+
+    config = ZeroI2VConfig(r=3, bias=True, dropout=0.0, targets=["0"])
+    model = pk.adapt(_bias_free_net(), config).eval()
+    _randomise(model)
+    old_config = config.replace(bias=None)  # what such a file's adapter.json reads back as
+    loaded = pk.AdaptedModel(_bias_free_net())
+    with skip_init():
+        loaded.add_adapter("default", old_config)
+    assign_state(loaded, "default", model.adapter_state_dict("default"), "old file")
+    loaded.eval()
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert loaded.trainable_parameters().trainable == model.trainable_parameters().trainable
