@@ -83,15 +83,15 @@ def assert_train_mode_parity(
     theirs, mine = ys
     with torch.no_grad():  # eval mode (no dropout: our fused rank-2r path) agrees too
         y_eval = run(pm.eval())
-        torch.testing.assert_close(run(ours.eval()), y_eval, rtol=1e-5, atol=1e-5 * y_eval.abs().max())
+        torch.testing.assert_close(run(ours.eval()), y_eval, rtol=1e-5, atol=1e-5 * float(y_eval.abs().max()))
     pm.train()
     ours.train()
     assert (theirs - y_eval).abs().max() > 1e-3 * y_eval.abs().max()  # the dropout masks are really active
     scale = theirs.abs().max()
-    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * float(scale))
     for path, a in ours.adapter_modules("default").items():
         layer = pm.base_model.model.get_submodule(path)
         for peft_p, ours_p in ((layer.lora_A["default"].weight, a.A), (layer.lora_B["default"].weight, a.B)):
             want = peft_p.grad.reshape(ours_p.shape)
-            torch.testing.assert_close(ours_p.grad, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+            torch.testing.assert_close(ours_p.grad, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     return float((mine - theirs).abs().max() / scale)
