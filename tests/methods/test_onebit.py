@@ -1,6 +1,7 @@
 """Bi-LoRA / Bi-AdaptFormer (1-bit adapters): the codebook, exactly 2^b quantised values, the straight-through
-gradient, packed-bit saved state (size = ceil(b·numel/8) + 8 bytes per tensor, measured against fp32) and an
-exact save/load round trip."""
+gradient, the packed-bit deployable form (size = ceil(b·numel/8) + 8 bytes per tensor, measured against fp32),
+exact save/load round trips of both saved forms, training that resumes exactly from a checkpoint, and Bi-LoRA's
+dropout placement."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from peftkit.methods.onebit import (
     BiLoRAConfig,
     normal_codebook,
     pack_codes,
+    save_packed,
     unpack_codes,
 )
 
@@ -74,13 +76,14 @@ def test_straight_through_gradient() -> None:
     torch.testing.assert_close(grad, w.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_saved_file_stores_packed_bits(tmp_path) -> None:
-    """A 768-wide Bi-LoRA adapter (r = 32, q and v of one block): the file holds uint8 codes + [μ, σ] only."""
+def test_packed_file_stores_packed_bits(tmp_path) -> None:
+    """A 768-wide Bi-LoRA adapter (r = 32, q and v of one block): ``save_packed`` writes uint8 codes + [μ, σ]
+    only (the paper's deployable form); the default ``save`` writes the latent fp32 weights (the checkpoint)."""
     torch.manual_seed(0)
     base = nn.ModuleDict({"query": nn.Linear(768, 768), "value": nn.Linear(768, 768)})
     base.forward = lambda x: base["query"](x) + base["value"](x)  # type: ignore[method-assign]
     model = pk.adapt(base, BiLoRAConfig(r=32, targets=["query", "value"]))
-    model.save(tmp_path / "bits")
+    save_packed(model, tmp_path / "bits")
     tensors = safetensors.torch.load_file(tmp_path / "bits" / "adapter.safetensors")
     assert sorted(tensors) == sorted(
         f"{m}.{w}_{p}" for m in ("query", "value") for w in ("down", "up") for p in ("codes", "stats")
@@ -93,34 +96,107 @@ def test_saved_file_stores_packed_bits(tmp_path) -> None:
             assert t.dtype == torch.float32 and t.numel() == 2
     data_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert data_bytes == 4 * (math.ceil(numel / 8) + 8)
-    latent = {
-        f"{m}.{w}": getattr(a, w).detach() for m, a in model.adapter_modules("default").items() for w in ("down", "up")
-    }
-    safetensors.torch.save_file(latent, tmp_path / "fp32.safetensors")
+    model.save(tmp_path / "latent")
+    latent = safetensors.torch.load_file(tmp_path / "latent" / "adapter.safetensors")
+    assert sorted(latent) == sorted(f"{m}.{w}" for m in ("query", "value") for w in ("down", "up"))
+    for key, t in latent.items():
+        module, _, weight = key.rpartition(".")
+        assert t.dtype == torch.float32 and torch.equal(t, getattr(model.adapter_modules("default")[module], weight))
     size_bits = os.path.getsize(tmp_path / "bits" / "adapter.safetensors")
-    size_fp32 = os.path.getsize(tmp_path / "fp32.safetensors")
-    print(f"1-bit adapter file {size_bits} B vs fp32 {size_fp32} B ({size_fp32 / size_bits:.1f}x smaller)")
+    size_fp32 = os.path.getsize(tmp_path / "latent" / "adapter.safetensors")
+    print(f"1-bit adapter file {size_bits} B vs fp32 checkpoint {size_fp32} B ({size_fp32 / size_bits:.1f}x smaller)")
     assert size_fp32 / size_bits > 25  # 32x on the data, less the safetensors header
+    # saving packed does not change what model.save writes afterwards
+    assert all(a.saved_form == "latent" for a in model.adapter_modules("default").values())
 
 
 @pytest.mark.parametrize("cls", ["bi_lora", "bi_adaptformer"])
-def test_roundtrip_is_exact_and_training_resumes(cls: str, tmp_path) -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_roundtrip_is_exact(cls: str, packed: bool, tmp_path) -> None:
     cfg = (BiLoRAConfig if cls == "bi_lora" else BiAdaptFormerConfig)(r=4, dropout=0.0, seed=0)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     model = pk.adapt(tiny_vit(), cfg).eval()
     with torch.no_grad():
         want = model(pixel_values=x).logits
-    model.save(tmp_path / "ad")
+    save_packed(model, tmp_path / "ad") if packed else model.save(tmp_path / "ad")
     loaded = pk.load(tiny_vit(), tmp_path / "ad").eval()
+    assert {a.saved_form for a in loaded.adapter_modules("default").values()} == {"packed" if packed else "latent"}
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, want, atol=0, rtol=0)
-    # the loaded adapter trains: gradients reach its latent weights and a step changes the outputs
+    # torch's own load_state_dict path reads both forms too
+    fresh = pk.adapt(tiny_vit(), cfg).eval()
+    fresh.load_state_dict(model.state_dict() if not packed else loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(pixel_values=x).logits, want, atol=0, rtol=0)
+    # a loaded adapter trains: gradients reach its latent weights and a step changes the outputs
     opt = torch.optim.SGD([p for p in loaded.parameters() if p.requires_grad], lr=1.0)
     loaded(pixel_values=x).logits.pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loaded.parameters() if p.requires_grad)
     opt.step()
     with torch.no_grad():
         assert not torch.equal(loaded(pixel_values=x).logits, want)
+
+
+def _train_steps(model: nn.Module, x: torch.Tensor, steps: int, lr: float) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(pixel_values=x).logits.pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", ["bi_lora", "bi_adaptformer"])
+@pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("lr", [1e-12, 0.05])
+def test_training_resumes_exactly_after_save_and_load(cls: str, bits: int, lr: float, tmp_path) -> None:
+    """Train 3 steps, save, load onto a fresh base, then one more step with the same data on both: the same
+    outputs (the saved latent weights are the whole state). Before the fix the reloaded latent weights were the
+    dequantised values, whose own μ, σ differ: one lr=1e-12 step moved the adapters' contribution to the output by
+    55% (1-bit Bi-LoRA), 23% (2-bit), 11% (1-bit Bi-AdaptFormer)."""
+    cfg = (BiLoRAConfig if cls == "bi_lora" else BiAdaptFormerConfig)(r=4, bits=bits, scale=10.0, dropout=0.0, seed=0)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = pk.adapt(tiny_vit(), cfg).train()
+    _train_steps(model, x, 3, 0.05)
+    model.save(tmp_path / "ad")
+    loaded = pk.load(tiny_vit(), tmp_path / "ad").train()
+    for m in (model, loaded):
+        _train_steps(m, x, 1, lr)
+    with torch.no_grad():
+        want, got = model.eval()(pixel_values=x).logits, loaded.eval()(pixel_values=x).logits
+        effect = float((want - tiny_vit()(pixel_values=x).logits).abs().max())  # the adapters' share of the output
+    assert effect > 1e-2 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * effect)
+
+
+def test_bi_lora_dropout_after_the_down_projection() -> None:
+    """Official binary_adapter/lora.py: x → Q(down) → dropout → Q(up): the mask has the rank's width."""
+    lin = nn.Linear(16, 12)
+    base = BaseView(lin)
+    a = BiLoRA(base, BiLoRAConfig(r=4, dropout=0.5, scale=2.0)).train()
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_out = lin(x)
+        torch.manual_seed(3)
+        got = a(x, base_out, base)
+        torch.manual_seed(3)
+        hidden = torch.nn.functional.dropout(x @ a.quantised("down").T, 0.5, training=True)
+        want = base_out + 2.0 * hidden @ a.quantised("up").T
+        assert (hidden == 0).any() and (hidden != 0).any()  # the mask drops some entries of [5, r], not all
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    a.eval()  # no dropout in eval: the merged weight gives the same output
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, base_out, base), x @ (lin.weight + a.delta_weight(base)).T + lin.bias)
+
+
+def test_save_packed_needs_a_one_bit_adapter(tmp_path) -> None:
+    model = pk.adapt(tiny_vit(), pk.LoRAConfig(r=2, targets=["q_proj"]))
+    with pytest.raises(InvalidConfigError, match="not a 1-bit"):
+        save_packed(model, tmp_path / "x")
+    model.add_adapter("b", BiLoRAConfig(r=2, targets=["q_proj", "v_proj"]))
+    with pytest.raises(InvalidConfigError, match="name is needed"):
+        save_packed(model, tmp_path / "x")
+    save_packed(model, tmp_path / "x", "b")
+    assert pk.load(tiny_vit(), tmp_path / "x").adapter_modules("b")
 
 
 def test_bi_adaptformer_placement_and_count() -> None:
