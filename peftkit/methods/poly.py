@@ -16,8 +16,9 @@ Task ids reach the adapter through the core's generic ``model(..., task_ids=ids)
 the adapter has a single task; otherwise the call raises :class:`AdapterIdsError` naming the fix.
 
 *Decision (spec)*: the PEFT behaviour — scale ``c = 1/r`` (``scaling="alpha/r"`` gives the official
-``alpha/r``), ``A`` Kaiming-uniform (``a=√5``) per (head, skill) slice of shape ``(r, in/Q)``, ``B = 0``
-(identity at init), logits ``U(−1e-3, 1e-3)``. The official straight-through / L2-norm / logit-dropout /
+``alpha/r``), ``A`` Kaiming-uniform (``a=√5``) per (head, skill) slice of shape ``(r, in/Q)``, drawn in PEFT's
+order (skills outer, heads inner, so one seed gives PEFT's initial values), ``B = 0`` (identity at init),
+logits ``U(−1e-3, 1e-3)``. The official straight-through / L2-norm / logit-dropout /
 shared-skill options are not implemented.
 
 Merge: for one fixed task (eval-mode weights ``σ``) ``ΔW = c · (A B)ᵀ`` is exact; a single merge cannot serve
@@ -127,8 +128,10 @@ class Poly(Adapter):
 
     def reset_parameters(self, base: BaseView) -> None:
         q, s, _, r = self.A.shape
-        for split in range(q):  # PEFT: torch's Linear init per (head, skill) slice of shape (r, in/Q)
-            for skill in range(s):
+        # PEFT (and mttl): torch's Linear init per (head, skill) slice of shape (r, in/Q), drawn skill by skill
+        # and, within a skill, head by head: the same seed gives PEFT's A (then the router's logits).
+        for skill in range(s):
+            for split in range(q):
                 slice_ = torch.empty(r, self.d_in // q)
                 nn.init.kaiming_uniform_(slice_, a=math.sqrt(5))
                 self.A[split, skill] = slice_.T

@@ -221,3 +221,25 @@ def test_parity_with_peft_poly(n_splits: int) -> None:
         got = ours(input_ids=x, task_ids=ids).last_hidden_state
     assert not torch.allclose(want, tiny_bert()(x).last_hidden_state, atol=1e-3)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("n_splits", [1, 2])
+def test_same_seed_gives_peft_init(n_splits: int) -> None:
+    """Issue 12 item 16: PEFT draws A skill by skill, head by head within a skill (then the router's logits);
+    with the same seed our A and logits are PEFT's, bit for bit (the head-first order gave another A for Q > 1)."""
+    peft = pytest.importorskip("peft")
+    settings = dict(r=2, n_tasks=3, n_skills=3, n_splits=n_splits)
+    base = tiny_bert()
+    torch.manual_seed(11)
+    theirs = peft.get_peft_model(base, peft.PolyConfig(target_modules=["query", "value"], poly_type="poly", **settings))
+    # A regex selects the modules in model order, the order PEFT builds (and draws) them in; a list of names
+    # builds them target by target (every query, then every value).
+    ours = pk.adapt(tiny_bert(), PolyConfig(targets=r".*\.(query|value)", seed=11, **settings))
+    modules = ours.adapter_modules("default")
+    assert len(modules) == 4
+    for path, a in modules.items():
+        layer = theirs.base_model.model.get_submodule(path)
+        assert torch.equal(a.A, layer.poly_lora_A["default"]), path
+        assert torch.equal(a.B, layer.poly_lora_B["default"]), path
+        assert torch.equal(a.module_logits, layer.poly_router["default"].module_logits), path
