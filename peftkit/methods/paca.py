@@ -17,10 +17,14 @@ over the base op: one ``[tokens, r] × [r, out]`` product (``r/d_in`` of the bas
 instead writes the columns into ``W`` in place before one matmul, which the functional form makes
 unnecessary (spec: "with the functional form this is unnecessary").
 
-Column indices: ``idx = randperm(d_in, generator=g)[:r]`` (distinct), ``g`` a CPU generator seeded by
-``column_seed`` — the official code draws from the global RNG; a dedicated seed (default 0) is the spec's
-decision, so the same config selects the same columns. They are also a persistent ``int64`` buffer
-``indices [r]``, so a reload is exact whatever the seed.
+Column indices: ``idx = randperm(d_in)[:r]`` (distinct), drawn per layer. The official code draws each layer's
+columns from the global RNG in turn, so layers of one width train different columns; here each layer draws
+from the adapter's seeded RNG (the core seeds it with ``config.seed`` and builds the layers in a fixed order,
+so the same config and seed select the same columns; with ``seed=None`` the draw follows torch's global RNG,
+like every other random init). *Decision*: the spec's dedicated seed is kept as the opt-in ``column_seed``,
+a CPU generator seeded by it for every layer; it makes all layers of one width train the *same* columns, so
+it is off by default. The indices are a persistent ``int64`` buffer ``indices [r]``: a reload takes them from
+the file (never redrawn), exact whatever the seed.
 
 Merge: ``ΔW[:, idx] = s · columns − W[:, idx]``, zero elsewhere, so ``W + ΔW`` is the column overwrite, exact;
 the core keeps the delta, so unmerge restores the original columns exactly (the official code has no
@@ -52,20 +56,24 @@ class PaCAConfig(AdapterConfig):
     Attributes:
         r: number of input columns of ``W`` that train (at most ``d_in``).
         alpha: the trained columns are stored divided by ``s = alpha / r`` (``paca_alpha``).
-        column_seed: seed of the column draw ``randperm(d_in)[:r]`` (decision: the official code uses the global
-            RNG).
+        column_seed: ``None`` (default): each layer draws its columns ``randperm(d_in)[:r]`` from the adapter's
+            seeded RNG (``seed``), so layers differ, as in the official code. An int: every layer draws from a
+            generator seeded by it, so layers of one width train the same columns (the spec's former decision,
+            kept for configs that set it).
     """
 
     r: int = 8
     alpha: float = 8.0
-    column_seed: int = 0
+    column_seed: int | None = None
 
     def validate(self) -> None:
         require_positive_int("r", self.r)
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha == 0:
             raise InvalidConfigError(f"alpha must be a non-zero number (columns are stored / s), got {self.alpha!r}")
-        if not isinstance(self.column_seed, int) or isinstance(self.column_seed, bool):
-            raise InvalidConfigError(f"column_seed must be an integer, got {self.column_seed!r}")
+        if self.column_seed is not None and (
+            not isinstance(self.column_seed, int) or isinstance(self.column_seed, bool)
+        ):
+            raise InvalidConfigError(f"column_seed must be None or an integer, got {self.column_seed!r}")
 
     @property
     def scale(self) -> float:
@@ -81,9 +89,11 @@ class PaCAConfig(AdapterConfig):
         return [t, t.replace(r=3, alpha=3.0, column_seed=5)]
 
 
-def column_indices(d_in: int, r: int, seed: int) -> Tensor:
-    """The ``r`` distinct input columns PaCA trains: ``randperm(d_in)[:r]`` of a CPU generator seeded by ``seed``."""
-    return torch.randperm(d_in, generator=torch.Generator().manual_seed(seed))[:r]
+def column_indices(d_in: int, r: int, seed: int | None = None) -> Tensor:
+    """``r`` distinct input columns, ``randperm(d_in)[:r]``: from a CPU generator seeded by ``seed``, or from
+    torch's current (CPU) RNG when ``seed`` is ``None`` (inside adapter construction: the adapter's seeded RNG)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.randperm(d_in, generator=generator)[:r]
 
 
 @register("paca", PaCAConfig)
@@ -100,10 +110,12 @@ class PaCA(Adapter):
                 f"(shape {tuple(base.weight_shape)})"
             )
         self.scale = config.scale
-        self.register_buffer("indices", column_indices(base.in_features, config.r, config.column_seed).to(base.device))
+        # Drawn in reset_parameters (one draw per layer from the adapter's RNG), or read from a saved file.
+        self.register_buffer("indices", torch.empty(config.r, dtype=torch.long, device=base.device))
         self.columns = nn.Parameter(torch.empty(base.out_features, config.r, device=base.device))
 
     def reset_parameters(self, base: BaseView) -> None:
+        self.indices.copy_(column_indices(base.in_features, self.config.r, self.config.column_seed))
         self.columns.copy_(base.weight[:, self.indices].float() / self.scale)
 
     def _column_change(self, base: BaseView) -> Tensor:

@@ -144,3 +144,41 @@ def test_saves_only_the_selected_activations(input_needs_grad: bool) -> None:
     assert nbytes["lora"] == tokens * (d + r_lora) * fp32
     assert nbytes["full"] == tokens * d * fp32
     assert nbytes["paca"] < nbytes["lora"] / 4 and nbytes["paca"] < nbytes["full"] / 4
+
+
+def _equal_width_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Linear(32, 32) for _ in range(4)))
+
+
+def test_each_layer_draws_its_own_columns_reproducibly(tmp_path) -> None:
+    """Issue 12 item 16: one shared column seed made every layer of one width train the same columns (the
+    official code draws per layer). Each layer now draws from the adapter's seeded RNG: layers differ, the same
+    seed gives the same columns, and a reload takes them from the file."""
+    targets = ["0", "1", "2", "3"]
+    model = pk.adapt(_equal_width_net(), PaCAConfig(r=4, targets=targets, seed=3))
+    idx = {p: a.indices.clone() for p, a in model.adapter_modules("default").items()}
+    assert len({tuple(sorted(t.tolist())) for t in idx.values()}) == 4  # four layers, four column sets
+    again = pk.adapt(_equal_width_net(), PaCAConfig(r=4, targets=targets, seed=3))
+    assert all(torch.equal(a.indices, idx[p]) for p, a in again.adapter_modules("default").items())
+    other = pk.adapt(_equal_width_net(), PaCAConfig(r=4, targets=targets, seed=4))
+    assert any(not torch.equal(a.indices, idx[p]) for p, a in other.adapter_modules("default").items())
+
+    with torch.no_grad():
+        for a in model.adapter_modules("default").values():
+            a.columns.add_(torch.randn(a.columns.shape, generator=torch.Generator().manual_seed(1)))
+    model.save(tmp_path / "p")
+    loaded = pk.load(_equal_width_net(), tmp_path / "p")
+    assert all(torch.equal(a.indices, idx[p]) for p, a in loaded.adapter_modules("default").items())
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_an_explicit_column_seed_still_selects_its_columns() -> None:
+    """``column_seed`` (opt-in): every layer draws ``randperm(d_in)[:r]`` from that seed, whatever ``seed``."""
+    model = pk.adapt(_equal_width_net(), PaCAConfig(r=4, targets=["0", "1"], column_seed=7, seed=3))
+    want = column_indices(32, 4, 7)
+    assert all(torch.equal(a.indices, want) for a in model.adapter_modules("default").values())
+    with pytest.raises(InvalidConfigError, match="column_seed"):
+        PaCAConfig(column_seed=1.5)
