@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from peftkit.core.errors import AdapterNameError, AdapterNotFoundError, PeftkitError
-from peftkit.core.io import read_meta, read_tensors
+from peftkit.core.errors import AdapterExistsError, AdapterNameError, AdapterNotFoundError, PeftkitError
+from peftkit.core.io import CONFIG_FILE, WEIGHTS_FILE, read_meta, read_tensors
 
 __all__ = [
     "AdapterCache",
@@ -114,30 +116,53 @@ class AdapterCache:
         self._paths: dict[str, Path] = {}
         self._lru: OrderedDict[str, CachedAdapter] = OrderedDict()  # oldest first
         self._loading: dict[str, Future[CachedAdapter]] = {}
+        # Bumped whenever a name's folder or resident copy changes: a load that started before keeps its result
+        # to itself (it read the previous version) instead of putting it in the LRU.
+        self._generation: dict[str, int] = {}
+        self._checked: dict[str, tuple[Any, str | None]] = {}  # name -> (file stats, problem), see problem()
         self._lock = threading.RLock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="peftkit-adapter-load")
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "load_errors": 0}
 
     # ------------------------------------------------------------------------------------------ registration
-    def register(self, name: str, path: str | Path) -> None:
-        """Register adapter ``name`` at folder ``path`` (nothing is read yet). Re-registering a name with a new
-        path drops the resident copy."""
-        check_adapter_name(name)
-        folder = Path(path).resolve()
+    def folder(self, path: str | Path) -> Path:
+        """``path`` resolved (symlinks too), a relative one against the root; ``AdapterNameError`` if it lies
+        outside the root. The message quotes ``path`` only if it is relative (as a client gave it): it never
+        names the server's own folders."""
+        given = Path(path)
+        folder = (self.root / given if self.root is not None and not given.is_absolute() else given).resolve()
         if self.root is not None and not folder.is_relative_to(self.root):
-            raise AdapterNameError(f"adapter folder {str(path)!r} lies outside the adapters root {str(self.root)!r}")
+            what = "the adapter folder" if given.is_absolute() else f"adapter folder {str(path)!r}"
+            raise AdapterNameError(f"{what} lies outside the adapters folder")
+        return folder
+
+    def register(self, name: str, path: str | Path, *, replace: bool = True) -> None:
+        """Register adapter ``name`` at folder ``path`` (relative paths are relative to the root; nothing is read
+        yet). Re-registering a name with a new path drops the resident copy; with ``replace=False`` a registered
+        name raises :class:`~peftkit.errors.AdapterExistsError` instead."""
+        check_adapter_name(name)
+        folder = self.folder(path)
         with self._lock:
+            if not replace and name in self._paths:
+                raise AdapterExistsError(f"an adapter named {name!r} is already registered")
             if self._paths.get(name) not in (None, folder):
-                self._drop(name)
+                self._changed(name)
             self._paths[name] = folder
 
     def register_dir(self, root: str | Path) -> list[str]:
-        """Register every sub-folder of ``root`` that holds an ``adapter.json`` and has a valid name."""
+        """Register every sub-folder of ``root`` that holds an ``adapter.json`` and has a valid name. A folder
+        that cannot be registered (a symlink that leads outside the cache's root, an invalid name) is skipped
+        with a warning: one bad entry must not keep a server from starting."""
         found = []
         for sub in sorted(Path(root).iterdir()):
-            if sub.is_dir() and (sub / "adapter.json").is_file() and _NAME.fullmatch(sub.name):
-                self.register(sub.name, sub)
-                found.append(sub.name)
+            if not (sub.is_dir() and (sub / CONFIG_FILE).is_file()):
+                continue
+            try:
+                self.register(check_adapter_name(sub.name), sub)
+            except AdapterNameError as exc:
+                warnings.warn(f"skipping adapter folder {sub.name!r}: {exc}", stacklevel=2)
+                continue
+            found.append(sub.name)
         return found
 
     def unregister(self, name: str) -> None:
@@ -145,7 +170,7 @@ class AdapterCache:
         with self._lock:
             self._require(name)
             del self._paths[name]
-            self._drop(name)
+            self._changed(name)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -185,7 +210,7 @@ class AdapterCache:
 
     def _start_load(self, name: str) -> Future[CachedAdapter]:
         self.stats["misses"] += 1
-        future = self._pool.submit(self._load, name, self._paths[name])
+        future = self._pool.submit(self._load, name, self._paths[name], self._generation.get(name, 0))
         self._loading[name] = future
         return future
 
@@ -201,33 +226,104 @@ class AdapterCache:
         """The loaded adapter (blocking)."""
         return self.get_async(name).result(timeout)
 
-    def _load(self, name: str, path: Path) -> CachedAdapter:
+    def read(self, name: str, path: str | Path) -> CachedAdapter:
+        """Read the adapter in folder ``path`` (relative paths: relative to the root) as ``name``, checked with
+        ``validate``, without registering it or touching the resident ones (see :meth:`put`).
+
+        Raises:
+            AdapterLoadError: unreadable, corrupt or incompatible (the message names the folder relative to the
+                root, never by its absolute path).
+            AdapterNameError: an invalid name, or a folder outside the root.
+        """
+        check_adapter_name(name)
+        return self._read(name, self.folder(path))
+
+    def _read(self, name: str, path: Path) -> CachedAdapter:
         try:
-            try:
-                meta = read_meta(path)
-                if self.validate is not None:
-                    self.validate(meta)
-                tensors = read_tensors(path)
-            except PeftkitError as exc:
-                raise AdapterLoadError(name, str(exc)) from exc
-            except OSError as exc:
-                raise AdapterLoadError(name, f"{path}: {exc}") from exc
-            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-            if nbytes > self.max_bytes:
-                raise AdapterTooLargeError(name, f"{nbytes} bytes exceed the cache budget of {self.max_bytes}")
-            entry = CachedAdapter(name, path, meta, tensors, nbytes, source=self.shown(path))
+            meta = read_meta(path)
+            if self.validate is not None:
+                self.validate(meta)
+            tensors = read_tensors(path)
+        except PeftkitError as exc:
+            raise AdapterLoadError(name, self._redact(str(exc), path)) from exc
+        except OSError as exc:
+            raise AdapterLoadError(name, self._redact(f"{path}: {exc}", path)) from exc
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if nbytes > self.max_bytes:
+            raise AdapterTooLargeError(name, f"{nbytes} bytes exceed the cache budget of {self.max_bytes}")
+        return CachedAdapter(name, path, meta, tensors, nbytes, source=self.shown(path))
+
+    def _load(self, name: str, path: Path, generation: int) -> CachedAdapter:
+        try:
+            entry = self._read(name, path)
         except BaseException:
             with self._lock:
-                self._loading.pop(name, None)
+                if self._generation.get(name, 0) == generation:
+                    self._loading.pop(name, None)
                 self.stats["load_errors"] += 1
             raise
         with self._lock:
-            self._loading.pop(name, None)
-            if self._paths.get(name) == path:  # not unregistered / re-pointed meanwhile
-                self._lru[name] = entry
-                self._lru.move_to_end(name)
-                self._evict()
+            if self._generation.get(name, 0) == generation:  # not unregistered / re-pointed / replaced meanwhile
+                self._loading.pop(name, None)
+                if name in self._paths:
+                    self._lru[name] = entry
+                    self._lru.move_to_end(name)
+                    self._evict()
         return entry
+
+    def put(self, name: str, entry: CachedAdapter, *, replace: bool = False) -> None:
+        """Register ``name`` at ``entry``'s folder with ``entry`` resident, in one step (a :meth:`get` after it
+        returns ``entry``; loads of the previous version still in flight are disowned). ``replace=False``: a
+        registered name raises :class:`~peftkit.errors.AdapterExistsError`."""
+        check_adapter_name(name)
+        with self._lock:
+            if not replace and name in self._paths:
+                raise AdapterExistsError(f"an adapter named {name!r} is already registered")
+            self._changed(name)
+            self._paths[name] = entry.path
+            self._lru[name] = entry
+            self._evict()
+
+    def problem(self, name: str) -> str | None:
+        """Why adapter ``name`` cannot be loaded, or ``None`` if it looks loadable: resident, or its
+        ``adapter.json`` passes :func:`~peftkit.core.io.read_meta` and ``validate`` (format, method, config, base
+        model, rank) and its tensor file's header is complete. Reads two small parts of its files, once per
+        version of them (the answer is kept until their size or modification time changes). The tensor data
+        itself (its checksum) is checked when the adapter is loaded."""
+        with self._lock:
+            self._require(name)
+            if name in self._lru:
+                return None
+            folder = self._paths[name]
+        files = [folder / CONFIG_FILE, folder / WEIGHTS_FILE]
+        try:
+            stats: Any = [(f.stat().st_mtime_ns, f.stat().st_size) for f in files]
+        except OSError:
+            stats = None
+        key = (folder, stats)
+        cached = self._checked.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        problem = None
+        try:
+            meta = read_meta(folder)
+            if self.validate is not None:
+                self.validate(meta)
+            with safe_open(str(files[1]), framework="pt"):
+                pass
+        except PeftkitError as exc:
+            problem = self._redact(str(exc), folder)
+        except (OSError, SafetensorError) as exc:
+            problem = self._redact(f"{files[1]}: {exc}", folder)
+        self._checked[name] = (key, problem)
+        return problem
+
+    def _redact(self, message: str, folder: Path) -> str:
+        """``message`` with ``folder`` (and the root) named relative to the root: clients see no server paths."""
+        message = message.replace(str(folder), self.shown(folder))
+        if self.root is not None:
+            message = message.replace(str(self.root), ".")
+        return message
 
     # ------------------------------------------------------------------------------------------ pins, eviction
     def pin(self, name: str) -> None:
@@ -271,8 +367,12 @@ class AdapterCache:
                 total -= entry.nbytes
                 self.stats["evictions"] += 1
 
-    def _drop(self, name: str) -> None:
+    def _changed(self, name: str) -> None:
+        """``name``'s folder or version changes: drop its resident copy and disown its load in flight."""
         self._lru.pop(name, None)
+        self._loading.pop(name, None)
+        self._checked.pop(name, None)
+        self._generation[name] = self._generation.get(name, 0) + 1
 
     def _require(self, name: str) -> None:
         check_adapter_name(name)

@@ -42,25 +42,33 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import secrets
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView
-from peftkit.core.errors import AdapterFileError, AdapterNotFoundError, InvalidConfigError, PeftkitError
+from peftkit.core.errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    InvalidConfigError,
+    PeftkitError,
+)
 from peftkit.core.io import assign_state, check_fingerprint
 from peftkit.core.model import AdaptedModel
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, skip_init
 from peftkit.core.registry import get_method
 
-from .cache import AdapterCache, AdapterLoadError, CachedAdapter
+from .cache import AdapterCache, AdapterLoadError, CachedAdapter, check_adapter_name
 
 __all__ = [
     "AdapterRankError",
@@ -306,8 +314,7 @@ class Engine:
         name = entry.name
         if name in self._installed:
             return True
-        meta = entry.meta
-        config = get_method(meta["method"]).config_class.from_dict(meta["config"])
+        config = _config_of(entry)
         # requests being admitted in this step are not running yet, but their adapters must stay too
         in_use = {r.adapter for r in (*self.running, *self._admitting)}
         reused = None
@@ -323,24 +330,40 @@ class Engine:
                 self._remove(victim)
         if reused is not None:
             self.model.rename_adapter(reused, name)
-        else:
-            with skip_init():  # every saved tensor is copied in below
-                self.model.add_adapter(name, config, activate=False)
-        try:
-            if sorted(self.model.layer_paths[name]) != sorted(meta["base_fingerprint"]):
-                raise AdapterLoadError(name, "its targets select other modules on this base than it was saved for")
-            try:  # the one path from saved tensors to adapter modules (pk.load's): fit_state, checks, copy
-                assign_state(self.model, name, entry.tensors, entry.source)
-            except AdapterFileError as exc:
-                raise AdapterLoadError(name, str(exc)) from None
-            self._to_lowrank(name, config)
-        except BaseException:
-            self.model.delete_adapter(name)
-            self.approximation_error.pop(name, None)
-            raise
+        self._build(name, entry, config, fresh=reused is None)
         self._installed[name] = None
         self.metrics["adapter_loads"] += 1
         return True
+
+    def _build(self, slot: str, entry: CachedAdapter, config: AdapterConfig, fresh: bool = True) -> None:
+        """Fill adapter ``slot`` of the model (added here if ``fresh``, else already holding modules of the same
+        config) with ``entry``'s saved tensors; on any error ``slot`` is deleted and the error, an
+        :class:`AdapterLoadError` naming ``entry``, propagates."""
+        if fresh:
+            with skip_init():  # every saved tensor is copied in below
+                self.model.add_adapter(slot, config, activate=False)
+        try:
+            if sorted(self.model.layer_paths[slot]) != sorted(entry.meta["base_fingerprint"]):
+                raise AdapterLoadError(
+                    entry.name, "its targets select other modules on this base than it was saved for"
+                )
+            try:  # the one path from saved tensors to adapter modules (pk.load's): fit_state, checks, copy
+                assign_state(self.model, slot, entry.tensors, entry.source)
+            except AdapterFileError as exc:
+                raise AdapterLoadError(entry.name, str(exc)) from None
+            self._to_lowrank(slot, config, entry.name)
+        except BaseException:
+            self.model.delete_adapter(slot)
+            self.approximation_error.pop(slot, None)
+            raise
+
+    def _try_install(self, entry: CachedAdapter) -> None:
+        """Install ``entry`` under a scratch name and take it out again: raises what installing it for a request
+        would raise (tensors that do not fit its config, a rank above ``max_rank``), changing nothing."""
+        probe = f"probe-{secrets.token_hex(8)}"
+        self._build(probe, entry, _config_of(entry))
+        self.model.delete_adapter(probe)
+        self.approximation_error.pop(probe, None)
 
     def _reusable(self, victim: str, config: AdapterConfig) -> bool:
         """Whether the modules of installed adapter ``victim`` can take another saved adapter's tensors: same
@@ -351,10 +374,11 @@ class Engine:
         return all(type(a).fit_state is Adapter.fit_state for a in self.model.adapter_modules(victim).values())
 
     @torch.no_grad()
-    def _to_lowrank(self, name: str, config: AdapterConfig) -> None:
+    def _to_lowrank(self, name: str, config: AdapterConfig, shown: str | None = None) -> None:
         """Check every module's rank against ``max_rank``; with ``svd_rank``, replace modules that have no
         low-rank form by the truncated SVD of their ``delta_weight`` and record the worst relative error
-        ``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F`` (= the discarded singular values' share of the norm)."""
+        ``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F`` (= the discarded singular values' share of the norm). Errors name the
+        adapter ``shown`` (default: ``name``)."""
         worst = None
         for path, adapter in self.model.adapter_modules(name).items():
             layer = self.model._layer(path)
@@ -362,7 +386,7 @@ class Engine:
             if form is not None:
                 if form.down.shape[0] > self.max_rank:
                     raise AdapterLoadError(
-                        name, f"module {path!r} has rank {form.down.shape[0]} > max_rank={self.max_rank}"
+                        shown or name, f"module {path!r} has rank {form.down.shape[0]} > max_rank={self.max_rank}"
                     )
                 continue
             if self.svd_rank is None or layer.base.kind != "linear" or adapter.delta_bias(layer.base) is not None:
@@ -389,14 +413,52 @@ class Engine:
         del self._installed[name]
         self.metrics["adapter_unloads"] += 1
 
+    def load_adapter(self, name: str, path: str | Path, *, replace: bool = False) -> bool:
+        """Register adapter ``name`` from folder ``path`` (relative paths: relative to the cache's root) once it
+        is known to work: its files are read and checked against the base, and it is installed on trial and
+        taken out again, so an adapter that would fail its requests is refused here and nothing changes.
+
+        With ``replace=True`` an adapter already registered as ``name`` is swapped for the new one atomically:
+        every request runs on one version from admission to end. Requests running on the old version finish on
+        it; requests for ``name`` that are admitted later (including those waiting now) run on the new one, and
+        wait while the old one is still in use. If the new one fails to load, the old one keeps serving.
+
+        Returns whether an adapter was replaced.
+
+        Raises:
+            AdapterExistsError: ``name`` is registered and ``replace`` is false.
+            AdapterLoadError: unreadable, corrupt, saved for another base, or its tensors do not fit its config.
+            AdapterNameError: an invalid name, or a folder outside the cache's root.
+        """
+        check_adapter_name(name)
+        if not replace and name in self.cache:
+            raise AdapterExistsError(f"an adapter named {name!r} is already loaded; ask to replace it")
+        entry = self.cache.read(name, path)  # outside the step lock: reading may take a while
+        with self._lock:
+            self._try_install(entry)
+            replaced = name in self.cache
+            self.cache.put(name, entry, replace=replace)
+            self._fetching.pop(name, None)  # a fetch of the previous version must not be installed
+            if name in self._installed:
+                self._retire_version(name)
+        self._wake.set()
+        return replaced
+
     def unload_adapter(self, name: str) -> None:
         """Unregister ``name`` and take it out of the model (after the running requests that use it end)."""
         with self._lock:
             self.cache.unregister(name)
-            if any(r.adapter == name for r in self.running):
-                self._unload_later.add(name)
-            elif name in self._installed:
-                self._remove(name)
+            if name in self._installed:
+                self._retire_version(name)
+
+    def _retire_version(self, name: str) -> None:
+        """Take the version of ``name`` now in the model out: at once if no running request uses it, else when
+        the last one ends (:meth:`_retire`); until then no new request for ``name`` is admitted, so none mixes
+        the old version with a newer one."""
+        if any(r.adapter == name for r in self.running):
+            self._unload_later.add(name)
+        else:
+            self._remove(name)
 
     @property
     def installed(self) -> list[str]:
@@ -572,6 +634,8 @@ class Engine:
         for req in queue:
             if len(self.running) + len(new) >= self.max_batch or len(new) >= self.max_prefills_per_step:
                 break
+            if req.adapter in self._unload_later:
+                continue  # the model still holds the previous version of its adapter, in use by running requests
             if req.adapter is not None and req.adapter not in self._installed and not self._ready(req):
                 continue
             with self._queue_lock:
@@ -892,6 +956,10 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         keep = (sorted_p.cumsum(0) - sorted_p) < params.top_p  # the first token is always kept
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def _config_of(entry: CachedAdapter) -> AdapterConfig:
+    return get_method(entry.meta["method"]).config_class.from_dict(entry.meta["config"])
 
 
 def _trailing_replacements(text: str) -> int:

@@ -3,20 +3,25 @@
 The adapter is chosen by the request's ``model`` field (as in vLLM, LoRAX and TGI): the base model's name runs
 the base, a registered adapter's name runs that adapter. Endpoints:
 
-- ``GET /v1/models``: the base and every registered adapter (adapters carry ``parent`` = base).
+- ``GET /v1/models``: the base and every registered adapter that passes the load checks (adapters carry
+  ``parent`` = base); the others are listed by ``GET /v1/adapters`` under ``unavailable``.
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: greedy or sampled generation, ``stream=true`` for
   server-sent events. A client that disconnects cancels its request (it leaves the running batch).
 - ``POST /v1/embeddings``: mean-pooled, unit-length embeddings from the encoder given as ``embedder`` (e.g.
   all-MiniLM-L6-v2; its name and its own adapters are the ``model`` values), or from the causal LM's last
   hidden state when there is none. ``POST /v1/classify`` (vLLM's shape): class probabilities of a sequence
   classifier served as ``embedder``.
-- ``GET /v1/adapters``, ``POST /v1/adapters {"name", "path"}`` (path inside the adapters folder),
+- ``GET /v1/adapters`` (registered, unavailable with the reason, in the model, in memory),
+  ``POST /v1/adapters {"name", "path", "replace"}`` (path inside the adapters folder; a name in use is 409
+  unless ``replace`` is true, which swaps the adapter atomically: each request runs on one version),
   ``DELETE /v1/adapters/{name}``.
 - ``GET /health``, ``GET /metrics`` (Prometheus text).
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``: 401 bad API key, 404 unknown model,
-400 bad request, 411/413 request body without a length or over ``max_body_bytes``, 422 adapter that cannot be
-loaded (corrupt, other base, rank above ``max_rank``), 429 queue full, 503 shutting down.
+400 bad request, 409 adapter name in use, 411/413 request body without a length or over ``max_body_bytes``,
+422 adapter that cannot be loaded (corrupt, other base, rank above ``max_rank``), 429 queue full, 503 shutting
+down. Messages name adapters and the paths clients gave (relative to the adapters folder), never the server's
+absolute paths.
 
 Shutdown is graceful: uvicorn stops accepting connections and waits for the open ones; then the engine
 drains (finishes what is queued or running) before its loop stops.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,13 +44,21 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from peftkit.core.errors import AdapterNameError, AdapterNotFoundError, InvalidConfigError, PeftkitError
+from peftkit.core.errors import (
+    AdapterExistsError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    InvalidConfigError,
+    PeftkitError,
+)
 
 from .cache import AdapterLoadError, check_adapter_name
 from .engine import Engine, EngineClosedError, EngineOverloadedError, SamplingParams
 from .engine import Request as GenRequest
 
 __all__ = ["create_app"]
+
+_log = logging.getLogger("peftkit.serve")
 
 
 class CompletionBody(BaseModel):
@@ -90,10 +104,12 @@ class EmbeddingBody(BaseModel):
 
 
 class AdapterBody(BaseModel):
-    """``POST /v1/adapters``: register ``name`` from ``path`` (relative to the adapters folder, or inside it)."""
+    """``POST /v1/adapters``: register ``name`` from ``path`` (relative to the adapters folder; default: the
+    folder ``name``); ``replace`` swaps a registered adapter of that name for the new one."""
 
     name: str
     path: str | None = None
+    replace: bool = False
 
 
 class APIError(Exception):
@@ -113,9 +129,13 @@ def _api_error(exc: BaseException) -> APIError:
         return APIError(503, str(exc), "ServiceUnavailableError", "shutting_down")
     if isinstance(exc, AdapterLoadError):
         return APIError(422, str(exc), "AdapterLoadError", "adapter_unloadable")
+    if isinstance(exc, AdapterExistsError):
+        return APIError(409, str(exc), "ConflictError", "adapter_exists")
     if isinstance(exc, (AdapterNameError, InvalidConfigError, PeftkitError)):
         return APIError(400, str(exc), "BadRequestError", "invalid_request")
-    return APIError(500, f"internal error: {exc}", "InternalServerError")
+    # the exception's text may name server internals (paths): the client gets its type, the log the rest
+    _log.error("internal error", exc_info=exc)
+    return APIError(500, f"internal error ({type(exc).__name__})", "InternalServerError")
 
 
 def create_app(
@@ -284,18 +304,34 @@ def create_app(
             lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
 
+    def loadable(served: Engine) -> tuple[list[str], dict[str, str]]:
+        """The registered adapters that look loadable, and why the others are not (see AdapterCache.problem)."""
+        ok, bad = [], {}
+        for n in served.cache.names():
+            try:
+                problem = served.cache.problem(n)
+            except AdapterNotFoundError:  # unregistered meanwhile
+                continue
+            if problem is None:
+                ok.append(n)
+            else:
+                bad[n] = problem
+        return ok, bad
+
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models() -> dict[str, Any]:
+        """The base models and the adapters that can serve (decision: adapters whose files fail the checks of
+        ``AdapterCache.problem``, such as a corrupt tensor file or another base model, are left out, so a
+        client only sees models it can use; ``GET /v1/adapters`` lists them under ``unavailable`` with the
+        reason)."""
         now = int(time.time())
         data = []
         for name, served in [(base_name, engine), (embedder_name, embedder)]:
             if served is None:
                 continue
             data.append({"id": name, "object": "model", "created": now, "owned_by": "peftkit", "parent": None})
-            data += [
-                {"id": n, "object": "model", "created": now, "owned_by": "peftkit", "parent": name}
-                for n in served.cache.names()
-            ]
+            ok, _ = await asyncio.to_thread(loadable, served)
+            data += [{"id": n, "object": "model", "created": now, "owned_by": "peftkit", "parent": name} for n in ok]
         return {"object": "list", "data": data}
 
     def encoder_of(model: str) -> tuple[Engine, str | None]:
@@ -404,8 +440,10 @@ def create_app(
 
     @app.get("/v1/adapters", dependencies=[Depends(auth)])
     async def adapters() -> dict[str, Any]:
+        _, unavailable = await asyncio.to_thread(loadable, engine)
         return {
             "registered": engine.cache.names(),
+            "unavailable": unavailable,
             "in_model": engine.installed,
             "in_memory": engine.cache.resident(),
             "approximation_error": dict(engine.approximation_error),
@@ -413,22 +451,25 @@ def create_app(
 
     @app.post("/v1/adapters", dependencies=[Depends(auth)])
     async def load(body: AdapterBody) -> dict[str, Any]:
+        """Register an adapter once it is known to load (422 if not); a name in use is 409 unless
+        ``replace`` is true, which swaps the adapter atomically (see ``Engine.load_adapter``)."""
         try:
             name = check_adapter_name(body.name)
             if name == base_name:
                 raise AdapterNameError(f"{name!r} is the base model's name")
             if root is None:
                 raise APIError(400, "the server has no adapters folder", "BadRequestError", "invalid_request")
-            path = (root / (body.path or name)).resolve()
-            engine.cache.register(name, path)  # refuses paths outside the root
-            try:
-                await asyncio.wrap_future(engine.cache.get_async(name))  # validate now: 422 if unloadable
-            except Exception:
-                engine.cache.unregister(name)
-                raise
+            given = body.path or name
+            path = (root / given).resolve()
+            if not path.is_relative_to(root):  # messages quote the client's path, never the server's folders
+                raise AdapterNameError(f"adapter folder {given!r} lies outside the adapters folder")
+            if not body.replace and name in engine.cache:
+                message = f'an adapter named {name!r} is already loaded; send "replace": true to swap it'
+                raise APIError(409, message, "ConflictError", "adapter_exists")
+            replaced = await asyncio.to_thread(engine.load_adapter, name, path, replace=body.replace)
         except Exception as exc:
             raise _api_error(exc) from exc
-        return {"name": name, "status": "loaded"}
+        return {"name": name, "status": "replaced" if replaced else "loaded"}
 
     @app.delete("/v1/adapters/{name}", dependencies=[Depends(auth)])
     async def unload(name: str) -> dict[str, Any]:

@@ -156,3 +156,73 @@ def test_root_confinement_and_unknown(tmp_path: Path) -> None:
     cache.register("ok", tmp_path / "root" / "ok")
     cache.unregister("ok")
     assert "ok" not in cache
+
+
+def test_register_dir_skips_a_symlink_out_of_the_root(tmp_path: Path) -> None:
+    """A symlinked folder that leads outside the root (issue 12, item 21: it stopped ``peftkit serve`` from
+    starting with AdapterNameError) is skipped with a warning; a symlink inside the root is an alias."""
+    root, _ = _write_many(tmp_path, 2)
+    outside = tmp_path / "elsewhere"
+    (root / "a1").rename(outside)
+    (root / "link_out").symlink_to(outside, target_is_directory=True)
+    (root / "link_in").symlink_to(root / "a0", target_is_directory=True)
+    cache = AdapterCache(max_bytes=1 << 20, root=root)
+    with pytest.warns(UserWarning, match="link_out.*outside the adapters folder"):
+        found = cache.register_dir(root)
+    assert found == ["a0", "link_in"] and cache.names() == ["a0", "link_in"]
+    assert torch.equal(cache.get("link_in").tensors["0.A"], cache.get("a0").tensors["0.A"])
+    cache.close()
+
+
+def test_problem_reports_what_cannot_load_without_absolute_paths(tmp_path: Path) -> None:
+    """``problem`` (what /v1/models filters on) names corrupt / incompatible adapters, in messages that name the
+    folder relative to the root; fixing the files clears it. The load errors are redacted the same way."""
+    root, _ = _write_many(tmp_path, 4)
+    good = (root / "a0" / "adapter.safetensors").read_bytes()
+    (root / "a1" / "adapter.safetensors").write_bytes(good[: len(good) // 2])  # truncated
+    (root / "a2" / "adapter.json").write_text("{not json")
+
+    def check(meta: dict) -> None:
+        if meta["name"] == "a3":
+            raise BaseModelMismatch("saved for another base")
+
+    cache = AdapterCache(max_bytes=1 << 20, root=root, validate=check)
+    cache.register_dir(root)
+    problems = {n: cache.problem(n) for n in cache.names()}
+    assert problems["a0"] is None
+    assert "a1/adapter.safetensors" in problems["a1"] and "a2/adapter.json" in problems["a2"]
+    assert problems["a3"] == "saved for another base"
+    for name in ("a1", "a2"):
+        assert str(tmp_path) not in problems[name]
+        with pytest.raises(AdapterLoadError) as info:
+            cache.get(name)
+        assert str(tmp_path) not in str(info.value) and f"{name}/adapter." in str(info.value)
+    (root / "a1" / "adapter.safetensors").write_bytes(good)  # repaired: a new size, so checked again
+    assert cache.problem("a1") is None
+    cache.close()
+
+
+def test_put_replaces_atomically_and_disowns_stale_loads(tmp_path: Path) -> None:
+    """``read`` + ``put``: a registered name needs ``replace=True``; after it, ``get`` returns the new version,
+    even while a load of the old version was in flight (it must not overwrite the new resident copy)."""
+    root, truth = _write_many(tmp_path, 3)
+    gate = threading.Event()
+
+    def slow(meta: dict) -> None:
+        if meta["name"] == "a0":
+            gate.wait(5)
+
+    cache = AdapterCache(max_bytes=1 << 20, root=root, validate=slow)
+    cache.register("a0", "a0")  # relative to the root
+    stale = cache.get_async("a0")  # blocked in validate
+    fresh = cache.read("a0", "a1")
+    with pytest.raises(pk.errors.AdapterExistsError):
+        cache.put("a0", fresh)
+    cache.put("a0", fresh, replace=True)
+    gate.set()
+    stale.result(5)
+    assert torch.equal(cache.get("a0").tensors["0.A"], truth["a1"]["0.A"])
+    assert cache.path_of("a0") == (root / "a1").resolve()
+    with pytest.raises(AdapterNameError, match=r"'\.\./x' lies outside"):
+        cache.read("a9", "../x")
+    cache.close()

@@ -25,6 +25,10 @@ def test_peftkit_serve_command(tmp_path: Path) -> None:
     tiny_gpt2().save_pretrained(base)
     char_tokenizer_hf().save_pretrained(base)
     random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_attn"]), tmp_path / "adapters" / "demo", seed=0)
+    # a symlinked folder leading out of the adapters folder: skipped with a warning (it stopped the server from
+    # starting, issue 12 item 21)
+    outside = random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_attn"]), tmp_path / "outside", seed=1)
+    (tmp_path / "adapters" / "escape").symlink_to(outside, target_is_directory=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -44,7 +48,7 @@ def test_peftkit_serve_command(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["base", "demo", "embedding"]
+        assert [m.id for m in client.models.list().data] == ["base", "demo", "embedding"]  # no "escape"
         vector = client.embeddings.create(model="embedding", input="hi").data[0].embedding
         assert len(vector) == 384 and abs(sum(v * v for v in vector) - 1) < 1e-4  # MiniLM, unit length
         out = client.completions.create(model="demo", prompt="hello", max_tokens=4, temperature=0)
@@ -54,3 +58,5 @@ def test_peftkit_serve_command(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "skipping adapter folder 'escape'" in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import threading
 import time
@@ -103,9 +104,17 @@ def _greedy(path: Path | None, prompt: str, n: int) -> str:
 
 
 def test_models_and_health(server: dict) -> None:
+    """/v1/models lists the adapters that can serve; the corrupt one ("broken") and the one above max_rank
+    ("wide") are listed by /v1/adapters as unavailable, with reasons that name no server path."""
     ids = [m.id for m in server["client"].models.list().data]
-    assert ids == ["tiny-gpt2", "broken", "math", "poem", "wide", "minilm", "mini-lora"]
+    assert ids == ["tiny-gpt2", "math", "poem", "minilm", "mini-lora"]
     assert httpx.get(f"{server['url']}/health").json() == {"status": "ok"}
+    listing = httpx.get(f"{server['url']}/v1/adapters", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert listing["registered"] == ["broken", "math", "poem", "wide"]
+    assert sorted(listing["unavailable"]) == ["broken", "wide"]
+    assert "broken/adapter.safetensors" in listing["unavailable"]["broken"]
+    assert "max_rank=4" in listing["unavailable"]["wide"]
+    assert str(server["root"]) not in json.dumps(listing)
 
 
 def test_completions_route_by_model(server: dict) -> None:
@@ -199,6 +208,44 @@ def test_load_unload_adapters(server: dict) -> None:
     values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
     assert float(values["peftkit_tokens_per_second"]) > 0  # tokens were generated in the last 10 s
     assert float(values["peftkit_cache_hits_total"]) >= 1 and float(values["peftkit_requests_waiting"]) == 0
+
+
+def test_adapter_name_conflict_replace_and_path_free_errors(server: dict) -> None:
+    """POST /v1/adapters: a loaded name is 409 unless ``replace`` is true, which swaps the weights (requests then
+    match the new adapter); a failed replace is 422 and the old adapter keeps serving; no error message names
+    the server's adapters folder."""
+    url, client, root = server["url"], server["client"], server["root"]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    random_adapter(tiny_gpt2, pk.LoRAConfig(r=4, targets=["c_attn", "c_fc"]), root / "math_v2", seed=11)
+    try:
+        r = httpx.post(f"{url}/v1/adapters", json={"name": "math", "path": "math_v2"}, headers=headers)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "adapter_exists", r.text
+        out = client.completions.create(model="math", prompt="hello", max_tokens=5, temperature=0)
+        assert out.choices[0].text == _greedy(root / "math", "hello", 5)  # still the old weights
+        body = {"name": "math", "path": "math_v2", "replace": True}
+        r = httpx.post(f"{url}/v1/adapters", json=body, headers=headers)
+        assert r.status_code == 200 and r.json()["status"] == "replaced", r.text
+        new_text = _greedy(root / "math_v2", "hello", 5)
+        assert new_text != _greedy(root / "math", "hello", 5)
+        out = client.completions.create(model="math", prompt="hello", max_tokens=5, temperature=0)
+        assert out.choices[0].text == new_text
+        failed = [
+            ({"name": "math", "path": "broken", "replace": True}, 422, "broken/adapter.safetensors"),
+            ({"name": "math", "path": "nothere", "replace": True}, 422, "nothere is not a saved peftkit adapter"),
+            ({"name": "math", "path": "../../etc", "replace": True}, 400, "'../../etc' lies outside"),
+        ]
+        for body, status, says in failed:
+            r = httpx.post(f"{url}/v1/adapters", json=body, headers=headers)
+            message = r.json()["error"]["message"]
+            assert r.status_code == status and says in message and str(root) not in message, r.text
+        out = client.completions.create(model="math", prompt="hello", max_tokens=5, temperature=0)
+        assert out.choices[0].text == new_text  # the failed replaces left math_v2 serving
+        with pytest.raises(openai.UnprocessableEntityError) as info:
+            client.completions.create(model="broken", prompt="x", max_tokens=2)
+        assert str(root) not in str(info.value) and "'broken'" in str(info.value)
+    finally:  # the other tests of this module expect the original math
+        body = {"name": "math", "path": "math", "replace": True}
+        assert httpx.post(f"{url}/v1/adapters", json=body, headers=headers).status_code == 200
 
 
 def test_queue_full_is_429(tmp_path: Path) -> None:
