@@ -130,6 +130,11 @@ class SoRA(Adapter):
         return int((self.gate != 0).sum())
 
     def step(self, global_step: int) -> None:
+        """The proximal step that follows optimizer step ``global_step`` (the number of updates done); nothing at
+        ``global_step = 0``, the call trainers make before the first update (the official ``SparseAdamW``
+        thresholds after each update only)."""
+        if global_step <= 0:
+            return
         if self.config.proximal_in_step and self.config.prox_lambda > 0 and self.gate.requires_grad:
             self.proximal(self.config.prox_lambda)
 

@@ -88,6 +88,8 @@ def test_l1_penalty_and_step_hook() -> None:
     g = model.adapter_modules("default")["fc1"].gate
     torch.testing.assert_close(g.grad, 10.0 * torch.sign(g.detach()) / 8)
     before = g.detach().abs().clone()
+    model.step_adapters(0)  # before the first update (trainers call it): no proximal step yet
+    assert torch.equal(g.detach().abs(), before)
     model.step_adapters(1)  # proximal step in the per-step hook
     torch.testing.assert_close(g.detach().abs(), (before - 0.1).clamp_min(0))
 
