@@ -2,10 +2,12 @@
 under Hugging Face ``transformers.Trainer``.
 
 Per-step schedules live in the adapters (:meth:`peftkit.Adapter.step`: DyLoRA's rank draw, SoRA's proximal
-step, IncreLoRA's importance EMA); a trainer only has to call ``model.step_adapters(global_step)`` once per
-optimizer step, right after ``optimizer.step()``. Our Trainer does it itself; :class:`HFAdapterCallback`
-does it for ``transformers.Trainer`` (its ``on_step_end`` runs right after the optimizer step, with
-``state.global_step`` already counting it, as ours). So both trainers see the same schedule.
+step, IncreLoRA's importance EMA); ``step(s)`` prepares the optimizer step that follows ``s`` done steps, so a
+trainer calls ``model.step_adapters(global_step)`` once before the first optimizer step (``step(0)``: DyLoRA
+draws the first step's rank) and then right after every ``optimizer.step()``. Our Trainer does it itself;
+:class:`HFAdapterCallback` does it for ``transformers.Trainer`` (``on_train_begin``, then ``on_step_end``,
+which runs right after the optimizer step with ``state.global_step`` already counting it, as ours). So both
+trainers see the same schedule.
 
 Model-level schedules that *create parameters* (IncreLoRA's allocator) are objects with
 ``step(global_step) -> list[nn.Parameter]`` (:class:`ParameterSchedule`); the new parameters are handed to
@@ -94,9 +96,10 @@ def _hf_adapter_callback() -> type:
         """A ``transformers.TrainerCallback`` that runs peftkit's per-step schedules under
         ``transformers.Trainer``.
 
-        ``on_step_end`` (after each optimizer step) calls ``model.step_adapters(state.global_step)`` on every
-        :class:`AdaptedModel` in the model, then each of ``schedules``; parameters a schedule creates join the
-        optimizer (and the LR scheduler) as new param groups with ``args.weight_decay``.
+        ``on_train_begin`` calls ``model.step_adapters(state.global_step)`` on every :class:`AdaptedModel` in
+        the model (the schedules of the first step: DyLoRA's first rank draw); ``on_step_end`` (after each
+        optimizer step) calls it again with the new step, then each of ``schedules``; parameters a schedule
+        creates join the optimizer (and the LR scheduler) as new param groups with ``args.weight_decay``.
 
         Example:
             ``Trainer(model=adapted, args=args, train_dataset=ds, callbacks=[HFAdapterCallback()])``
@@ -104,6 +107,12 @@ def _hf_adapter_callback() -> type:
 
         def __init__(self, schedules: Sequence[ParameterSchedule] = ()) -> None:
             self.schedules = list(schedules)
+
+        def on_train_begin(
+            self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+        ) -> None:
+            if model is not None:
+                step_adapters(model, int(state.global_step))
 
         def on_step_end(
             self,

@@ -7,8 +7,8 @@ What it does: AdamW over the trainable parameters only (weight decay on matrices
 vectors), linear warmup then a cosine, linear or constant schedule, gradient accumulation, gradient-norm
 clipping, evaluation after every epoch, a seeded run (``random``, ``numpy``, ``torch`` and the data order),
 a tqdm bar with loss and samples/s, an adapter checkpoint per epoch (``model.save``: only the adapter), a
-clear error on a non-finite loss, callbacks, and the adapters' ``step(global_step)`` hook after every
-optimizer step.
+clear error on a non-finite loss, callbacks, and the adapters' ``step(global_step)`` hook once before the
+first optimizer step and after every one.
 """
 
 from __future__ import annotations
@@ -283,6 +283,10 @@ class Trainer:
         start = time.perf_counter()
         for cb in self.callbacks:
             cb.on_train_begin(self)
+        # ``step(g)`` prepares the optimizer step after ``g`` steps: call it before the first step too, so
+        # that per-step schedules (DyLoRA's rank draw, DV-LoRA's phase) already hold for that step.
+        for m in adapted:
+            m.step_adapters(self.global_step)
 
         for epoch in range(1, cfg.epochs + 1):
             self.epoch = epoch

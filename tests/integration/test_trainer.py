@@ -104,6 +104,26 @@ def test_nan_loss_stops_with_the_step_named() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_dylora_first_step_trains_a_drawn_rank() -> None:
+    # seed=3 draws rank 1 for step 0 (not r=4): before the fix the first step trained rank r, undrawn.
+    def dylora() -> pk.AdaptedModel:
+        cfg = pk.get_config("dylora", r=4, alpha=8.0, targets=["fc1", "fc2"], seed=3)
+        return pk.adapt(make_tiny_net(), cfg)
+
+    model = dylora()
+    seen: list[int] = []
+    module = model.adapter_modules("default")["fc1"]
+    module.register_forward_hook(lambda m, args, out: seen.append(m.rank) if m.training else None)
+    fit(model, batch_size=8, max_steps=6)
+    probe = dylora().adapter_modules("default")["fc1"]
+    drawn = []
+    for step in range(6):  # the rank step(s) draws for the optimizer step after s steps
+        probe.step(step)
+        drawn.append(probe.train_rank)
+    assert seen == drawn
+    assert seen[0] == 1 != module.config.r
+
+
 def test_checkpoints_hold_only_the_adapter(tmp_path) -> None:
     model = adapted()
     result = fit(model, epochs=2, batch_size=32, output_dir=tmp_path)
@@ -155,7 +175,8 @@ def test_callbacks_eval_and_adapter_step_hook() -> None:
     assert rec.events == ["begin", "step", "step", "epoch", "step", "step", "epoch", "end"]
     assert result.stopped_early and result.global_step == 4
     assert [e["acc"] for e in result.epochs] == [0.5, 0.5]
-    assert seen == [s for s in (1, 2, 3, 4) for _ in range(n_modules)]
+    # step(0) before the first optimizer step, then step(n) after the n-th.
+    assert seen == [s for s in (0, 1, 2, 3, 4) for _ in range(n_modules)]
 
 
 def test_max_steps_and_the_progress_bar_run() -> None:
