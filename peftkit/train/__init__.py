@@ -1,9 +1,9 @@
 """Training: a small :class:`Trainer` (AdamW, schedules, accumulation, clipping, eval, checkpoints, callbacks)
 and the sentence-classification task the demo and the CLI use (:mod:`peftkit.train.tasks`)."""
 
+from peftkit.train.errors import NonFiniteGradientError, NonFiniteLossError, TrainingDivergedError, TrainingError
 from peftkit.train.trainer import (
     Callback,
-    NonFiniteLossError,
     TrainConfig,
     Trainer,
     TrainResult,
@@ -13,10 +13,13 @@ from peftkit.train.trainer import (
 
 __all__ = [
     "Callback",
+    "NonFiniteGradientError",
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "TrainingDivergedError",
+    "TrainingError",
     "lr_factor",
     "seed_everything",
 ]

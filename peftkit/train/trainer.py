@@ -6,9 +6,12 @@ result = trainer.fit()          # result.history: one dict per optimizer step; r
 What it does: AdamW over the trainable parameters only (weight decay on matrices, not on biases / norms /
 vectors), linear warmup then a cosine, linear or constant schedule, gradient accumulation, gradient-norm
 clipping, evaluation after every epoch, a seeded run (``random``, ``numpy``, ``torch`` and the data order),
-a tqdm bar with loss and samples/s, an adapter checkpoint per epoch (``model.save``: only the adapter), a
-clear error on a non-finite loss, callbacks, and the adapters' ``step(global_step)`` hook once before the
-first optimizer step and after every one.
+a tqdm bar with loss and samples/s, an adapter checkpoint per epoch (``model.save``: only the adapter),
+callbacks, and the adapters' ``step(global_step)`` hook once before the first optimizer step and after every
+one. Three checks stop a run with a clear error instead of training on garbage: a non-finite loss
+(:class:`NonFiniteLossError`), non-finite gradients behind a finite loss (:class:`NonFiniteGradientError`,
+checked before ``optimizer.step``, so the bad update is never applied) and a diverging loss
+(:class:`TrainingDivergedError`).
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from peftkit.core.model import AdaptedModel
+from peftkit.train.errors import NonFiniteGradientError, NonFiniteLossError, TrainingDivergedError
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], Tensor]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
 
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; raised before the bad update is applied."""
+# Names of the parameters with non-finite gradients listed in NonFiniteGradientError (the rest are counted).
+_NAMES_SHOWN = 3
 
 
 @dataclass
@@ -55,13 +58,24 @@ class TrainConfig:
         warmup_steps: optimizer steps of linear warmup from ``lr / warmup_steps`` to ``lr``.
         warmup_ratio: warmup as a share of all steps (used when ``warmup_steps`` is 0).
         min_lr_ratio: final learning rate of the decaying schedules, as a share of ``lr``.
-        max_grad_norm: clip the global gradient norm to this value; ``None`` turns clipping off.
+        max_grad_norm: clip the global gradient norm to this value; ``None`` turns clipping off (the norm is
+            computed and checked for NaN / inf either way).
         max_steps: stop after this many optimizer steps (``None``: run every epoch).
         seed: seeds ``random``, ``numpy``, ``torch`` and the order of the data.
         shuffle: shuffle the training data every epoch.
         output_dir: if set, the adapter is saved to ``output_dir/epoch-<n>`` after every epoch.
         device: move every batch to this device (the model is the caller's to place).
         progress: show a tqdm progress bar.
+        divergence_factor: stop with :class:`TrainingDivergedError` when the mean loss of each of
+            ``divergence_patience`` consecutive windows of ``divergence_window`` optimizer steps exceeds
+            ``divergence_factor`` times the loss of the run's first step. The first step is the reference
+            because its loss is the only one computed before any update: with a far too large learning rate
+            the loss explodes from the second step on, so any later reference is already inflated (choice of
+            this library; the rule is a heuristic). The check is skipped when that first loss is not positive;
+            ``None`` turns it off. Runs shorter than ``divergence_window * divergence_patience`` steps are
+            never stopped by it.
+        divergence_window: optimizer steps per window of the divergence check.
+        divergence_patience: consecutive windows above the limit that stop the run.
     """
 
     epochs: int = 1
@@ -82,10 +96,17 @@ class TrainConfig:
     output_dir: str | Path | None = None
     device: str | torch.device | None = None
     progress: bool = True
+    divergence_factor: float | None = 10.0
+    divergence_window: int = 10
+    divergence_patience: int = 3
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("epochs, batch_size and grad_accum must be at least 1")
+        if self.divergence_factor is not None and not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be above 1 or None, got {self.divergence_factor}")
+        if self.divergence_window < 1 or self.divergence_patience < 1:
+            raise ValueError("divergence_window and divergence_patience must be at least 1")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
@@ -147,6 +168,63 @@ def to_device(batch: Batch, device: str | torch.device | None) -> Batch:
     return batch
 
 
+def grad_norm(params: Sequence[Tensor]) -> float:
+    """The global L2 norm of the gradients of ``params`` (``None`` gradients skipped): NaN or inf exactly when
+    a gradient entry is. Computed as ``clip_grad_norm_`` does, except that finite gradients whose squares
+    overflow the gradient dtype (entries above ~1e19 in float32) are measured again in float64 rather than
+    reported as an infinite norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    device = grads[0].device
+    norms = torch._foreach_norm(grads)  # one kernel per device/dtype group, as clip_grad_norm_ uses
+    total = float(torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms])))
+    if math.isinf(total) and all(bool(torch.isfinite(g).all()) for g in grads):
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64).to(device) for g in grads]
+        total = float(torch.linalg.vector_norm(torch.stack(norms)))
+    return total
+
+
+class _DivergenceCheck:
+    """The rule of ``TrainConfig.divergence_*``: the mean loss of ``patience`` consecutive windows of ``window``
+    steps each above ``factor`` times the first step's loss."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.factor, self.window, self.patience = (
+            config.divergence_factor,
+            config.divergence_window,
+            config.divergence_patience,
+        )
+        self.lr = config.lr
+        self.reference: float | None = None
+        self.losses: list[float] = []
+        self.windows_above = 0
+
+    def update(self, step: int, loss: float) -> None:
+        """Record optimizer step ``step``'s loss; raise :class:`TrainingDivergedError` when the rule fires."""
+        if self.factor is None:
+            return
+        if self.reference is None:
+            self.reference = loss
+        if self.reference <= 0:
+            return
+        self.losses.append(loss)
+        if len(self.losses) < self.window:
+            return
+        mean = sum(self.losses) / len(self.losses)
+        self.losses.clear()
+        self.windows_above = self.windows_above + 1 if mean > self.factor * self.reference else 0
+        if self.windows_above >= self.patience:
+            first = step - self.patience * self.window + 1
+            raise TrainingDivergedError(
+                f"training diverged: the mean loss of each of the {self.patience} windows of {self.window} steps "
+                f"from step {first} to step {step} stayed above {self.factor:g}x the first step's loss "
+                f"({self.reference:.4g}); the last window's mean is {mean:.4g}. Stopped at step {step}. Lower the "
+                f"learning rate (peak lr {self.lr:g}) and keep max_grad_norm set; TrainConfig(divergence_factor=None) "
+                "turns this check off."
+            )
+
+
 class Callback:
     """Hooks the trainer calls; override the ones you need. Set ``trainer.should_stop = True`` to stop."""
 
@@ -154,7 +232,8 @@ class Callback:
         """Before the first step."""
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
-        """After every optimizer step; ``logs`` has step, epoch, loss, lr, grad_norm, samples_per_s."""
+        """After every optimizer step; ``logs`` has step, epoch, loss, lr, grad_norm (before clipping),
+        samples_per_s."""
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         """After every epoch's evaluation and checkpoint; ``logs`` has epoch, train_loss and the eval metrics."""
@@ -257,11 +336,40 @@ class Trainer:
     def _adapted_models(self) -> list[AdaptedModel]:
         return [m for m in self.model.modules() if isinstance(m, AdaptedModel)]
 
+    def _non_finite_gradients(self, norm: float, loss: float, epoch: int) -> NonFiniteGradientError:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        bad = [
+            names.get(id(p), f"<parameter {i}>")
+            for i, p in enumerate(self.params)
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        step = self.global_step + 1
+        where = f"at step {step} (epoch {epoch}) although the loss is finite ({loss:.4g})"
+        kept = f"stopped before this update: the parameters are those after step {step - 1}"
+        if not bad:  # float64 gradients whose norm overflows even in float64
+            return NonFiniteGradientError(
+                f"the gradient norm is {norm} {where}: every gradient entry is finite, but so large that their norm "
+                f"overflows; {kept}. Likely cause: exploding gradients (lower the learning rate)."
+            )
+        shown = ", ".join(bad[:_NAMES_SHOWN]) + (
+            f" and {len(bad) - _NAMES_SHOWN} more" if len(bad) > _NAMES_SHOWN else ""
+        )
+        return NonFiniteGradientError(
+            f"gradients are NaN or infinite {where}, in {len(bad)} of {len(self.params)} trained tensors: {shown}; "
+            f"{kept}. Likely causes: an operation whose gradient is undefined at these values in the loss or the "
+            "model (sqrt or a power below 1 at 0, log of 0, a division by 0, the norm of a zero vector), a float16 "
+            "overflow, or a NaN produced in a custom backward; torch.autograd.set_detect_anomaly(True) names the "
+            "operation."
+        )
+
     def fit(self) -> TrainResult:
         """Run the training loop; returns a :class:`TrainResult`.
 
         Raises:
             NonFiniteLossError: the loss became NaN/inf (the message names the step); no update is applied.
+            NonFiniteGradientError: the loss is finite but gradients are NaN/inf (the message names the step and
+                the parameters); checked before ``optimizer.step``, so no update is applied.
+            TrainingDivergedError: the loss stayed far above its first value (``TrainConfig.divergence_*``).
         """
         cfg, model = self.config, self.model
         seed_everything(cfg.seed)
@@ -280,6 +388,7 @@ class Trainer:
         adapted = self._adapted_models()
         was_training = model.training
         result = TrainResult()
+        divergence = _DivergenceCheck(cfg)
         start = time.perf_counter()
         for cb in self.callbacks:
             cb.on_train_begin(self)
@@ -313,11 +422,18 @@ class Trainer:
                     (loss / k).backward()
                     step_loss += loss.item() / k
                     samples += batch_size_of(batch)
-                grad_norm = (
-                    float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-                    if cfg.max_grad_norm is not None
-                    else float("nan")
-                )
+                # The loss can be finite while its gradients are not (sqrt or log at 0, float16 overflow): check
+                # the norm before the step, so a NaN update never reaches the parameters.
+                norm = grad_norm(self.params)
+                if not math.isfinite(norm):
+                    error = self._non_finite_gradients(norm, step_loss, epoch)  # reads the gradients: first
+                    self.optimizer.zero_grad(set_to_none=True)
+                    bar.close()
+                    raise error
+                if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
+                    # As torch.nn.utils.clip_grad_norm_ (same coefficient), from the norm computed above.
+                    grads = [p.grad for p in self.params if p.grad is not None]
+                    torch._foreach_mul_(grads, cfg.max_grad_norm / (norm + 1e-6))
                 lr = cfg.lr * lr_factor(self.global_step, total, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -333,7 +449,7 @@ class Trainer:
                     "epoch": epoch,
                     "loss": step_loss,
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": norm,
                     "samples_per_s": throughput,
                 }
                 result.history.append(logs)
@@ -342,6 +458,11 @@ class Trainer:
                 bar.update()
                 for cb in self.callbacks:
                     cb.on_step_end(self, logs)
+                try:
+                    divergence.update(self.global_step, step_loss)
+                except TrainingDivergedError:
+                    bar.close()
+                    raise
                 if self.should_stop or self.global_step >= total:
                     break
             bar.close()

@@ -13,7 +13,16 @@ from conftest import make_tiny_net
 from safetensors.torch import load_file
 
 import peftkit as pk
-from peftkit.train import Callback, NonFiniteLossError, TrainConfig, Trainer, TrainResult, lr_factor
+from peftkit.train import (
+    Callback,
+    NonFiniteGradientError,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    TrainingDivergedError,
+    TrainResult,
+    lr_factor,
+)
 
 
 def dataset(n: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -102,6 +111,108 @@ def test_nan_loss_stops_with_the_step_named() -> None:
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 \(epoch 1, micro-batch 3"):
         fit(model, batch_size=8, loss=poisoned)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Snapshots(Callback):
+    """The trainable parameters after every optimizer step (index 0: before the first)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.after: list[dict[str, torch.Tensor]] = [trainable(model)]
+
+    def on_step_end(self, trainer, logs) -> None:
+        self.after.append(trainable(self.model))
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, None])
+def test_nan_gradient_with_a_finite_loss_stops_before_the_update(max_grad_norm: float | None) -> None:
+    # The loss stays finite; only fc1's A gets a NaN gradient, in the third backward. Before the fix the NaN
+    # update was applied and step 4 failed with a NaN *loss* blaming the learning rate.
+    model = adapted()
+    a = model.adapter_modules("default")["fc1"].A
+    calls = 0
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return grad * float("nan") if calls == 3 else grad
+
+    a.register_hook(poison)
+    snaps = Snapshots(model)
+    trainer = Trainer(
+        model,
+        TrainConfig(lr=1e-2, batch_size=8, max_grad_norm=max_grad_norm, progress=False),
+        dataset(),
+        loss_fn=loss_fn,
+        callbacks=[snaps],
+    )
+    with pytest.raises(NonFiniteGradientError, match=r"at step 3 \(epoch 1\) although the loss is finite") as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "in 1 of 6 trained tensors: model.fc1.adapters.default.A;" in message
+    assert "parameters are those after step 2" in message and "learning rate" not in message
+    assert trainer.global_step == 2 and len(snaps.after) == 3
+    for name, value in trainable(model).items():  # exactly the parameters after step 2: no update applied
+        assert torch.equal(value, snaps.after[2][name]), name
+    assert all(p.grad is None for p in trainer.params)
+
+
+def test_nan_gradients_everywhere_name_the_first_few() -> None:
+    def loss_with_nan_grads(model, batch):
+        # 0 * sqrt(0) is 0, but its gradient is 0 * inf = NaN in every trained tensor.
+        zero = sum((p - p.detach()).sum() for p in model.parameters() if p.requires_grad)
+        return loss_fn(model, batch) + 0.0 * torch.sqrt(zero)
+
+    model = adapted()
+    start = trainable(model)
+    with pytest.raises(NonFiniteGradientError, match=r"at step 1 .* in 6 of 6 trained tensors") as info:
+        fit(model, loss=loss_with_nan_grads)
+    assert "model.fc1.adapters.default.A, model.fc1.adapters.default.B, model.fc2.adapters.default.A and 3 more" in str(
+        info.value
+    )
+    assert all(torch.equal(v, start[n]) for n, v in trainable(model).items())
+
+
+def test_a_huge_learning_rate_stops_as_diverged() -> None:
+    # lr=1e6: the first loss is 1.09, every later one ~1e20 (finite). Before the fix the run "succeeded".
+    with pytest.raises(TrainingDivergedError, match=r"from step 1 to step 30 stayed above 10x the first step's loss"):
+        fit(adapted(), lr=1e6, epochs=10, batch_size=8)
+    result = fit(adapted(), lr=1e6, epochs=10, batch_size=8, divergence_factor=None)  # the check can be turned off
+    assert result.global_step == 80 and result.history[-1]["loss"] > 1e15
+
+
+@pytest.mark.parametrize(("spike_windows", "diverges"), [(2, False), (3, True)])
+def test_divergence_needs_patience_windows_in_a_row(spike_windows: int, diverges: bool) -> None:
+    # The reported loss is 100x the true one during steps 11 .. 10 + 10 * spike_windows (windows of 10 steps),
+    # then normal again: a spike shorter than divergence_patience=3 windows is tolerated.
+    calls = 0
+
+    def spiky(model, batch):
+        nonlocal calls
+        calls += 1
+        return loss_fn(model, batch) * (100.0 if 10 < calls <= 10 + 10 * spike_windows else 1.0)
+
+    model = adapted()
+    if diverges:
+        with pytest.raises(TrainingDivergedError, match="from step 11 to step 40"):
+            fit(model, loss=spiky, epochs=8, batch_size=8)
+    else:
+        assert fit(model, loss=spiky, epochs=8, batch_size=8).global_step == 64
+
+
+@pytest.mark.parametrize("lr", [1e-2, 3e-2, 1e-1])
+def test_ordinary_runs_are_not_stopped_as_diverged(lr: float) -> None:
+    # lr=0.1 is noisy (single steps up to ~2x the first loss) but does not diverge.
+    result = fit(adapted(), lr=lr, epochs=10, batch_size=8, grad_accum=1)
+    assert result.global_step == 80
+    first = result.history[0]["loss"]
+    assert max(h["loss"] for h in result.history) < 10 * first
+
+
+def test_divergence_settings_are_validated() -> None:
+    for bad in ({"divergence_factor": 1.0}, {"divergence_window": 0}, {"divergence_patience": 0}):
+        with pytest.raises(ValueError, match="divergence"):
+            TrainConfig(**bad)
 
 
 def test_dylora_first_step_trains_a_drawn_rank() -> None:
