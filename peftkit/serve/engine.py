@@ -78,6 +78,7 @@ __all__ = [
     "Request",
     "SVDLowRank",
     "SamplingParams",
+    "TokenLogprob",
     "Tokenizer",
 ]
 
@@ -129,33 +130,67 @@ class SVDLowRank(Adapter):
         return LowRank(self.down, self.up, 1.0)
 
 
+MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's top_logprobs bound)
+
+
 @dataclass
 class SamplingParams:
     """How a request decodes.
 
     Attributes:
-        max_tokens: the most new tokens to generate.
+        max_tokens: the most new tokens to generate; ``None``: until end-of-sequence, a stop string or the
+            model's context is full (OpenAI's chat default); ``0``: none, the prompt is only scored (with
+            ``prompt_logprobs``; OpenAI's ``echo`` with ``max_tokens=0``).
         temperature: ``0`` is greedy; otherwise logits are divided by it before sampling.
         top_p: nucleus sampling: sample among the most likely tokens whose probabilities add up to ``top_p``.
         seed: seed of the request's own generator (``None``: random).
         stop: strings that end the generation; the text is cut before the first one.
         ignore_eos: keep generating after the tokenizer's end-of-sequence token.
+        logprobs: record each generated token's log-probability and the ``logprobs`` most likely alternatives
+            (``0``: the token's own only; ``None``: nothing) in :attr:`Request.logprobs`.
+        prompt_logprobs: the same for the prompt's tokens, in :attr:`Request.prompt_logprobs`.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise InvalidConfigError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.temperature < 0:
             raise InvalidConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidConfigError(f"{name} must lie in [0, {MAX_LOGPROBS}], got {k}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model: the log-softmax of its raw next-token logits (before
+    temperature and top-p; decision: vLLM's default, so the numbers do not depend on the sampling settings).
+
+    Attributes:
+        token_id: the token.
+        token: its text, decoded alone (a token holding part of a UTF-8 character decodes to U+FFFD).
+        logprob: ``log p(token | everything before it)``; ``None`` for a prompt's first token (nothing before).
+        top: the most likely tokens at that position, ``(token_id, text, logprob)``, most likely first.
+        offset: where the token's text starts in the text it belongs to (the generated text, or the prompt).
+    """
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: list[tuple[int, str, float]]
+    offset: int
 
 
 _ids = itertools.count()
@@ -175,6 +210,9 @@ class Request:
         finish_reason: ``"stop"``, ``"length"`` or ``"error"`` once finished.
         error: the exception that failed the request.
         logits: the next-token logits of each step (only with ``Engine(record_logits=True)``).
+        logprobs: a :class:`TokenLogprob` per generated token (with ``params.logprobs``); after a stop string
+            cut the text, only the tokens whose text starts before the cut.
+        prompt_logprobs: a :class:`TokenLogprob` per prompt token (with ``params.prompt_logprobs``).
     """
 
     prompt: str | list[int]
@@ -188,10 +226,13 @@ class Request:
     finish_reason: str | None = None
     error: BaseException | None = None
     logits: list[Tensor] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     _kv: KV | None = field(default=None, repr=False)  # own cache, until it joins the batched one
     _len: int = field(default=0, repr=False)  # tokens in its cache
     _emitted: int = field(default=0, repr=False)
+    _stable: int = field(default=0, repr=False)  # length of the decoded text without a trailing partial character
     _gen: torch.Generator | None = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _submitted: bool = field(default=False, repr=False)
@@ -199,6 +240,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def emitted(self) -> int:
+        """How many characters of :attr:`text` were passed to ``on_event`` so far."""
+        return self._emitted
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -476,7 +522,9 @@ class Engine:
             raise InvalidConfigError(f"request {request.id!r} was submitted already; make a new Request")
         if request.adapter is not None and request.adapter not in self.cache:
             raise AdapterNotFoundError(request.adapter, self.cache.names())
-        ids = self._prompt_ids(request.prompt, reserve=1)
+        if request.params.max_tokens is None and self.max_len is None:
+            raise InvalidConfigError("max_tokens is required: the model's context length is unknown")
+        ids = self._prompt_ids(request.prompt, reserve=0 if request.params.max_tokens == 0 else 1)
         request.prompt_ids = ids
         seed = request.params.seed
         request._gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
@@ -645,14 +693,21 @@ class Engine:
         self._prefetch(queue)
         if not new:
             return False
-        try:
-            self._prefill(new)
-        except Exception:  # a failing request must not take the batch down: retry one by one
-            for req in new:
-                try:
-                    self._prefill([req])
-                except Exception as exc:
-                    self._fail(req, exc)
+        # Requests that score their prompt need the logits of every position: prefilled alone, so the others
+        # keep projecting only their last position on the vocabulary.
+        groups = [[r for r in new if r.params.prompt_logprobs is None]]
+        groups += [[r] for r in new if r.params.prompt_logprobs is not None]
+        for group in groups:
+            if not group:
+                continue
+            try:
+                self._prefill(group)
+            except Exception:  # a failing request must not take the batch down: retry one by one
+                for req in group:
+                    try:
+                        self._prefill([req])
+                    except Exception as exc:
+                        self._fail(req, exc)
         self.running += [r for r in new if not r.finished]
         return True
 
@@ -726,19 +781,46 @@ class Engine:
             ids[i, : lens[i]] = torch.tensor(r.prompt_ids)
             mask[i, : lens[i]] = 1
         last = torch.tensor([[n - 1] for n in lens])
+        keep_last = self._keeps_logits and all(r.params.prompt_logprobs is None for r in reqs)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             adapter_ids=self._row_ids([self._adapter_id(r.adapter) for r in reqs]),
             use_cache=True,
             return_dict=True,
-            **({"logits_to_keep": last} if self._keeps_logits else {}),
+            **({"logits_to_keep": last} if keep_last else {}),
         )
         kv = _kv_of(_cache_of(out))
         for i, (req, n) in enumerate(zip(reqs, lens)):
             req._kv, req._len = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv], n
             self.metrics["prompt_tokens"] += n
-            self._emit(req, out.logits[i, 0] if self._keeps_logits else out.logits[i, n - 1])
+            if req.params.prompt_logprobs is not None:
+                self._score_prompt(req, out.logits[i, : n - 1])
+            if req.params.max_tokens == 0:  # the prompt only
+                self._finish(req, "length")
+                continue
+            self._emit(req, out.logits[i, 0] if keep_last else out.logits[i, n - 1])
+
+    def _score_prompt(self, req: Request, logits: Tensor) -> None:
+        """``req.prompt_logprobs`` from the prefill's logits ``[n - 1, vocab]`` (position j predicts token j+1)."""
+        ids, k = req.prompt_ids, req.params.prompt_logprobs or 0
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor(ids[1:]).view(-1, 1))[:, 0].tolist()
+        tops = logp.topk(k, dim=-1) if k else None
+        offsets = [len(self._decode_text(ids[:j]).rstrip("\ufffd")) for j in range(len(ids))]
+        out = [TokenLogprob(ids[0], self._token_text(ids[0]), None, [], 0)]
+        for j, token in enumerate(ids[1:]):
+            top = [] if tops is None else self._top(tops.values[j].tolist(), tops.indices[j].tolist())
+            out.append(TokenLogprob(token, self._token_text(token), chosen[j], top, offsets[j + 1]))
+        req.prompt_logprobs = out
+
+    def _logprob(self, logits: Tensor, token: int, k: int, offset: int) -> TokenLogprob:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = self._top(*(t.tolist() for t in logp.topk(k))) if k else []
+        return TokenLogprob(token, self._token_text(token), float(logp[token]), top, offset)
+
+    def _top(self, values: list[float], indices: list[int]) -> list[tuple[int, str, float]]:
+        return [(i, self._token_text(i), v) for v, i in zip(values, indices)]
 
     def _decode(self) -> None:
         batch = [r for r in self.running if not r.finished]
@@ -813,15 +895,20 @@ class Engine:
         if token == eos and not p.ignore_eos:
             reason = "stop"
         else:
+            if p.logprobs is not None:
+                req.logprobs.append(self._logprob(logits, token, p.logprobs, req._stable))
             req.output_ids.append(token)
             self.metrics["tokens_generated"] += 1
             self._token_times.append(time.monotonic())
         full = self._decode_text(req.output_ids)
+        req._stable = len(full) - _trailing_replacements(full)  # where the next token's text starts
         cut = min((i for i in (full.find(s) for s in p.stop if s) if i >= 0), default=-1)
         if cut >= 0:
             full, reason = full[:cut], "stop"
+            if req.logprobs:
+                req.logprobs = [lp for lp in req.logprobs if lp.offset < cut]
         elif reason is None and (
-            len(req.output_ids) >= p.max_tokens
+            (p.max_tokens is not None and len(req.output_ids) >= p.max_tokens)
             or (self.max_len is not None and len(req.prompt_ids) + len(req.output_ids) >= self.max_len)
         ):
             reason = "length"
@@ -889,6 +976,13 @@ class Engine:
             return list(self.tokenizer.encode(text, add_special_tokens=special))
         except TypeError:
             return list(self.tokenizer.encode(text))
+
+    def _token_text(self, token: int) -> str:
+        """One token's text, special tokens included (a logprob names the token that was drawn)."""
+        try:
+            return self.tokenizer.decode([token], skip_special_tokens=False)
+        except TypeError:
+            return self.tokenizer.decode([token])
 
     def _decode_text(self, ids: list[int]) -> str:
         try:

@@ -6,7 +6,14 @@ the base, a registered adapter's name runs that adapter. Endpoints:
 - ``GET /v1/models``: the base and every registered adapter that passes the load checks (adapters carry
   ``parent`` = base); the others are listed by ``GET /v1/adapters`` under ``unavailable``.
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: greedy or sampled generation, ``stream=true`` for
-  server-sent events. A client that disconnects cancels its request (it leaves the running batch).
+  server-sent events (``stream_options.include_usage``: a last chunk with the usage). A client that disconnects
+  cancels its request (it leaves the running batch). As in OpenAI's API and vLLM: a chat without
+  ``max_tokens`` runs to end-of-sequence, a stop string or the model's context (bounded by
+  ``max_tokens_limit``); completions default to 16 tokens; ``max_tokens=0`` is a 400 except for completions
+  with ``echo=true``, which return the prompt (and, with ``logprobs``, score it); ``logprobs`` (completions:
+  the number of alternatives) and ``logprobs`` / ``top_logprobs`` (chat) give each token's log-probability
+  under the model (raw logits, before temperature and top-p). Options not implemented here (``suffix``,
+  ``best_of``, penalties, ``logit_bias``, tools, JSON ``response_format``) are a 400 naming the option.
 - ``POST /v1/embeddings``: mean-pooled, unit-length embeddings from the encoder given as ``embedder`` (e.g.
   all-MiniLM-L6-v2; its name and its own adapters are the ``model`` values), or from the causal LM's last
   hidden state when there is none. ``POST /v1/classify`` (vLLM's shape): class probabilities of a sequence
@@ -53,7 +60,7 @@ from peftkit.core.errors import (
 )
 
 from .cache import AdapterLoadError, check_adapter_name
-from .engine import Engine, EngineClosedError, EngineOverloadedError, SamplingParams
+from .engine import MAX_LOGPROBS, Engine, EngineClosedError, EngineOverloadedError, SamplingParams, TokenLogprob
 from .engine import Request as GenRequest
 
 __all__ = ["create_app"]
@@ -61,18 +68,33 @@ __all__ = ["create_app"]
 _log = logging.getLogger("peftkit.serve")
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class CompletionBody(BaseModel):
-    """``/v1/completions`` request (the fields peftkit uses; others are ignored)."""
+    """``/v1/completions`` request. Options this server does not implement are declared so that setting them
+    is a 400 naming the option, not silently ignored."""
 
     model: str
     prompt: str | list[str]
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # OpenAI's default for completions; null: until EOS or the context's end
     temperature: float | None = 1.0
     top_p: float | None = 1.0
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
+    echo: bool = False
+    logprobs: int | None = None
+    user: str | None = None
+    # not implemented: refused when set to anything but their neutral value
+    suffix: str | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
 
 class ChatMessage(BaseModel):
@@ -81,7 +103,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatBody(BaseModel):
-    """``/v1/chat/completions`` request."""
+    """``/v1/chat/completions`` request (unimplemented options declared, as for completions)."""
 
     model: str
     messages: list[ChatMessage]
@@ -92,7 +114,19 @@ class ChatBody(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
 
 
 class EmbeddingBody(BaseModel):
@@ -113,9 +147,22 @@ class AdapterBody(BaseModel):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+def _bad_param(param: str, message: str) -> APIError:
+    return APIError(400, message, "BadRequestError", "invalid_request", param)
+
+
+def _refuse_unsupported(options: dict[str, bool]) -> None:
+    """400 naming the first option that is set but not implemented here (``options``: name -> is it set)."""
+    for name, used in options.items():
+        if used:
+            raise APIError(
+                400, f"the option {name!r} is not supported by this server", "BadRequestError", "unsupported", name
+            )
 
 
 def _api_error(exc: BaseException) -> APIError:
@@ -165,7 +212,8 @@ def create_app(
             ``/v1/classify``, with its own adapter cache; without one these endpoints use ``engine``'s model.
         embedder_name: the ``model`` name of the embedder's base.
         max_body_bytes: request bodies above this size get 413 (decision: 1 MiB by default).
-        max_tokens_limit: ``max_tokens`` above this gets 400.
+        max_tokens_limit: ``max_tokens`` above this gets 400; a request without ``max_tokens`` stops after this
+            many tokens at most (or at end-of-sequence, a stop string or the model's context, whichever is first).
         max_inputs: the most inputs one embeddings / classify request may carry.
         drain_timeout: how long shutdown waits for queued and running requests.
     """
@@ -204,14 +252,16 @@ def create_app(
             raise APIError(404, f"the model {model!r} does not exist", "NotFoundError", "model_not_found")
         return model
 
-    async def run(prompt: str, model: str, params: SamplingParams, stream: bool, shape: Any, http: Request) -> Any:
+    async def run(prompt: str, model: str, params: SamplingParams, stream: bool, shape: _Shape, http: Request) -> Any:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+        # (new text, finished, characters of text sent so far): the count is read in the engine thread with the
+        # event, so the stream knows which tokens' logprobs go with the text it has sent
+        events: asyncio.Queue[tuple[str, bool, int]] = asyncio.Queue()
         req = GenRequest(
             prompt,
             adapter=adapter_of(model),
             params=params,
-            on_event=lambda r, delta, done: loop.call_soon_threadsafe(events.put_nowait, (delta, done)),
+            on_event=lambda r, delta, done: loop.call_soon_threadsafe(events.put_nowait, (delta, done, r.emitted)),
         )
         try:
             await asyncio.to_thread(engine.submit, req)
@@ -236,49 +286,61 @@ def create_app(
                 raise
             if req.error is not None:
                 raise _api_error(req.error)
-            return shape(req, req.text, req.finish_reason, final=True)
+            return shape.final(req)
 
         async def sse() -> AsyncIterator[str]:
             try:
-                yield f"data: {json.dumps(shape(req, '', None, final=False, first=True))}\n\n"
+                yield f"data: {json.dumps(shape.first(req))}\n\n"
+                sent = 0  # req.logprobs entries sent
                 while True:
-                    delta, done = await events.get()
+                    delta, done, emitted = await events.get()
                     if done and req.error is not None:
                         err = _api_error(req.error)
                         yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.kind}})}\n\n"
                         break
-                    if delta or done:
-                        chunk = shape(req, delta, req.finish_reason if done else None, final=False)
+                    # the logprobs of the tokens whose text starts in what was sent (all of them at the end)
+                    entries = req.logprobs
+                    end = sent
+                    while end < len(entries) and (done or entries[end].offset < emitted):
+                        end += 1
+                    if delta or done or end > sent:
+                        chunk = shape.chunk(req, delta, req.finish_reason if done else None, entries[sent:end])
                         yield f"data: {json.dumps(chunk)}\n\n"
+                        sent = end
                     if done:
                         break
+                if shape.include_usage and req.error is None:
+                    yield f"data: {json.dumps(shape.usage_chunk(req))}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # the client went away (the response task is cancelled) or the stream ended
                 engine.cancel(req)
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    def sampling(body: CompletionBody | ChatBody, max_tokens: int | None) -> SamplingParams:
+    def sampling(
+        body: CompletionBody | ChatBody, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
+    ) -> SamplingParams:
         if body.n != 1:
-            raise APIError(400, "only n=1 is supported", "BadRequestError", "invalid_request")
+            raise _bad_param("n", "only n=1 is supported")
         if max_tokens is not None and max_tokens > max_tokens_limit:
             message = f"max_tokens={max_tokens} exceeds this server's limit of {max_tokens_limit}"
-            raise APIError(400, message, "BadRequestError", "invalid_request")
+            raise _bad_param("max_tokens", message)
+        if body.stream_options is not None and not body.stream:
+            raise _bad_param("stream_options", "stream_options is only allowed with stream=true")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             return SamplingParams(
-                max_tokens=max_tokens or 16,
+                # no max_tokens: until EOS, a stop string, the context's end or this server's limit
+                max_tokens=max_tokens_limit if max_tokens is None else max_tokens,
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
                 seed=body.seed,
                 stop=stop,
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         except InvalidConfigError as exc:
             raise _api_error(exc) from exc
-
-    def usage(req: GenRequest) -> dict[str, int]:
-        p, c = len(req.prompt_ids), len(req.output_ids)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -393,49 +455,53 @@ def create_app(
     async def completions(body: CompletionBody, http: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
-            raise APIError(400, "send one prompt per request", "BadRequestError", "invalid_request")
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def shape(req: GenRequest, text: str, reason: str | None, final: bool, first: bool = False) -> dict:
-            out = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}],
+            raise _bad_param("prompt", "send one prompt per request")
+        _refuse_unsupported(
+            {
+                "suffix": body.suffix is not None,
+                "best_of": body.best_of not in (None, 1),
+                "presence_penalty": body.presence_penalty not in (None, 0),
+                "frequency_penalty": body.frequency_penalty not in (None, 0),
+                "logit_bias": bool(body.logit_bias),
             }
-            if final:
-                out["usage"] = usage(req)
-            return out
-
-        return await run(prompts[0], body.model, sampling(body, body.max_tokens), body.stream, shape, http)
+        )
+        if body.max_tokens is not None and body.max_tokens < (0 if body.echo else 1):
+            # OpenAI and vLLM: 0 only with echo (score the prompt, generate nothing)
+            message = f"max_tokens must be at least 1 (0 only with echo=true), got {body.max_tokens}"
+            raise _bad_param("max_tokens", message)
+        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+            raise _bad_param("logprobs", f"logprobs must lie in [0, {MAX_LOGPROBS}], got {body.logprobs}")
+        prompt_logprobs = body.logprobs if body.echo else None
+        params = sampling(body, body.max_tokens, body.logprobs, prompt_logprobs)
+        shape = _CompletionShape(body.model, body.stream_options, prompts[0] if body.echo else None, body.logprobs)
+        return await run(prompts[0], body.model, params, body.stream, shape, http)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat(body: ChatBody, http: Request) -> Any:
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt = chat_prompt(engine.tokenizer, [m.model_dump() for m in body.messages])
-
-        def shape(req: GenRequest, text: str, reason: str | None, final: bool, first: bool = False) -> dict:
-            if final:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                return {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": body.model,
-                    "choices": [choice],
-                    "usage": usage(req),
-                }
-            delta = {"role": "assistant", "content": ""} if first else {"content": text}
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+        _refuse_unsupported(
+            {
+                "presence_penalty": body.presence_penalty not in (None, 0),
+                "frequency_penalty": body.frequency_penalty not in (None, 0),
+                "logit_bias": bool(body.logit_bias),
+                "tools": bool(body.tools),
+                "tool_choice": body.tool_choice not in (None, "none"),
+                "functions": bool(body.functions),
+                "function_call": body.function_call not in (None, "none"),
+                "response_format": (body.response_format or {}).get("type", "text") != "text",
             }
-
-        params = sampling(body, body.max_completion_tokens or body.max_tokens)
+        )
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is not None and max_tokens < 1:  # OpenAI: an integer below the minimum value is a 400
+            raise _bad_param(param, f"{param} must be at least 1, got {max_tokens}")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise _bad_param("top_logprobs", "top_logprobs requires logprobs=true")
+        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise _bad_param("top_logprobs", f"top_logprobs must lie in [0, {MAX_LOGPROBS}], got {body.top_logprobs}")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt = chat_prompt(engine.tokenizer, [m.model_dump() for m in body.messages])
+        params = sampling(body, max_tokens, logprobs, None)
+        shape = _ChatShape(body.model, body.stream_options, logprobs is not None)
         return await run(prompt, body.model, params, body.stream, shape, http)
 
     @app.get("/v1/adapters", dependencies=[Depends(auth)])
@@ -482,6 +548,141 @@ def create_app(
     return app
 
 
+def usage(req: GenRequest) -> dict[str, int]:
+    p, c = len(req.prompt_ids), len(req.output_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+class _Shape:
+    """How one endpoint's answers look: the whole answer, the stream's chunks, the final usage chunk."""
+
+    object_type = ""
+    chunk_type = ""
+
+    def __init__(self, model: str, stream_options: StreamOptions | None, prefix: str) -> None:
+        self.id, self.created, self.model = f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model
+        # OpenAI: with include_usage every chunk has "usage": null and one last chunk, without choices, has it
+        self.include_usage = stream_options is not None and stream_options.include_usage
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        out = {**self._head(self.chunk_type), "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, req: GenRequest) -> dict[str, Any]:
+        return {**self._head(self.chunk_type), "choices": [], "usage": usage(req)}
+
+    def final(self, req: GenRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def first(self, req: GenRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def chunk(self, req: GenRequest, text: str, reason: str | None, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _CompletionShape(_Shape):
+    """``text_completion``: with ``echo`` the prompt comes first (and, with ``logprobs``, its tokens' logprobs,
+    the first one ``null``); ``logprobs`` in the legacy shape (tokens, token_logprobs, top_logprobs with the
+    chosen token among the alternatives, text_offset into the returned text)."""
+
+    object_type = chunk_type = "text_completion"
+
+    def __init__(self, model: str, stream_options: StreamOptions | None, echo: str | None, logprobs: int | None):
+        super().__init__(model, stream_options, "cmpl")
+        self.echo, self.logprobs = echo, logprobs
+
+    def _logprobs(self, entries: list[TokenLogprob], shift: int) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        tops: list[dict[str, float] | None] = []
+        for e in entries:
+            if e.logprob is None:
+                tops.append(None)
+                continue
+            top = {text: lp for _, text, lp in e.top}
+            top.setdefault(e.token, e.logprob)
+            tops.append(top)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": tops,
+            "text_offset": [e.offset + shift for e in entries],
+        }
+
+    def _choice(self, text: str, reason: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}
+
+    def final(self, req: GenRequest) -> dict[str, Any]:
+        echo = self.echo or ""
+        logprobs = None
+        if self.logprobs is not None:  # generated tokens' offsets count from the end of the echoed prompt
+            parts = [self._logprobs(req.prompt_logprobs, 0)] if self.echo is not None else []
+            parts.append(self._logprobs(req.logprobs, len(echo)))
+            logprobs = {key: [x for part in parts for x in part[key]] for key in parts[-1]}  # type: ignore[index]
+        choice = self._choice(echo + req.text, req.finish_reason, logprobs)
+        return {**self._head(self.object_type), "choices": [choice], "usage": usage(req)}
+
+    def first(self, req: GenRequest) -> dict[str, Any]:
+        if self.echo is None:
+            return self._chunk(self._choice("", None, None))
+        return self._chunk(self._choice(self.echo, None, self._logprobs(req.prompt_logprobs, 0)))
+
+    def chunk(self, req: GenRequest, text: str, reason: str | None, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        return self._chunk(self._choice(text, reason, self._logprobs(logprobs, len(self.echo or ""))))
+
+
+class _ChatShape(_Shape):
+    """``chat.completion``: ``logprobs`` as ``{"content": [{token, logprob, bytes, top_logprobs}]}``
+    (``bytes`` is ``null`` for a token that holds only part of a UTF-8 character: its text alone is U+FFFD)."""
+
+    object_type, chunk_type = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, model: str, stream_options: StreamOptions | None, logprobs: bool) -> None:
+        super().__init__(model, stream_options, "chatcmpl")
+        self.logprobs = logprobs
+
+    @staticmethod
+    def _bytes(text: str) -> list[int] | None:
+        return None if "\ufffd" in text else list(text.encode())
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        content = [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": self._bytes(e.token),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": self._bytes(t)} for _, t, lp in e.top],
+            }
+            for e in entries
+        ]
+        return {"content": content, "refusal": None}
+
+    def final(self, req: GenRequest) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": req.text},
+            "logprobs": self._logprobs(req.logprobs),
+            "finish_reason": req.finish_reason,
+        }
+        return {**self._head(self.object_type), "choices": [choice], "usage": usage(req)}
+
+    def first(self, req: GenRequest) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": ""}
+        return self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
+
+    def chunk(self, req: GenRequest, text: str, reason: str | None, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        lp = self._logprobs(logprobs) if logprobs else None
+        return self._chunk({"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": reason})
+
+
 class _BodyLimit:
     """ASGI middleware: refuse a body above ``max_bytes`` (413) on its declared length, before it is read,
     and bodies without a declared length (411), so an oversized request never reaches the JSON parser.
@@ -506,7 +707,7 @@ class _BodyLimit:
 
 
 def _error_response(exc: APIError) -> JSONResponse:
-    body = {"error": {"message": exc.message, "type": exc.kind, "code": exc.code, "param": None}}
+    body = {"error": {"message": exc.message, "type": exc.kind, "code": exc.code, "param": exc.param}}
     return JSONResponse(body, status_code=exc.status)
 
 

@@ -93,3 +93,16 @@ def test_openai_stream_equals_plain_text(lm: tuple, tmp_path: Path) -> None:
     finally:
         srv.should_exit = True
         thread.join(30)
+
+
+def test_logprob_offsets_of_split_characters(lm: tuple) -> None:
+    """The tokens of one split character all start where the character does (text offsets); each drawn (greedy)
+    token is its position's most likely one."""
+    model, tok = lm
+    engine = Engine(model, tok, AdapterCache(1 << 20))
+    (req,) = engine.generate([Request("hello there", params=SamplingParams(max_tokens=11, logprobs=1))])
+    assert req.text == "a¯中😀b"
+    assert [lp.offset for lp in req.logprobs] == [0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4]
+    assert [lp.token_id for lp in req.logprobs] == req.output_ids
+    assert all(lp.top == [(lp.token_id, lp.token, lp.logprob)] for lp in req.logprobs)
+    assert sum(lp.token == FFFD for lp in req.logprobs) == 9  # byte tokens decoded alone
