@@ -6,26 +6,79 @@ Rotten Tomatoes review snippets, by default on the packaged all-MiniLM-L6-v2. A 
     RUN/adapter/             the trained adapter (adapter.json + adapter.safetensors)
     RUN/checkpoints/epoch-N/ the adapter after each epoch
     RUN/task.json            base model, max length, head seed, data seed and the final metrics
+
+Errors: a bad option is a usage error (exit code 2, typer's display); a failure while running (peftkit's
+errors, ``ValueError``, ``OSError``: a non-finite or diverging loss, an adapter that cannot merge or export, a
+path that cannot be read or written) prints one line ``error: <message>`` on stderr and exits with code 1.
+``peftkit --debug <command>`` (or ``PEFTKIT_DEBUG=1``) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import json
+import math
+import os
 import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
+from typer.core import TyperGroup
+
+DEBUG_ENV = "PEFTKIT_DEBUG"
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors that come from the input or the environment (not from a bug): one line, no traceback."""
+    from peftkit.errors import PeftkitError
+
+    return isinstance(exc, (PeftkitError, ValueError, OSError)) and not isinstance(exc, click.ClickException)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an error: OSErrors as ``<reason>: <path>`` (``str`` would add ``[Errno N]`` and quotes)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        target = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+        return f"{exc.strerror}: {target}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class _Commands(TyperGroup):
+    """Every command runs through :meth:`invoke`, so this is the one place that turns the errors a user can
+    act on into ``error: <message>`` and exit code 1 (usage errors keep click's display and code 2)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if ctx.params.get("debug") or not _is_user_error(exc):  # --debug / PEFTKIT_DEBUG=1: the traceback
+                raise
+            typer.echo(f"error: {_describe(exc)}", err=True)
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="peftkit: parameter-efficient fine-tuning from the command line.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", envvar=DEBUG_ENV, help="Show the full traceback of an error.")
+    ] = False,
+) -> None:
+    """peftkit: parameter-efficient fine-tuning from the command line."""
+
 
 TASK_FILE = "task.json"
 ADAPTER_DIR = "adapter"
@@ -55,7 +108,12 @@ def _resolve_run(path: Path) -> tuple[Path, dict[str, Any]]:
         adapter, task_file = path / ADAPTER_DIR, path / TASK_FILE
     if not (adapter / "adapter.json").is_file():
         raise typer.BadParameter(f"{path} is neither a run folder (from 'peftkit train') nor an adapter folder")
-    task = json.loads(task_file.read_text()) if task_file.is_file() else {}
+    try:
+        task = json.loads(task_file.read_text()) if task_file.is_file() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{task_file} is not valid JSON ({exc}): rewrite it, or pass the adapter folder") from None
+    if not isinstance(task, dict):
+        raise ValueError(f"{task_file} does not hold the settings of a run (a JSON object)")
     return adapter, task
 
 
@@ -63,9 +121,34 @@ def _load_run(path: Path, model_dir: Path | None) -> tuple[Any, Any, dict[str, A
     import peftkit as pk
 
     adapter, task = _resolve_run(path)
-    model_dir = model_dir or (Path(task["base_model"]) if task.get("base_model") else None)
+    if model_dir is None and task.get("base_model"):
+        model_dir = Path(task["base_model"])
+        if not model_dir.is_dir():  # transformers would take the path for a Hub repo id and say so, confusingly
+            raise FileNotFoundError(
+                errno.ENOENT, "the base model this run was trained on is gone (pass --model)", str(model_dir)
+            )
     base, tokenizer = _load_base(model_dir, task.get("head_seed", 0))
     return pk.load(base, adapter), tokenizer, task
+
+
+def _check_output_dir(path: Path, hint: str, inside: dict[str, bool] | None = None) -> None:
+    """Refuse, before any work, an output folder that cannot be written: ``path`` (or the nearest folder above
+    it, when ``path`` does not exist yet) is a file or not writable, or an entry ``inside`` it (name -> whether
+    it must be a folder) has the wrong kind or is not writable. An existing folder holding other files is
+    fine: peftkit writes only its own files into it. ``hint`` names the option in the usage error."""
+    entries = [(path, True)] + [(path / name, folder) for name, folder in (inside or {}).items()]
+    for entry, folder in entries:
+        if entry.exists() and entry.is_dir() != folder:
+            kind = "a file, not a folder" if folder else "a folder, not a file"
+            raise typer.BadParameter(f"{entry} is {kind}", param_hint=hint)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise typer.BadParameter(f"{existing} is a file, so the folder {path} cannot be created", param_hint=hint)
+    for entry, folder in [(existing, True), *entries[1:]]:
+        if entry.exists() and not os.access(entry, os.W_OK | (os.X_OK if folder else 0)):
+            raise typer.BadParameter(f"{entry} is not writable", param_hint=hint)
 
 
 def _held_out(task: dict[str, Any], max_eval_samples: int | None) -> list[tuple[str, int]]:
@@ -94,26 +177,39 @@ def train(
         "runs/minilm-rt"
     ),
     model: Annotated[
-        Path | None, typer.Option(help="Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2).")
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2).",
+        ),
     ] = None,
     method: Annotated[str, typer.Option(help="Adapter method (see 'peftkit methods').")] = "lora",
-    r: Annotated[int, typer.Option(help="Rank, for methods that have one.")] = 8,
+    r: Annotated[int, typer.Option(min=1, help="Rank, for methods that have one.")] = 8,
     alpha: Annotated[float, typer.Option(help="Scaling numerator: the update is scaled by alpha / r.")] = 16.0,
     targets: Annotated[
         str, typer.Option(help="Comma-separated module names to adapt (suffixes, e.g. query,value) or 'all-linear'.")
     ] = "query,value",
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine decay).")] = 2e-3,
-    epochs: Annotated[int, typer.Option(help="Passes over the training snippets.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Snippets per optimizer step.")] = 32,
-    max_length: Annotated[int, typer.Option(help="Truncate each snippet to this many tokens.")] = 64,
-    max_train_samples: Annotated[int, typer.Option(help="Use at most this many training snippets.")] = 3000,
-    max_eval_samples: Annotated[int, typer.Option(help="Held-out snippets (other movies) to score.")] = 1000,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on matrices.")] = 0.0,
-    warmup_ratio: Annotated[float, typer.Option(help="Share of steps spent in linear warmup.")] = 0.06,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training snippets.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Snippets per optimizer step.")] = 32,
+    max_length: Annotated[int, typer.Option(min=1, help="Truncate each snippet to this many tokens.")] = 64,
+    max_train_samples: Annotated[int, typer.Option(min=1, help="Use at most this many training snippets.")] = 3000,
+    max_eval_samples: Annotated[int, typer.Option(min=1, help="Held-out snippets (other movies) to score.")] = 1000,
+    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay on matrices.")] = 0.0,
+    warmup_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of steps spent in linear warmup.")
+    ] = 0.06,
     seed: Annotated[int, typer.Option(help="Seed of the data split and order, the head and the adapter init.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Fine-tune an adapter plus a new linear head for Rotten Tomatoes sentiment; report held-out accuracy."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise typer.BadParameter(f"the learning rate must be a positive number, got {lr}", param_hint="'--lr'")
+    if not math.isfinite(alpha):
+        raise typer.BadParameter(f"alpha must be a finite number, got {alpha}", param_hint="'--alpha'")
+    _check_output_dir(output_dir, "'--output-dir'", {ADAPTER_DIR: True, "checkpoints": True, TASK_FILE: False})
+
     import peftkit as pk
     from peftkit.assets import rotten_tomatoes
     from peftkit.train import TrainConfig, Trainer
@@ -174,13 +270,16 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder from 'peftkit train', or an adapter folder.")],
     model: Annotated[
-        Path | None, typer.Option(help="Base encoder folder (default: the one the run was trained on).")
+        Path | None,
+        typer.Option(
+            exists=True, file_okay=False, help="Base encoder folder (default: the one the run was trained on)."
+        ),
     ] = None,
     max_eval_samples: Annotated[
-        int | None, typer.Option(help="Held-out snippets to evaluate (default: as in training).")
+        int | None, typer.Option(min=1, help="Held-out snippets to evaluate (default: as in training).")
     ] = None,
-    max_length: Annotated[int | None, typer.Option(help="Token limit (default: as in training).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Snippets per forward pass.")] = 64,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Token limit (default: as in training).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Snippets per forward pass.")] = 64,
 ) -> None:
     """Load the base model plus the adapter and report held-out accuracy."""
     from peftkit.train.tasks import TextCollator, accuracy
@@ -197,10 +296,14 @@ def merge(
     run: Annotated[Path, typer.Argument(help="Run folder from 'peftkit train', or an adapter folder.")],
     out: Annotated[Path, typer.Argument(help="Folder for the merged model (save_pretrained, safetensors).")],
     model: Annotated[
-        Path | None, typer.Option(help="Base encoder folder (default: the one the run was trained on).")
+        Path | None,
+        typer.Option(
+            exists=True, file_okay=False, help="Base encoder folder (default: the one the run was trained on)."
+        ),
     ] = None,
 ) -> None:
     """Fold the adapter into the base weights and save a plain model (encoder + head + tokenizer)."""
+    _check_output_dir(out, "'OUT'")
     adapted, tokenizer, _ = _load_run(run, model)
     merged = adapted.merge()
     merged.save_pretrained(out, tokenizer=tokenizer)
@@ -215,12 +318,16 @@ def export(
         ExportFormat.peft
     ),
     model: Annotated[
-        Path | None, typer.Option(help="Base encoder folder (default: the one the run was trained on).")
+        Path | None,
+        typer.Option(
+            exists=True, file_okay=False, help="Base encoder folder (default: the one the run was trained on)."
+        ),
     ] = None,
 ) -> None:
     """Convert the adapter to another library's format (Hugging Face PEFT: adapter_model.safetensors)."""
     import peftkit as pk
 
+    _check_output_dir(out, "'OUT'")
     adapted, _, _ = _load_run(run, model)
     pk.export_peft(adapted, out)
     typer.echo(f"exported in {format.value} format to {out}")

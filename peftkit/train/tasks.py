@@ -73,10 +73,17 @@ class SentenceClassifier(nn.Module):
         return out
 
     def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> Path:
-        """Save the encoder (``save_pretrained``, safetensors), the head and, if given, the tokenizer."""
+        """Save the encoder (``save_pretrained``, safetensors), the head and, if given, the tokenizer.
+
+        Raises:
+            NotADirectoryError: ``path`` is a file (``transformers`` would only log an error and save nothing).
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file, not a folder: the model cannot be saved there")
+        path.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(path)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)

@@ -17,6 +17,7 @@ checked before ``optimizer.step``, so the bad update is never applied) and a div
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -63,7 +64,8 @@ class TrainConfig:
         max_steps: stop after this many optimizer steps (``None``: run every epoch).
         seed: seeds ``random``, ``numpy``, ``torch`` and the order of the data.
         shuffle: shuffle the training data every epoch.
-        output_dir: if set, the adapter is saved to ``output_dir/epoch-<n>`` after every epoch.
+        output_dir: if set, the adapter is saved to ``output_dir/epoch-<n>`` after every epoch. The folder is
+            created (and checked: not a file, writable) before the first step.
         device: move every batch to this device (the model is the caller's to place).
         progress: show a tqdm progress bar.
         divergence_factor: stop with :class:`TrainingDivergedError` when the mean loss of each of
@@ -166,6 +168,22 @@ def to_device(batch: Batch, device: str | torch.device | None) -> Batch:
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def prepare_output_dir(path: str | Path, epochs: int = 0) -> Path:
+    """Create the checkpoint folder ``path`` before training, so that a path that cannot hold the checkpoints
+    fails now rather than after the first epoch: a file, a folder that is not writable, or an
+    ``epoch-<n>`` (``n <= epochs``) inside it that is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output_dir {path} is a file, not a folder: the checkpoints cannot be written there")
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"output_dir {path} is not writable")
+    for n in range(1, epochs + 1):
+        if (path / f"epoch-{n}").is_file():
+            raise NotADirectoryError(f"{path / f'epoch-{n}'} is a file: the checkpoint of epoch {n} cannot go there")
+    return path
 
 
 def grad_norm(params: Sequence[Tensor]) -> float:
@@ -370,8 +388,12 @@ class Trainer:
             NonFiniteGradientError: the loss is finite but gradients are NaN/inf (the message names the step and
                 the parameters); checked before ``optimizer.step``, so no update is applied.
             TrainingDivergedError: the loss stayed far above its first value (``TrainConfig.divergence_*``).
+            NotADirectoryError, PermissionError: ``output_dir`` cannot hold the checkpoints (raised before the
+                first step).
         """
         cfg, model = self.config, self.model
+        if cfg.output_dir is not None:
+            prepare_output_dir(cfg.output_dir, cfg.epochs)
         seed_everything(cfg.seed)
         loader = DataLoader(
             self.train_data,  # type: ignore[arg-type]

@@ -215,6 +215,21 @@ def test_divergence_settings_are_validated() -> None:
             TrainConfig(**bad)
 
 
+def test_output_dir_that_is_a_file_fails_before_training(tmp_path) -> None:
+    model = adapted()
+    start = trainable(model)
+    target = tmp_path / "ckpt"
+    target.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        fit(model, output_dir=target)
+    assert all(torch.equal(v, start[n]) for n, v in trainable(model).items())  # no step was taken
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "epoch-2").write_text("")
+    with pytest.raises(NotADirectoryError, match="checkpoint of epoch 2"):
+        fit(model, epochs=2, output_dir=tmp_path / "run")
+    assert all(torch.equal(v, start[n]) for n, v in trainable(model).items())
+
+
 def test_dylora_first_step_trains_a_drawn_rank() -> None:
     # seed=3 draws rank 1 for step 0 (not r=4): before the fix the first step trained rank r, undrawn.
     def dylora() -> pk.AdaptedModel:
