@@ -243,7 +243,7 @@ class AdapterCache:
             meta = read_meta(path)
             if self.validate is not None:
                 self.validate(meta)
-            tensors = read_tensors(path)
+            tensors = read_tensors(path, meta)  # checked against the checksum in the meta just validated
         except PeftkitError as exc:
             raise AdapterLoadError(name, self._redact(str(exc), path)) from exc
         except OSError as exc:

@@ -1,6 +1,7 @@
 """The engine installs a saved adapter through ``peftkit.core.io.assign_state``, the path ``pk.load`` takes, so
-methods whose saved state needs ``fit_state`` (SVFit's energy-chosen ranks, Bi-LoRA's packed 1-bit codes) serve
-exactly what ``pk.load`` + forward computes (issue 12, item 20)."""
+methods whose saved state needs ``fit_state`` (SVFit's energy-chosen ranks, Bi-LoRA's saved form: latent weights,
+or packed 1-bit codes from ``onebit.save_packed``) serve exactly what ``pk.load`` + forward computes (issue 12,
+item 20)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from serve_util import CharTokenizer, random_adapter, tiny_llama
 from torch import nn
 
 import peftkit as pk
-from peftkit.methods.onebit import BiLoRAConfig
+from peftkit.methods.onebit import BiLoRAConfig, save_packed
 from peftkit.methods.svfit import SVFitConfig
 from peftkit.serve.cache import AdapterCache, AdapterLoadError
 from peftkit.serve.engine import Engine, Request, SamplingParams
@@ -24,8 +25,16 @@ CONFIGS: dict[str, pk.AdapterConfig] = {
     # energy: each layer's rank comes from the base's spectrum (saved as the length of sigma)
     "svfit": SVFitConfig(energy=0.9, targets=TARGETS),
     "bilora": BiLoRAConfig(r=2, dropout=0.0, targets=TARGETS),
+    "bilora_packed": BiLoRAConfig(r=2, dropout=0.0, targets=TARGETS),  # saved with onebit.save_packed
 }
 PROMPTS = ["hello there", "abc", "The quick brown fox"]
+
+
+def safe_open_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "adapter.safetensors"), framework="pt") as f:
+        return list(f.keys())
 
 
 def _unmerged_reference(make: Callable[[], nn.Module], path: Path, prompt: str, n: int) -> list[torch.Tensor]:
@@ -51,6 +60,9 @@ def test_engine_serves_what_pk_load_computes(tmp_path: Path, method: str, max_lo
     paths = {
         name: random_adapter(tiny_llama, c, tmp_path / name, seed=i) for i, (name, c) in enumerate(configs.items())
     }
+    if method == "bilora_packed":  # the same random weights, saved as packed codes + [mu, sigma]
+        save_packed(pk.load(tiny_llama(), paths[method]), paths[method])
+        assert any(k.endswith("_codes") for k in safe_open_keys(paths[method]))
     if method == "svfit":
         loaded = pk.load(tiny_llama(), paths["svfit"]).adapter_modules("default").values()
         assert min(a.sigma.shape[0] for a in loaded) < 16  # energy chose the ranks, not the config's r=16
