@@ -11,6 +11,7 @@ from peftkit.serve.engine import (
     Request,
     SamplingParams,
     SVDLowRank,
+    TokenLogprob,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "Request",
     "SVDLowRank",
     "SamplingParams",
+    "TokenLogprob",
 ]

@@ -155,8 +155,8 @@ class AdapterCache:
         with a warning: one bad entry must not keep a server from starting."""
         found = []
         for sub in sorted(Path(root).iterdir()):
-            if not (sub.is_dir() and (sub / CONFIG_FILE).is_file()):
-                continue
+            if sub.name.startswith(".") or not (sub.is_dir() and (sub / CONFIG_FILE).is_file()):
+                continue  # (hidden folders: leftovers of interrupted saves, editor and VCS folders)
             try:
                 self.register(check_adapter_name(sub.name), sub)
             except AdapterNameError as exc:
