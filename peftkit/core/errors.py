@@ -59,10 +59,14 @@ class TargetModuleError(PeftkitError, ValueError):
 class TargetModuleNotFound(TargetModuleError):
     """No module of the model matches a requested target."""
 
-    def __init__(self, target: str, candidates: Iterable[str]) -> None:
+    def __init__(self, target: str, candidates: Iterable[str], *, regex: bool = False) -> None:
         candidates = list(candidates)
-        leaves = sorted({c.rsplit(".", 1)[-1] for c in candidates} | set(candidates))
-        hint = _close(target, leaves)
+        if regex:  # a regex is matched against full paths: show one, not leaf names close to the pattern text
+            example = max(candidates, key=lambda c: c.count("."), default="")
+            hint = f" (a regular expression must match a full module path such as {example!r})" if example else ""
+        else:
+            leaves = sorted({c.rsplit(".", 1)[-1] for c in candidates} | set(candidates))
+            hint = _close(target, leaves)
         super().__init__(f"target {target!r} matches no module of the model{hint}")
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from .base import BaseView, layer_kind
 from .errors import InvalidConfigError, TargetModuleNotFound, UnsupportedLayerError
 from .layer import AdaptedLayer, Routing
-from .protocol import Adapter, AdapterConfig
+from .protocol import Adapter, AdapterConfig, is_name_suffix
 
 # Output heads that "all-linear" leaves alone (PEFT leaves out the output embedding; we also leave out
 # the usual names of classification heads, which a task trains whole through ``modules_to_save``).
@@ -35,8 +35,12 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
 
 def _matches(patterns: list[str] | str, name: str) -> bool:
+    """A list (or a plain name, see :func:`is_name_suffix`) matches module-name suffixes; any other string is
+    a regular expression over the full module name."""
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        if not is_name_suffix(patterns):
+            return re.fullmatch(patterns, name) is not None
+        patterns = [patterns]
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -62,14 +66,15 @@ def find_targets(model: nn.Module, config: AdapterConfig, method: type[Adapter])
     elif isinstance(targets, str):
         found = [n for n in modules if _matches(targets, n)]
         if not found:
-            raise TargetModuleNotFound(targets, modules)
+            raise TargetModuleNotFound(targets, modules, regex=not is_name_suffix(targets))
     else:
-        found = []
-        for target in targets:
-            hits = [n for n in modules if _matches([target], n)]
+        hits_of = {target: [n for n in modules if _matches([target], n)] for target in targets}
+        for target, hits in hits_of.items():
             if not hits:
                 raise TargetModuleNotFound(target, modules)
-            found += [n for n in hits if n not in found]
+        # in model order, as PEFT builds them (seeded inits then draw in the same order)
+        chosen = {n for hits in hits_of.values() for n in hits}
+        found = [n for n in modules if n in chosen]
     if config.exclude:
         found = [n for n in found if not _matches(config.exclude, n)]
     save = set(named_modules_to_save(model, config))

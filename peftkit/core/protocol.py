@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 import re
+import types
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,16 +27,125 @@ from .errors import InvalidConfigError
 
 Targets = typing.Union[list[str], str]
 
+# What PEFT calls a config field, and what it is in peftkit (``None``: peftkit needs no such setting).
+PEFT_FIELD_NAMES: dict[str, str | None] = {
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "exclude_modules": "exclude",
+    "rank": "r",
+    "init_lora_weights": "init",
+    "use_rslora": "rslora",
+    "rank_pattern": "overrides",
+    "alpha_pattern": "overrides",
+    "use_dora": "the method 'dora' (pk.DoRAConfig)",
+    "fan_in_fan_out": None,
+    "task_type": None,
+    "inference_mode": None,
+    "base_model_name_or_path": None,
+}
+_WHY_NOT_NEEDED = {
+    "fan_in_fan_out": "peftkit reads GPT-2 Conv1D's layout itself",
+    "task_type": "the model class decides the task",
+    "inference_mode": "eval() / requires_grad decide it",
+    "base_model_name_or_path": "a saved adapter records the base model's module shapes",
+}
+
+
+class _ConfigType(type):
+    """Checks a config's keyword arguments before the dataclass ``__init__`` sees them, so a misspelt or
+    PEFT-style field name gets an :class:`InvalidConfigError` naming the fields that exist (and the peftkit
+    name of a PEFT field), not a bare ``TypeError``."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise InvalidConfigError(
+                f"{cls.__name__} takes keyword arguments only (e.g. {cls.__name__}(r=8, targets=[...])), "
+                f"got {len(args)} positional"
+            )
+        known = _init_fields(cls)
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            raise InvalidConfigError(_unknown_fields_message(cls.__name__, unknown, known))
+        return super().__call__(**kwargs)
+
+
+def _init_fields(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def _unknown_fields_message(config: str, unknown: list[str], known: frozenset[str]) -> str:
+    import difflib
+
+    hints = []
+    for name in unknown:
+        if name in PEFT_FIELD_NAMES:
+            ours = PEFT_FIELD_NAMES[name]
+            if ours is None:
+                hints.append(f"{name!r} is a PEFT setting peftkit does not need ({_WHY_NOT_NEEDED[name]})")
+            elif ours in known or " " in ours:
+                hints.append(f"PEFT's {name!r} is {ours!r} in peftkit" if " " not in ours else f"{name!r}: use {ours}")
+            else:
+                hints.append(f"PEFT's {name!r} has no equivalent in {config}")
+        else:
+            close = difflib.get_close_matches(name, sorted(known), n=2, cutoff=0.6)
+            guess = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            hints.append(f"{name!r} is not a field{guess}")
+    return f"{config}: {'; '.join(hints)}. Its fields: {', '.join(sorted(known))}"
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_error(name: str, value: object, kind: Any) -> str | None:
+    """Why ``value`` does not fit the annotation ``kind`` (``None`` if it fits or the type is not checked)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        reasons = [_type_error(name, value, a) for a in args]
+        if any(r is None for r in reasons):
+            return None
+        for member, reason in zip(args, reasons):  # a list (or dict) given: say what is wrong inside it
+            if isinstance(value, (list, dict)) and typing.get_origin(member) is type(value):
+                return reason
+        return f"{name} must be one of {' | '.join(getattr(a, '__name__', str(a)) for a in args)}, got {value!r}"
+    if kind is type(None):
+        return None if value is None else f"{name} must be None, got {value!r}"
+    if origin is typing.Literal:
+        return None if value in args else f"{name} must be one of {list(args)}, got {value!r}"
+    if kind is bool:
+        return None if isinstance(value, bool) else f"{name} must be True or False, got {value!r}"
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"{name} must be an integer, got {value!r}"
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} must be a number, got {value!r}"
+        return None if math.isfinite(value) else f"{name} must be finite, got {value!r}"
+    if kind is str:
+        return None if isinstance(value, str) else f"{name} must be a string, got {value!r}"
+    if origin is list:
+        if not isinstance(value, list):
+            return f"{name} must be a list, got {value!r}"
+        inner = args[0] if args else Any
+        bad = next((r for r in (_type_error(f"{name}[{i}]", v, inner) for i, v in enumerate(value)) if r), None)
+        return bad
+    if origin is dict:
+        return None if isinstance(value, dict) else f"{name} must be a dict, got {value!r}"
+    return None
+
 
 @dataclass(kw_only=True)
-class AdapterConfig:
-    """Settings shared by every method.
+class AdapterConfig(metaclass=_ConfigType):
+    r"""Settings shared by every method.
 
     Attributes:
-        targets: which modules to adapt: a list of module-name suffixes (``["query", "value"]`` matches
-            ``encoder.layer.0.attention.self.query``), a regular expression matched against the full module
-            name (any string other than ``"all-linear"``), or ``"all-linear"`` (every Linear / GPT-2 Conv1D
-            except the output head).
+        targets: which modules to adapt: module-name suffixes (``["query", "value"]`` matches
+            ``encoder.layer.0.attention.self.query``; a single name such as ``"query"`` or ``"self.query"`` —
+            letters, digits, ``_``, ``-``, ``.`` only — is a suffix too), a regular expression matched against the
+            full module name (any other string, e.g. ``r".*layer\.[01]\..*query"``), or ``"all-linear"`` (every
+            Linear / GPT-2 Conv1D except the output head).
         exclude: module-name suffixes (or a regex) never adapted, even when ``targets`` matches them.
         modules_to_save: module-name suffixes whose *whole* weight trains with this adapter (a new task head,
             say). They are adapted with a dense delta that starts at zero, so they save, merge, disable and
@@ -55,17 +166,40 @@ class AdapterConfig:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, tuple):
-            self.targets = list(self.targets)
+        for name in ("targets", "exclude", "modules_to_save"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+        if self.targets is None:
+            raise InvalidConfigError(
+                "targets is None: name the modules to adapt (a list of name suffixes such as ['query', 'value']), "
+                "a regular expression over full module paths, or 'all-linear'"
+            )
         if isinstance(self.targets, list) and not self.targets:
             raise InvalidConfigError("targets is empty: name at least one module, a regex or 'all-linear'")
-        if isinstance(self.targets, str) and self.targets != "all-linear":
-            try:
-                re.compile(self.targets)
-            except re.error as exc:
-                raise InvalidConfigError(f"targets {self.targets!r} is not a valid regular expression: {exc}") from None
+        self._check_types()
+        for name in ("targets", "exclude"):
+            pattern = getattr(self, name)
+            if isinstance(pattern, str) and not is_name_suffix(pattern):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise InvalidConfigError(f"{name} {pattern!r} is not a valid regular expression: {exc}") from None
         self.validate()
         self._check_overrides()
+
+    def _check_types(self) -> None:
+        """Every field's value fits its annotation (numbers finite; no strings for numbers, no NaN alpha), and
+        ``alpha``, the scale numerator of every method that has one, is positive (checked here, not in
+        :meth:`validate`, which methods override)."""
+        types_ = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            reason = _type_error(f.name, getattr(self, f.name), types_.get(f.name, Any))
+            if reason is not None:
+                raise InvalidConfigError(f"{type(self).__name__}: {reason}")
+        alpha = getattr(self, "alpha", None)
+        if alpha is not None and not alpha > 0:
+            name = type(self).__name__
+            raise InvalidConfigError(f"{name}: alpha must be positive (it scales the update), got {alpha}")
 
     def _check_overrides(self) -> None:
         if not self.overrides:
@@ -156,6 +290,12 @@ class RankConfig(AdapterConfig):
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+
+def is_name_suffix(target: str) -> bool:
+    """Whether a ``targets`` / ``exclude`` string is a module-name suffix (only letters, digits, ``_``, ``-``
+    and ``.``: ``"query"``, ``"attention.self.query"``) rather than a regular expression."""
+    return target == "all-linear" or re.fullmatch(r"[\w.\-]+", target) is not None
 
 
 def _identity(x: Tensor) -> Tensor:

@@ -28,9 +28,16 @@ class LoRASBConfig(LoRAXSConfig):
 
     Attributes:
         r: rank of the frozen bases; ``R`` has ``r²`` trainable entries (paper: 96 for Mistral-7B arithmetic).
-        alpha: must equal ``r`` (spec: "``α = r`` forced", ``s = 1``). Default 8.
+        alpha: must equal ``r`` (spec: "``α = r`` forced", ``s = 1``); left out, it follows ``r``.
         dropout: dropout on the adapter branch's input (spec default 0).
     """
+
+    alpha: float = None  # type: ignore[assignment]  # None -> r, set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.alpha is None:
+            self.alpha = float(self.r) if isinstance(self.r, int) else self.r
+        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()

@@ -81,7 +81,20 @@ def test_unknown_method_lists_close_matches() -> None:
     [
         ({"r": 0}, "r must be a positive integer"),
         ({"r": -3}, "r must be a positive integer"),
-        ({"r": 2.5}, "r must be a positive integer"),
+        ({"r": 2.5}, "r must be an integer"),
+        ({"alpha": float("nan")}, "alpha must be finite"),
+        ({"alpha": float("inf")}, "alpha must be finite"),
+        ({"alpha": -16}, "alpha must be positive"),
+        ({"alpha": "16"}, "alpha must be a number, got '16'"),
+        ({"dropout": None}, "dropout must be a number"),
+        ({"targets": None}, "targets is None"),
+        ({"targets": ["query", 3]}, r"targets\[1\] must be a string"),
+        ({"rank": 8}, "PEFT's 'rank' is 'r' in peftkit"),
+        ({"lora_alpha": 16}, "PEFT's 'lora_alpha' is 'alpha' in peftkit"),
+        ({"target_modules": ["q"]}, "PEFT's 'target_modules' is 'targets' in peftkit"),
+        ({"lora_dropout": 0.1}, "PEFT's 'lora_dropout' is 'dropout' in peftkit"),
+        ({"fan_in_fan_out": True}, "peftkit does not need"),
+        ({"alhpa": 3}, "did you mean 'alpha'"),
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
         ({"init": "xavier"}, "init"),
@@ -93,6 +106,17 @@ def test_unknown_method_lists_close_matches() -> None:
 def test_invalid_config_names_the_field(method: str, fields: dict, word: str) -> None:
     with pytest.raises(InvalidConfigError, match=word.replace("(", r"\(")):
         pk.get_config(method, **fields)
+
+
+def test_positional_config_arguments_are_refused() -> None:
+    with pytest.raises(InvalidConfigError, match=r"keyword arguments only"):
+        pk.LoRAConfig(8)
+
+
+def test_lorasb_alpha_follows_r() -> None:
+    assert pk.get_config("lorasb", r=4).alpha == 4
+    with pytest.raises(InvalidConfigError, match=r"alpha = r"):
+        pk.get_config("lorasb", r=4, alpha=8)
 
 
 def test_rank_larger_than_the_layer_allows(tiny_net: TinyNet) -> None:
@@ -120,6 +144,18 @@ def test_one_missing_target_among_several(tiny_net: TinyNet) -> None:
 def test_regex_matching_nothing(tiny_net: TinyNet) -> None:
     with pytest.raises(TargetModuleNotFound, match=r"fc\\\\d\{3\}"):
         pk.adapt(tiny_net, lora(targets=r"fc\d{3}"))
+
+
+def test_plain_name_string_is_a_suffix_not_a_regex() -> None:
+    """``targets="query"`` answered "did you mean 'query'" (a plain word was a regex over full paths)."""
+    model = pk.adapt(tiny_bert(), lora(targets="query"))
+    assert model.layer_paths["default"] == [f"encoder.layer.{i}.attention.self.query" for i in range(2)]
+    dotted = pk.adapt(tiny_bert(), lora(targets="attention.self.query", exclude="layer.1.attention.self.query"))
+    assert dotted.layer_paths["default"] == ["encoder.layer.0.attention.self.query"]
+    regex = pk.adapt(tiny_bert(), lora(targets=r".*layer\.1\..*query"))
+    assert regex.layer_paths["default"] == ["encoder.layer.1.attention.self.query"]
+    with pytest.raises(TargetModuleNotFound, match=r"must match a full module path such as 'encoder\.layer"):
+        pk.adapt(tiny_bert(), lora(targets=r"quer(y|ies)"))
 
 
 def test_missing_module_to_save(tiny_net: TinyNet) -> None:
