@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import re
 import types
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,17 @@ if TYPE_CHECKING:
     from peftkit.init import Initializer
 
 DEFAULT_ADAPTER = "default"
+# PEFT attribute names people type by habit that have no same-named peftkit attribute: what to use instead.
+_PEFT_ATTRIBUTES = {
+    "peft_config": "peftkit keeps each adapter's config in model.configs (name -> AdapterConfig)",
+    "active_peft_config": "use model.configs[name]",
+    "peft_type": "each config's method is type(model.configs[name]).method",
+    "disable_adapter_layers": "use model.disable_adapters()",
+    "enable_adapter_layers": "use model.enable_adapters()",
+    "get_peft_config_as_dict": "use model.configs[name].to_dict()",
+    "base_model_torch_dtype": "read a parameter's dtype of model.get_base_model()",
+}
+_BASE_ROW = "__base__"  # PEFT's adapter_names entry for rows that run the base model alone
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 # The method that trains ``modules_to_save`` whole (a dense ΔW starting at zero).
 DENSE_METHOD = "full"
@@ -74,6 +86,12 @@ class AdaptedModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.layer_paths: dict[str, list[str]] = {}
         self.merged_and_unloaded: list[str] = []  # what merge(unload=True) folded in (named when saving fails)
+        # Adapters with a per-step schedule: one parameter each (None: no schedule), and its version and the
+        # number of step_adapters calls at the last training forward (see _check_schedule_hook).
+        self._schedule_probes: dict[str, Tensor | None] = {}
+        self._schedule_seen: dict[str, tuple[int, int]] = {}
+        self._steps_taken = 0
+        self._schedule_warned = False
         for p in model.parameters():
             p.requires_grad_(False)
         self._expose_base_signature()
@@ -85,7 +103,15 @@ class AdaptedModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+        try:
             return getattr(self.model, name)
+        except AttributeError:
+            pass
+        hint = _PEFT_ATTRIBUTES.get(name)
+        raise AttributeError(
+            f"'AdaptedModel' object has no attribute {name!r}, nor has the wrapped {type(self.model).__name__}"
+            + (f"; {hint}" if hint else "")
+        ) from None
 
     def _expose_base_signature(self) -> None:
         """Make ``inspect.signature(model.forward)`` show the base model's arguments (plus ``adapter_ids``),
@@ -110,14 +136,18 @@ class AdaptedModel(nn.Module):
     def forward(
         self,
         *args: Any,
-        adapter_ids: Tensor | Sequence[int | str] | None = None,
+        adapter_ids: Tensor | Sequence[int | str | None] | None = None,
         task_ids: Tensor | Sequence[int] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run the base model. ``adapter_ids``: one entry per batch row, an adapter index (position in
-        :attr:`adapter_names`), an adapter name, or ``-1`` / ``None`` for the base model alone. ``task_ids``:
-        one task index per batch row, handed to the adapters that declare ``uses_task_ids`` (task-routed
-        methods such as Poly/MHR); other adapters ignore them."""
+        :attr:`adapter_names`), an adapter name, or ``-1`` / ``None`` for the base model alone (PEFT's
+        ``adapter_names=[..., "__base__"]`` is accepted too). ``task_ids``: one task index per batch row, handed
+        to the adapters that declare ``uses_task_ids`` (task-routed methods such as Poly/MHR); other adapters
+        ignore them."""
+        adapter_ids = self._peft_adapter_names(adapter_ids, kwargs)
+        if self.training and torch.is_grad_enabled() and not self._schedule_warned:
+            self._check_schedule_hook()
         routing = self.routing
         ids, shared = (None, None) if adapter_ids is None else self._check_ids(adapter_ids, args, kwargs)
         tasks = None if task_ids is None else self._check_task_ids(task_ids, args, kwargs)
@@ -129,6 +159,95 @@ class AdaptedModel(nn.Module):
             routing.adapter_ids = routing.shared_id = routing.task_ids = None
             if routing.forward_state:  # values adapters handed each other in this forward: do not keep them
                 routing.forward_state.clear()
+
+    def generate(
+        self,
+        *args: Any,
+        adapter_ids: Tensor | Sequence[int | str | None] | None = None,
+        task_ids: Tensor | Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's ``generate`` (Hugging Face) with the adapters, and optionally one adapter per
+        prompt: ``adapter_ids`` / ``task_ids`` as in :meth:`forward`, one entry per row of ``input_ids``. Rows that
+        ``generate`` expands (``num_beams``, ``num_return_sequences``: each prompt repeated in place) keep their
+        prompt's adapter."""
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"the wrapped {type(self.model).__name__} has no generate()")
+        adapter_ids = self._peft_adapter_names(adapter_ids, kwargs)
+        ids, shared = (None, None) if adapter_ids is None else self._check_ids(adapter_ids, args, kwargs)
+        tasks = None if task_ids is None else self._check_task_ids(task_ids, args, kwargs)
+        routing = self.routing
+
+        def route(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
+            # generate calls the base model itself, step by step: set the rows' ids for each of those calls
+            if ids is None and tasks is None:
+                return
+            first = call_kwargs.get("input_ids", call_kwargs.get("inputs_embeds"))
+            if first is None:
+                first = next(a for a in (*call_args, *call_kwargs.values()) if isinstance(a, Tensor) and a.dim())
+            prompts = len(ids) if ids is not None else len(cast(Tensor, tasks))
+            if first.shape[0] % prompts:
+                raise AdapterIdsError(f"generate ran a batch of {first.shape[0]} rows for {prompts} prompts")
+            repeat = first.shape[0] // prompts
+            routing.adapter_ids = None if ids is None else ids.repeat_interleave(repeat)
+            routing.shared_id = shared
+            routing.task_ids = None if tasks is None else tasks.repeat_interleave(repeat)
+
+        def clear(module: nn.Module, call_args: tuple, output: Any) -> None:
+            if routing.forward_state:  # per forward, as in forward(): each generation step starts afresh
+                routing.forward_state.clear()
+
+        hooks = [self.model.register_forward_pre_hook(route, with_kwargs=True), self.model.register_forward_hook(clear)]
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            routing.adapter_ids = routing.shared_id = routing.task_ids = None
+            routing.forward_state.clear()
+
+    def _check_schedule_hook(self) -> None:
+        """Warn once when adapters that adjust themselves per optimizer step (:meth:`Adapter.step` overridden:
+        rank sampling, sparsification, growth) are trained by a loop that steps the optimizer without calling
+        :meth:`step_adapters`: they would silently train without their schedule. An optimizer step shows as a
+        changed version of an adapter parameter between two training forwards."""
+        for name in self.routing.active:
+            if name not in self._schedule_probes:  # found once per adapter (methods do not change)
+                self._schedule_probes[name] = next(
+                    (
+                        p
+                        for a in self.adapter_modules(name).values()
+                        if type(a).step is not Adapter.step
+                        for p in a.parameters()
+                    ),
+                    None,
+                )
+            probe = self._schedule_probes[name]
+            if probe is None or not probe.requires_grad:
+                continue
+            seen = self._schedule_seen.get(name)
+            self._schedule_seen[name] = (probe._version, self._steps_taken)
+            if seen is not None and probe._version != seen[0] and self._steps_taken == seen[1]:
+                self._schedule_warned = True
+                warnings.warn(
+                    f"adapter {name!r} (method {self.configs[name].method!r}) adjusts itself once per optimizer step "
+                    "through model.step_adapters(global_step), and this training loop stepped the optimizer "
+                    "without calling it: the adapter trains without its schedule. Call "
+                    "model.step_adapters(step) after each optimizer.step() (peftkit's Trainer does).",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
+
+    def _peft_adapter_names(self, adapter_ids: Any, kwargs: dict[str, Any]) -> Any:
+        """PEFT's ``adapter_names=`` (names, ``"__base__"`` for the base model) as ``adapter_ids``."""
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            return adapter_ids
+        if adapter_ids is not None:
+            raise AdapterIdsError("give adapter_ids or PEFT's adapter_names, not both")
+        return [None if n == _BASE_ROW else n for n in names]
 
     def _check_task_ids(self, ids: Tensor | Sequence[int], args: tuple, kwargs: dict) -> Tensor:
         if not isinstance(ids, Tensor):
@@ -244,6 +363,8 @@ class AdaptedModel(nn.Module):
             if not layer.adapters:
                 inject.unwrap(self.model, path)
         del self.configs[name]
+        self._schedule_probes.pop(name, None)
+        self._schedule_seen.pop(name, None)
         self.routing.order.remove(name)
         # The other adapters' trainable flags do not depend on this one: no walk over all of them (a server
         # paging adapters in and out deletes one per swap, and the walk cost ~13 ms with 64 adapters).
@@ -262,6 +383,8 @@ class AdaptedModel(nn.Module):
                 layer.merged[new] = layer.merged.pop(old)
         self.configs[new] = self.configs.pop(old)
         self.layer_paths[new] = self.layer_paths.pop(old)
+        self._schedule_probes.pop(old, None)
+        self._schedule_seen.pop(old, None)
         self.routing.order[self.routing.order.index(old)] = new
         self.routing.active = tuple(new if n == old else n for n in self.routing.active)
 
@@ -291,6 +414,77 @@ class AdaptedModel(nn.Module):
             yield
         finally:
             self.routing.enabled = was
+
+    # --------------------------------------------------------------------- PEFT's names, with PEFT's meaning
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """PEFT's ``with model.disable_adapter(): ...``: :meth:`adapters_disabled`."""
+        return self.adapters_disabled()
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """PEFT's ``active_adapter``: the active adapter's name (a list when several are active)."""
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None
+    ) -> nn.Module:
+        """PEFT's ``merge_and_unload``: :meth:`merge` with ``unload=True`` (the active adapters, or
+        ``adapter_names``). Merges are always checked: ``safe_merge`` and ``progressbar`` change nothing."""
+        return self.merge(adapter_names, unload=True)
+
+    def merge_adapter(self, adapter_names: Any = None) -> None:
+        """PEFT's ``merge_adapter``: :meth:`merge` in place (``unload=False``)."""
+        self.merge(adapter_names, unload=False)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's ``unmerge_adapter``: :meth:`unmerge`."""
+        self.unmerge()
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        selected_adapters: Sequence[str] | None = None,
+        *,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """PEFT's ``save_pretrained``: saves the adapters (not the base model) with :meth:`save`, in peftkit's
+        format (read back by :func:`peftkit.load` / :meth:`from_pretrained`; :func:`peftkit.export_peft` writes a
+        folder PEFT reads). Adapters are always safetensors, never pickle.
+
+        Raises:
+            TypeError: an option that would change what is written (``push_to_hub``, ``state_dict``, ...).
+        """
+        if kwargs:
+            raise TypeError(
+                f"save_pretrained() does not take {sorted(kwargs)}: it saves the adapters' own tensors only "
+                "(model.save(dir) is the same call)"
+            )
+        if not safe_serialization:
+            raise TypeError("peftkit writes safetensors only (safe_serialization=False would be pickle)")
+        if is_main_process:
+            self.save(save_directory, None if selected_adapters is None else list(selected_adapters))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str | None = None) -> AdaptedModel:
+        """PEFT's ``PeftModel.from_pretrained(base, path)``: :func:`peftkit.load`."""
+        from .io import load
+
+        return cast(AdaptedModel, load(model, path, name=adapter_name))
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the wrapped model's ``push_to_hub`` would upload the whole base model with wrapper keys."""
+        raise NotImplementedError(
+            "peftkit does not upload models: save the adapters with model.save(dir) (or pk.export_peft(model, dir) "
+            "for a PEFT folder) and upload that folder with huggingface_hub's upload_folder"
+        )
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """PEFT's ``(trainable, total)`` parameter counts (see :meth:`trainable_parameters`)."""
+        report = self.trainable_parameters()
+        return report.trainable, report.total
 
     def _layer(self, path: str) -> AdaptedLayer:
         return cast(AdaptedLayer, inject.submodule(self.model, path))
@@ -324,6 +518,7 @@ class AdaptedModel(nn.Module):
 
     def step_adapters(self, global_step: int) -> None:
         """Call :meth:`Adapter.step` on every module of the active adapters (trainers: once per optimizer step)."""
+        self._steps_taken += 1
         for name in self.routing.active:
             for adapter in self.adapter_modules(name).values():
                 adapter.step(global_step)
