@@ -15,7 +15,8 @@ Canonical layouts:
 * any other ``nn.Module`` (kind ``"module"``: a whole MLP, block or norm, for block-level adapters such as
   parallel bottleneck adapters): no weight. ``in_features`` / ``out_features`` are the input width of its first
   and the output width of its last weight layer (Linear, Conv1D, Conv2d, Embedding) or LayerNorm; adapters get
-  ``x`` = the module's first positional input and ``base_out`` = its output (which must be a tensor).
+  ``x`` = the module's first input and ``base_out`` = its output (a tensor, or the first element of a tuple
+  output such as HF attention's ``(output, weights)``; the other elements pass through).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ same bank.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
@@ -116,6 +117,7 @@ class AdaptedLayer(nn.Module):
         # name -> (ΔW, Δb) folded into the base weight; kept so unmerge subtracts exactly what was added.
         self.merged: dict[str, tuple[Tensor | SparseDelta, Tensor | None]] = {}
         self._bank: _Bank | None = None  # cached stacked low-rank bank for mixed batches (see _lowrank_bank)
+        self._input_name: str | None = None  # the base forward's first parameter (for keyword-only calls)
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}, merged={list(self.merged)}"
@@ -131,11 +133,35 @@ class AdaptedLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        base_out = self.base_layer(x, *args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        base_out = self.base_layer(*args, **kwargs)
         routing = self.routing
         if not routing.enabled:
             return base_out
+        if isinstance(base_out, Tensor):
+            return self._adapt(args[0] if args else self._first_input(kwargs), base_out)
+        # A block ("module" kind) may return a tuple (HF attention: (output, weights)): its first element is the
+        # output the adapters change; the rest is passed through.
+        if isinstance(base_out, (tuple, list)) and base_out and isinstance(base_out[0], Tensor):
+            adapted = self._adapt(args[0] if args else self._first_input(kwargs), base_out[0])
+            return type(base_out)((adapted, *base_out[1:]))
+        raise TypeError(
+            f"peftkit adapts a module's tensor output (or the first element of a tuple); "
+            f"{type(self.base_layer).__name__} returned a {type(base_out).__name__}"
+        )
+
+    def _first_input(self, kwargs: dict[str, Any]) -> Tensor:
+        """``x`` of a call made with keyword arguments only: the base forward's first parameter (HF CLIP calls
+        ``layer(hidden_states=...)``)."""
+        name = self._input_name
+        if name is None:
+            name = self._input_name = next(iter(inspect.signature(self.base_layer.forward).parameters))
+        if name not in kwargs:
+            raise TypeError(f"{type(self.base_layer).__name__} was called without its first argument {name!r}")
+        return kwargs[name]
+
+    def _adapt(self, x: Tensor, base_out: Tensor) -> Tensor:
+        routing = self.routing
         if routing.adapter_ids is not None:
             return self._forward_mixed(x, base_out, routing.adapter_ids)
         active = [n for n in routing.active if n in self.adapters and n not in self.merged]

@@ -169,7 +169,6 @@ def test_dera_config_checks() -> None:
 # attention output ``[batch, tokens, d]``; the rest passes through) with ``x`` = the hidden states the attention
 # receives, however they are passed. That needs the core's "module"-kind wrapping to handle tuple outputs and
 # keyword calls (``peftkit/core/layer.py``).
-NEEDS_CORE = pytest.mark.xfail(strict=True, reason="needs core tuple/kwargs support")
 
 
 def _tiny_hf(kind: str) -> nn.Module:
@@ -220,7 +219,6 @@ def _check_dera_on_hf(kind: str, targets: list[str] | None) -> None:
                 assert (got is None and base is None) or torch.equal(got, base)
 
 
-@NEEDS_CORE
 def test_dera_on_hf_vit_attention_tuple_output() -> None:
     """ViT's ``attention`` (q/k/v/o projections, no residual) returns ``(attn_output, attn_weights)``: before the
     core handles tuples, DeRA's forward gets the tuple as ``base_out`` ('tuple' object has no attribute
@@ -228,7 +226,6 @@ def test_dera_on_hf_vit_attention_tuple_output() -> None:
     _check_dera_on_hf("vit", ["attention"])
 
 
-@NEEDS_CORE
 def test_dera_on_hf_clip_attention_keyword_call() -> None:
     """CLIP's ``self_attn`` (found by DeRA's default targets) is called with keywords only and returns a tuple:
     before the core binds keyword calls, ``AdaptedLayer.forward() missing 1 required positional argument: 'x'``."""
