@@ -6,9 +6,13 @@ One shared branch, :class:`BottleneckBranch`: ``a(h) = s · up(drop(σ(down(LN?(
 optional learnable scalar ``s``. Per adapter ``r·d_in + r + r·d_out + d_out`` trainable (``2rd + r + d`` for
 ``d_in = d_out = d``; ``+2d_in`` with the LayerNorm, ``+1`` with a learnable scale).
 
-* **Serial** (Houlsby, Pfeiffer; Houlsby et al., 2019; Pfeiffer et al., 2021): on a sub-layer output ``o``,
-  ``o' = o + a(o)``, before the block's residual add (+LayerNorm in post-LN models). The adapter wraps the
-  sub-layer's output projection, so ``base_out = o``.
+* **Serial** (Houlsby, Pfeiffer; Houlsby et al., 2019; Pfeiffer et al., 2021): ``h' = h + a(h)`` on the output
+  ``h`` of the wrapped module. Houlsby wraps the sub-layers' output projections, so ``h = o`` (the attention or
+  FFN output, before the block's residual add and, in post-LN models, its LayerNorm). Pfeiffer's adapter reads
+  the hidden state *after* the FFN's residual add (Pfeiffer et al., 2021, AdapterFusion: ``Ψ = U(ReLU(D(h))) +
+  r`` with ``h`` the FFN sub-layer's output hidden state; adapter-hub ``SeqBnConfig``, ``original_ln_before=True``,
+  computes ``a(o + x₁) + o + x₁`` in a pre-LN block): in pre-LN ViT/GPT-2 blocks that is the block output
+  ``x₂ = x₁ + FFN(LN₂(x₁))``, so the preset wraps the whole block and ``x₂' = x₂ + a(x₂)``.
 * **Parallel** (AdaptFormer, Chen et al., 2022; He et al., 2022): ``y = F(x) + a(x)`` beside a module ``F``.
 
 Init (``init``): ``"lora"`` (default; down Kaiming-uniform(a=√5), down bias 0, up weight and bias 0: identity at
@@ -20,7 +24,15 @@ selects in a model): BERT-like (``layer.N.attention.output.dense`` / ``layer.N.o
 names), GPT-2-like (``h.N.attn.c_proj`` / ``h.N.mlp.c_proj``) and HF ViT (``layers.N.attention.o_proj`` /
 ``layers.N.mlp.fc2``):
 
-* ``"houlsby"``: attention output and FFN output projections; ``"pfeiffer"``: FFN output projection only.
+* ``"houlsby"``: attention output and FFN output projections.
+* ``"pfeiffer"``: the whole block in GPT-2 (``h.N``) and HF ViT (``layers.N``, and any model whose blocks are
+  named so), a weightless ``"module"`` view, so the adapter reads and adds to the block output ``x₂`` (exactly
+  adapter-hub's ``SeqBnConfig`` on pre-LN blocks). BERT-like post-LN models: the FFN output projection
+  ``output.dense`` (``LN(o + a(o) + x₁)``); adapter-hub there computes ``LN(o + a(LN(o + x₁)) + x₁)``, which no
+  single module's output gives (its frozen LayerNorm runs twice) — the nearest placement, documented. Reading
+  ``x₂`` rather than the FFN's change ``o`` matters: on the MNIST ViT benchmark the FFN-output placement (which
+  is Houlsby's FFN adapter alone) trained markedly slower. Wrapping a whole block means the layers inside it can
+  no longer carry other adapters (wrappers never nest).
 * ``"parallel"``: the whole MLP module (GPT-2 ``h.N.mlp``, ViT ``layers.N.mlp``, a weightless ``"module"``
   view): the adapter reads the MLP input and its output is added to the MLP output.
   *Decision*: official AdaptFormer feeds the un-normalised residual stream ``x₁`` to the adapter; in HF
@@ -67,7 +79,7 @@ _GPT2_ATTN, _GPT2_FFN = r"(.*\.)?h\.\d+\.attn\.c_proj", r"(.*\.)?h\.\d+\.mlp\.c_
 _VIT_ATTN, _VIT_FFN = r"(.*\.)?layers\.\d+\.attention\.o_proj", r"(.*\.)?layers\.\d+\.mlp\.fc2"
 PRESETS: dict[str, str] = {
     "houlsby": "|".join((_BERT_ATTN, _BERT_FFN, _GPT2_ATTN, _GPT2_FFN, _VIT_ATTN, _VIT_FFN)),
-    "pfeiffer": "|".join((_BERT_FFN, _GPT2_FFN, _VIT_FFN)),
+    "pfeiffer": "|".join((_BERT_FFN, r"(.*\.)?(h|layers)\.\d+")),  # pre-LN blocks: the block output x₂
     "parallel": "|".join((r"(.*\.)?(h|layers)\.\d+\.mlp", _BERT_FFN)),
 }
 """Named placements as ``targets`` regexes (full-name matches) for BERT-like, GPT-2-like and HF ViT models."""
@@ -206,7 +218,7 @@ class HoulsbyConfig(BottleneckConfig):
 
 @dataclass(kw_only=True)
 class PfeifferConfig(BottleneckConfig):
-    """Pfeiffer: one serial adapter after the FFN output projection (σ = ReLU, ``d/16``)."""
+    """Pfeiffer: one serial adapter per block on the hidden state after the FFN's residual add (σ = ReLU, ``d/16``)."""
 
     targets: list[str] | str = PRESETS["pfeiffer"]
     activation: str = "relu"
@@ -274,7 +286,7 @@ class Houlsby(_Bottleneck):
 
 @register("pfeiffer", PfeifferConfig)
 class Pfeiffer(_Bottleneck):
-    """Serial bottleneck on the FFN output: ``o' = o + a(o)``."""
+    """Serial bottleneck after the FFN's residual add: ``x₂' = x₂ + a(x₂)`` on the block output (pre-LN models)."""
 
 
 @register("adaptformer", ParallelConfig)
