@@ -5,16 +5,14 @@ model = pk.adapt(base_model, pk.LoRAConfig(r=8, alpha=16, targets=["query", "val
 """
 
 from peftkit import assets, errors, init
-from peftkit.core.io import load
-from peftkit.core.model import AdaptedModel, TrainableReport, adapt
+from peftkit.core.dense import FullConfig
+from peftkit.core.model import AdaptedModel, TrainableReport, adapt, load
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
 from peftkit.core.registry import get_config, get_method, list_methods, register
+from peftkit.core.version import __version__
 from peftkit.interop.peft_format import export_peft, import_peft
 from peftkit.methods.dora import DoRAConfig
-from peftkit.methods.full import FullConfig
 from peftkit.methods.lora import LoRAConfig
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdaptedModel",

@@ -59,50 +59,37 @@ def _widths(view: BaseView) -> tuple[int, int]:
 class BaseView:
     """Read access to a wrapped module's weight, shape and operation.
 
+    ``BaseView(module)`` gives a :class:`ModuleView` for a module that is not one of the weight layers (the
+    ``"module"`` kind), so every caller builds views the same way.
+
     Args:
         module: the frozen base module (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding`` or HF ``Conv1D``).
     """
+
+    kind: LayerKind
+    transposed: bool
+    in_features: int
+    out_features: int
+    weight_shape: tuple[int, ...]
+
+    def __new__(cls, module: nn.Module | None = None) -> BaseView:
+        # (module is None when copy/pickle rebuild an instance: keep its class)
+        if cls is BaseView and module is not None and layer_kind(module) is None:
+            return super().__new__(ModuleView)
+        return super().__new__(cls)
 
     def __init__(self, module: nn.Module) -> None:
         kind = layer_kind(module)
         self.module: Any = module  # one of the layer kinds above (typed Any: nn.Module attributes are dynamic)
         if kind is None:
-            self._init_module_kind(module)
-            return
-        self.kind: LayerKind = kind
+            raise TypeError(f"a {type(module).__name__} is not a weight layer: use ModuleView")
+        self.kind = kind
         self.transposed = kind == "embedding" or (kind == "linear" and not isinstance(module, nn.Linear))
         stored = cast(Tensor, module.weight)
         shape: tuple[int, ...] = tuple(stored.T.shape if self.transposed else stored.shape)
-        self.out_features: int = shape[0]
-        self.in_features: int = shape[1] if kind != "conv2d" else shape[1] * int(cast(int, module.groups))
-        self.weight_shape: tuple[int, ...] = shape
-
-    def _init_module_kind(self, module: nn.Module) -> None:
-        """A view of a weightless ``"module"`` (see the module docstring): widths from its weight layers."""
-        from .errors import UnsupportedLayerError
-        from .layer import AdaptedLayer  # (layer imports base)
-
-        if any(isinstance(m, AdaptedLayer) for m in module.modules()):
-            raise UnsupportedLayerError(
-                f"cannot wrap a {type(module).__name__} that contains wrapped layers (wrappers never nest); "
-                "add the block-level adapter first, or target its layers instead"
-            )
-        widths = [
-            (int(m.normalized_shape[-1]),) * 2 if isinstance(m, nn.LayerNorm) else _widths(BaseView(m))
-            for m in module.modules()
-            if layer_kind(m) is not None or isinstance(m, nn.LayerNorm)
-        ]
-        params = [*module.parameters(), *module.buffers()]
-        if not widths or not params:
-            raise UnsupportedLayerError(
-                f"peftkit cannot wrap a {type(module).__name__}: it has no weight layer to read widths from"
-            )
-        self.kind = "module"
-        self.transposed = False
-        self.in_features = int(widths[0][0])
-        self.out_features = int(widths[-1][1])
-        self.weight_shape = (self.out_features, self.in_features)
-        self._like = params[0]
+        self.out_features = shape[0]
+        self.in_features = shape[1] if kind != "conv2d" else shape[1] * int(cast(int, module.groups))
+        self.weight_shape = shape
 
     # ----------------------------------------------------------------------------------------------- reading
     @property
@@ -117,11 +104,11 @@ class BaseView:
 
     @property
     def dtype(self) -> torch.dtype:
-        return (self._like if self.kind == "module" else self.module.weight).dtype
+        return self.module.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return (self._like if self.kind == "module" else self.module.weight).device
+        return self.module.weight.device
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -137,8 +124,6 @@ class BaseView:
         For a convolution this keeps the base stride, padding, dilation and groups; for an embedding it
         keeps ``padding_idx`` and ``max_norm`` semantics of the lookup (``x`` holds ids).
         """
-        if self.kind == "module":
-            raise TypeError(f"a {type(self.module).__name__} module has no weight to run with another one")
         if self.kind == "linear":
             return F.linear(x, weight, bias)
         if self.kind == "conv2d":
@@ -190,8 +175,58 @@ class BaseView:
         view[positions] = (current + sign * values.float()).to(w.dtype)
 
     def describe(self) -> dict[str, object]:
-        """Kind and shape, as recorded in a saved adapter's base-model fingerprint (a weightless module: its
-        type, the form the loader's fingerprint check uses for any module that is not a weight layer)."""
-        if self.kind == "module":
-            return {"type": type(self.module).__name__}
+        """Kind and shape, as recorded in a saved adapter's base-model fingerprint."""
         return {"kind": self.kind, "type": type(self.module).__name__, "shape": list(self.weight_shape)}
+
+
+class ModuleView(BaseView):
+    """A view of a weightless ``"module"`` (a whole MLP, block or norm; see the module docstring): widths from
+    its weight layers, nothing to run with another weight or to merge into.
+
+    Raises:
+        UnsupportedLayerError: the module has no weight layer (or LayerNorm) to read widths from.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        from .errors import UnsupportedLayerError
+
+        self.module = module
+        widths = [
+            (int(m.normalized_shape[-1]),) * 2 if isinstance(m, nn.LayerNorm) else _widths(BaseView(m))
+            for m in module.modules()
+            if layer_kind(m) is not None or isinstance(m, nn.LayerNorm)
+        ]
+        params = [*module.parameters(), *module.buffers()]
+        if not widths or not params:
+            raise UnsupportedLayerError(
+                f"peftkit cannot wrap a {type(module).__name__}: it has no weight layer to read widths from"
+            )
+        self.kind = "module"
+        self.transposed = False
+        self.in_features = int(widths[0][0])
+        self.out_features = int(widths[-1][1])
+        self.weight_shape = (self.out_features, self.in_features)
+        self._like = params[0]
+
+    @property
+    def weight(self) -> Tensor:
+        raise TypeError(f"a {type(self.module).__name__} module has no weight of its own")
+
+    @property
+    def bias(self) -> Tensor | None:
+        return None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._like.device
+
+    def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        raise TypeError(f"a {type(self.module).__name__} module has no weight to run with another one")
+
+    def describe(self) -> dict[str, object]:
+        """Its type: the form the fingerprint check uses for any module that is not a weight layer."""
+        return {"type": type(self.module).__name__}

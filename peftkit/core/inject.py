@@ -130,6 +130,23 @@ def unwrap(model: nn.Module, path: str) -> None:
     setattr(submodule(model, parent_path) if parent_path else model, child, layer.base_layer)
 
 
+def base_view(module: nn.Module) -> BaseView:
+    """The view adapters of ``module`` are built on: its wrapper's, once wrapped.
+
+    Raises:
+        UnsupportedLayerError: a block that contains wrapped layers (wrappers never nest).
+    """
+    if isinstance(module, AdaptedLayer):
+        return module.base
+    view = BaseView(module)
+    if view.kind == "module" and any(isinstance(m, AdaptedLayer) for m in module.modules()):
+        raise UnsupportedLayerError(
+            f"cannot wrap a {type(module).__name__} that contains wrapped layers (wrappers never nest); "
+            "add the block-level adapter first, or target its layers instead"
+        )
+    return view
+
+
 def build_adapter(method: type[Adapter], base: BaseView, config: AdapterConfig, path: str) -> Adapter:
     """Instantiate ``method`` for one base module, on the base's device and dtype."""
     try:

@@ -10,7 +10,10 @@ checksum also catches corrupted tensor data (a flipped bit) with a clear error i
 Leftovers of killed saves are removed by the next save into the same folder.
 
 Several adapters are saved as one sub-folder each (``<path>/<name>/``) plus an index ``adapters.json`` (their
-order and which are active), which :func:`load` reads back.
+order and which are active).
+
+This module is the folder format only (files, checksums, atomic writes); what goes into the files and how they
+reach an adapted model is :mod:`peftkit.core.persist`.
 """
 
 from __future__ import annotations
@@ -25,22 +28,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
-from torch import Tensor, nn
+from torch import Tensor
 
 from .errors import (
     AdapterFileError,
-    BaseModelMismatch,
     FormatVersionError,
-    InvalidConfigError,
     SavePathError,
 )
-from .protocol import Adapter, skip_init
-from .registry import get_method
 
 FORMAT = "peftkit-adapter"
 FORMAT_VERSION = 1
@@ -52,11 +50,6 @@ INDEX_FORMAT = "peftkit-adapters"
 # Files up to this size are read into memory in one go; larger ones are memory-mapped.
 _READ_WHOLE_BYTES = 256 * 2**20
 _HASH_CHUNK = 16 * 2**20
-
-
-def fingerprint(model: Any, name: str) -> dict[str, dict[str, Any]]:
-    """Names, kinds and shapes of the modules one adapter adapts (what a compatible base must have)."""
-    return {path: model._layer(path).base.describe() for path in model.layer_paths[name]}
 
 
 # ---------------------------------------------------------------------------------------------- writing files
@@ -203,29 +196,12 @@ def _committed_checksum(folder: Path) -> str | None:
     return checksum
 
 
-def save_adapter(model: Any, path: str | Path, name: str) -> Path:
-    """Save adapter ``name`` of an ``AdaptedModel`` into folder ``path`` (see the module docstring)."""
-    from peftkit import __version__
-
-    model._require(name)
-    config = model.configs[name]
-    tensors = model.adapter_state_dict(name)
-    method = type(config).method
-    weights = safetensors_bytes(tensors, {"format": FORMAT, "method": method})
-    checksum = hashlib.sha256(weights).hexdigest()
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "peftkit_version": __version__,
-        "name": name,
-        "method": method,
-        "config": config.to_dict(),
-        "base_fingerprint": fingerprint(model, name),
-        "num_tensors": len(tensors),
-        "num_elements": sum(t.numel() for t in tensors.values()),
-        CHECKSUM_FIELD: checksum,
-    }
-    folder = prepare_folder(path)
+def write_adapter(folder: str | Path, meta: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
+    """Write one saved adapter into ``folder``: ``adapter.safetensors`` (``tensors``) and ``adapter.json``
+    (``meta`` plus the tensor file's checksum), see the module docstring. Returns the folder."""
+    weights = safetensors_bytes(tensors, {"format": FORMAT, "method": str(meta.get("method"))})
+    meta = {**meta, CHECKSUM_FIELD: hashlib.sha256(weights).hexdigest()}
+    folder = prepare_folder(folder)
     committed = _committed_checksum(folder)
     keep = {WEIGHTS_FILE: _backup_name(committed)} if committed else None
     # tensors first, adapter.json last: the new adapter.json is the commit point, and until it is in place the
@@ -233,36 +209,18 @@ def save_adapter(model: Any, path: str | Path, name: str) -> Path:
     write_files(folder, [(WEIGHTS_FILE, weights), (CONFIG_FILE, json.dumps(meta, indent=2).encode())], keep=keep)
     _remove_backups(folder)
     _remove_legacy_leftovers(folder)
+    (folder / INDEX_FILE).unlink(missing_ok=True)  # an earlier save of several adapters here: superseded
     return folder
 
 
-def save_adapters(model: Any, path: str | Path, names: str | Sequence[str] | None = None) -> Path:
-    """Save adapters of an ``AdaptedModel`` into folder ``path``: ``names`` (default: every adapter it holds).
-
-    One adapter is written into ``path`` itself; several go into ``path/<name>/`` each, with an index
-    ``adapters.json`` (order, active adapters) that :func:`load` reads. Files of other programs in ``path`` are
-    left alone; peftkit's own files of an earlier save there are replaced.
-    """
-    if names is None:
-        names = model.adapter_names
-        if not names:
-            raise model.no_adapters_error()
-    names = [names] if isinstance(names, str) else list(names)
-    for name in names:
-        model._require(name)
-    if len(set(names)) != len(names):
-        raise InvalidConfigError(f"names lists an adapter twice: {names}")
-    folder = prepare_folder(path)
-    if len(names) == 1:
-        save_adapter(model, folder, names[0])
-        (folder / INDEX_FILE).unlink(missing_ok=True)  # an earlier save of several adapters: superseded
-        return folder
-    for name in names:
-        save_adapter(model, folder / name, name)
-    active = [n for n in model.active_adapters if n in names]
-    index = {"format": INDEX_FORMAT, "format_version": 1, "adapters": names, "active": active}
+def write_index(folder: str | Path, names: Sequence[str], active: Sequence[str]) -> Path:
+    """Commit a folder of several adapters (each already written to ``folder/<name>/``): the index
+    ``adapters.json`` (their order and the active ones). A single adapter saved into ``folder`` itself before
+    is superseded and removed."""
+    folder = Path(folder)
+    index = {"format": INDEX_FORMAT, "format_version": 1, "adapters": list(names), "active": list(active)}
     write_files(folder, [(INDEX_FILE, json.dumps(index, indent=2).encode())])  # the commit point
-    for stale in (CONFIG_FILE, WEIGHTS_FILE):  # an earlier save of one adapter into this folder: superseded
+    for stale in (CONFIG_FILE, WEIGHTS_FILE):
         (folder / stale).unlink(missing_ok=True)
     _remove_backups(folder)
     return folder
@@ -333,115 +291,6 @@ def _kept_previous(folder: Path, checksum: str, file: Path) -> Path:
     )
 
 
-def _base_module(model: nn.Module, path: str) -> nn.Module | None:
-    """The module at ``path`` as the user sees it (an ``AdaptedLayer`` counts as its base module), found by
-    walking only that path (not the whole tree, so loading costs O(#adapted modules), not O(model))."""
-    from .layer import AdaptedLayer
-
-    module = model
-    for part in path.split(".") if path else []:
-        if isinstance(module, AdaptedLayer):
-            return None  # paths never lead inside a wrapper
-        module = module._modules.get(part)  # type: ignore[assignment]
-        if module is None:
-            return None
-    return module.base_layer if isinstance(module, AdaptedLayer) else module
-
-
-def check_fingerprint(model: nn.Module, expected: dict[str, dict[str, Any]]) -> None:
-    """Raise :class:`BaseModelMismatch` naming the first module that differs from the saved fingerprint."""
-    from .base import BaseView, layer_kind
-
-    for path, want in expected.items():
-        module = _base_module(model, path)
-        if module is None:
-            raise BaseModelMismatch(
-                f"the adapter was saved for a base model with a module {path!r}; this model has none"
-            )
-        got = BaseView(module).describe() if layer_kind(module) else {"type": type(module).__name__}
-        if got != want:
-            raise BaseModelMismatch(
-                f"module {path!r} differs from the base the adapter was saved for: saved {want}, found {got}"
-            )
-
-
-def load_adapter(model: Any, path: str | Path, name: str | None = None, activate: bool | None = None) -> str:
-    """Load a saved adapter into an ``AdaptedModel``; returns the name it was loaded under."""
-    if (Path(path) / INDEX_FILE).is_file() and not (Path(path) / CONFIG_FILE).is_file():
-        names = read_index(path)["adapters"]
-        raise AdapterFileError(
-            f"{path} holds {len(names)} adapters ({', '.join(names)}): load one with "
-            f"load_adapter({os.path.join(str(path), names[0])!r}), or all of them with pk.load(base, {str(path)!r})"
-        )
-    meta = read_meta(path)
-    check_fingerprint(model.model, meta["base_fingerprint"])
-    method = get_method(meta["method"])
-    try:
-        config = method.config_class.from_dict(meta["config"])
-    except (TypeError, InvalidConfigError) as exc:
-        raise AdapterFileError(f"{path}: the saved config does not fit method {meta['method']!r}: {exc}") from None
-    tensors = read_tensors(path, meta)
-    name = name or meta["name"]
-    with skip_init():  # every saved tensor is overwritten below: allocate only, skip the init draws
-        model.add_adapter(name, config, activate=activate)
-    try:
-        if sorted(model.layer_paths[name]) != sorted(meta["base_fingerprint"]):
-            raise BaseModelMismatch(
-                f"on this model the adapter's targets select {len(model.layer_paths[name])} modules, "
-                f"but it was saved for {len(meta['base_fingerprint'])}"
-            )
-        assign_state(model, name, tensors, path)
-    except BaseException:
-        model.delete_adapter(name)
-        raise
-    return name
-
-
-def assign_state(model: Any, name: str, tensors: dict[str, Tensor], path: str | Path) -> None:
-    """Copy saved tensors (keyed ``<module path>.<tensor name>``, as :func:`save_adapter` writes them) into the
-    modules of adapter ``name``: the one path from saved tensors to adapter modules (loading, serving).
-
-    Each module's :meth:`Adapter.fit_state` sees its saved tensors first (methods whose structure changes while
-    training reshape to them); then every tensor ``state_dict`` names must be in ``tensors`` with its shape.
-
-    Raises:
-        AdapterFileError: names or shapes do not match the adapter's config (``path`` is named in the message).
-    """
-    # One pass over the adapter's modules; tensors are copied straight into the parameters and buffers that
-    # ``state_dict`` names (what ``save`` wrote), which is ``load_state_dict`` without its per-module overhead.
-    modules = model.adapter_modules(name)
-    if any(type(a).fit_state is not Adapter.fit_state for a in modules.values()):
-        per_module: dict[str, dict[str, Tensor]] = {p: {} for p in modules}
-        for key, t in tensors.items():
-            module_path, _, local = key.rpartition(".")
-            while module_path and module_path not in per_module:  # keys of nested tensors: "A.0" under "x.y"
-                module_path, _, head = module_path.rpartition(".")
-                local = f"{head}.{local}"
-            if module_path:
-                per_module[module_path][local] = t
-        for module_path, adapter in modules.items():
-            adapter.fit_state(per_module[module_path])
-    expected = {
-        f"{module_path}.{key}": t
-        for module_path, adapter in modules.items()
-        for key, t in adapter.state_dict(keep_vars=True).items()
-    }
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise AdapterFileError(
-            f"{path}: tensors do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for key, want in expected.items():
-        if tensors[key].shape != want.shape:
-            raise AdapterFileError(
-                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the config implies {tuple(want.shape)}"
-            )
-    with torch.no_grad():
-        for key, want in expected.items():
-            want.copy_(tensors[key])
-
-
 def read_index(path: str | Path) -> dict[str, Any]:
     """Read and check ``adapters.json``, the index of a folder of several saved adapters."""
     file = Path(path) / INDEX_FILE
@@ -457,32 +306,3 @@ def read_index(path: str | Path) -> dict[str, Any]:
     if not set(index.get("active", [])) <= set(names):
         raise AdapterFileError(f"{file}: its active adapters {index.get('active')} are not all in {names}")
     return index
-
-
-def load(base_model: nn.Module, path: str | Path, name: str | None = None) -> Any:
-    """Wrap ``base_model`` and load what :meth:`AdaptedModel.save` wrote at ``path``: one adapter (active, under
-    ``name`` if given), or every adapter of a folder of several (in their saved order, the saved active ones
-    active; ``name`` is then refused). Returns the ``AdaptedModel``."""
-    from .model import AdaptedModel, restore_grad_flags_on_error
-
-    folder = Path(path)
-    several = (folder / INDEX_FILE).is_file()
-    with restore_grad_flags_on_error(base_model):
-        model = base_model if isinstance(base_model, AdaptedModel) else AdaptedModel(base_model)
-        if not several:
-            model.load_adapter(folder, name=name, activate=True)
-            return model
-        if name is not None:
-            raise InvalidConfigError(f"{path} holds several adapters, each loaded under its saved name: drop name=")
-        index = read_index(folder)
-        loaded: list[str] = []
-        try:
-            for saved in index["adapters"]:
-                loaded.append(model.load_adapter(folder / saved, activate=False))
-        except BaseException:
-            for done in loaded:
-                model.delete_adapter(done)
-            raise
-        if index.get("active"):
-            model.set_adapter(index["active"])
-    return model

@@ -15,28 +15,26 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from . import inject
-from .base import BaseView
+from . import inject, persist, state
+from .dense import Full
 from .errors import (
     AdapterExistsError,
     AdapterIdsError,
     AdapterNameError,
     AdapterNotFoundError,
     AlreadyAdaptedError,
+    BaseModelMismatch,
     NoAdaptersError,
     NotMergeableError,
 )
 from .layer import AdaptedLayer, Routing
-from .protocol import Adapter, AdapterConfig
-from .registry import get_method, method_of
-
-if TYPE_CHECKING:
-    from peftkit.init import Initializer
+from .protocol import Adapter, AdapterConfig, Initializer, skip_init
+from .registry import initializer, method_of
 
 DEFAULT_ADAPTER = "default"
 # PEFT attribute names people type by habit that have no same-named peftkit attribute: what to use instead.
@@ -51,8 +49,6 @@ _PEFT_ATTRIBUTES = {
 }
 _BASE_ROW = "__base__"  # PEFT's adapter_names entry for rows that run the base model alone
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
-# The method that trains ``modules_to_save`` whole (a dense ΔW starting at zero).
-DENSE_METHOD = "full"
 
 
 @dataclass(frozen=True)
@@ -286,7 +282,7 @@ class AdaptedModel(nn.Module):
         if item is None:
             return -1
         if isinstance(item, str):
-            self._require(item)
+            self.require(item)
             return self.routing.order.index(item)
         return int(item)
 
@@ -309,21 +305,17 @@ class AdaptedModel(nn.Module):
         ``init.apply(model, name)`` then writes its initial values (if that fails, the adapter is removed)."""
         self._check_new_name(name)
         if init is not None:
-            from peftkit.init import as_initializer
-
-            init = as_initializer(init)
+            init = initializer(init)
             config = init.prepare(config)
         method = method_of(config)
         paths = inject.find_targets(self.model, config, method)
         save_paths = inject.named_modules_to_save(self.model, config) if config.modules_to_save else []
         if not paths and not save_paths:
             raise inject.TargetModuleNotFound(str(config.targets), dict(inject.base_modules(self.model)))
-        dense = get_method(DENSE_METHOD)
         built: list[tuple[str, Adapter]] = []
         with _seeded(config.seed):  # build everything first: a failure leaves the model untouched
-            for path, cls in [(p, method) for p in paths] + [(p, dense) for p in save_paths]:
-                module = inject.submodule(self.model, path)
-                base = module.base if isinstance(module, AdaptedLayer) else BaseView(module)
+            for path, cls in [(p, method) for p in paths] + [(p, Full) for p in save_paths]:
+                base = inject.base_view(inject.submodule(self.model, path))
                 built.append((path, inject.build_adapter(cls, base, config.for_module(path), path)))
         for path, adapter in built:
             layer = inject.wrap(self.model, path, self.routing)
@@ -350,13 +342,13 @@ class AdaptedModel(nn.Module):
         """Make ``names`` the active adapter(s); only active adapters train."""
         names = [names] if isinstance(names, str) else list(names)
         for n in names:
-            self._require(n)
+            self.require(n)
         self.routing.active = tuple(names)
         self._set_trainable()
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter (unmerging it first if it was merged)."""
-        self._require(name)
+        self.require(name)
         for path in self.layer_paths.pop(name):
             layer = self._layer(path)
             layer.remove(name)
@@ -374,7 +366,7 @@ class AdaptedModel(nn.Module):
         """Give adapter ``old`` the name ``new``; its modules, id (position in :attr:`adapter_names`), active
         and merged state stay as they are. A server reuses an evicted adapter's modules this way for a new
         adapter with the same config, instead of deleting one and building the other."""
-        self._require(old)
+        self.require(old)
         self._check_new_name(new)
         for path in self.layer_paths[old]:
             layer = self._layer(path)
@@ -470,9 +462,7 @@ class AdaptedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str | None = None) -> AdaptedModel:
         """PEFT's ``PeftModel.from_pretrained(base, path)``: :func:`peftkit.load`."""
-        from .io import load
-
-        return cast(AdaptedModel, load(model, path, name=adapter_name))
+        return load(model, path, name=adapter_name)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
         """Refused: the wrapped model's ``push_to_hub`` would upload the whole base model with wrapper keys."""
@@ -495,7 +485,8 @@ class AdaptedModel(nn.Module):
         if name in self.configs:
             raise AdapterExistsError(f"an adapter named {name!r} already exists; delete it first or pick another name")
 
-    def _require(self, name: str) -> None:
+    def require(self, name: str) -> None:
+        """Raise :class:`AdapterNotFoundError` (naming close names) unless the model holds adapter ``name``."""
         if name not in self.configs:
             raise AdapterNotFoundError(name, self.configs)
 
@@ -513,7 +504,7 @@ class AdaptedModel(nn.Module):
 
     def adapter_modules(self, name: str) -> dict[str, Adapter]:
         """``{module path: Adapter}`` of one adapter."""
-        self._require(name)
+        self.require(name)
         return {p: self._layer(p).adapters[name] for p in self.layer_paths[name]}
 
     def step_adapters(self, global_step: int) -> None:
@@ -542,7 +533,7 @@ class AdaptedModel(nn.Module):
         else:
             names = [adapters] if isinstance(adapters, str) else list(adapters)
         for name in names:
-            self._require(name)
+            self.require(name)
         if not unload and not self.routing.enabled:
             raise NotMergeableError(
                 "adapters are disabled, and merging in place would make the disabled model give adapted outputs: "
@@ -595,15 +586,60 @@ class AdaptedModel(nn.Module):
         folder ``path``: one adapter as ``adapter.json`` + ``adapter.safetensors`` in ``path``, several as one
         sub-folder each plus an index that :func:`peftkit.load` reads back. Only these files are written; other
         files in ``path`` are left alone. Returns the folder."""
-        from .io import save_adapters
-
-        return save_adapters(self, path, names)
+        return persist.save(self, path, names)
 
     def load_adapter(self, path: str | Path, name: str | None = None, *, activate: bool | None = None) -> str:
         """Load a saved adapter into this model under ``name`` (default: the name it was saved with)."""
-        from .io import load_adapter
+        return persist.load_adapter(self, path, name=name, activate=activate)
 
-        return load_adapter(self, path, name=name, activate=activate)
+    def load_tensors(
+        self,
+        name: str,
+        config: AdapterConfig,
+        tensors: dict[str, Tensor],
+        *,
+        activate: bool | None = None,
+        source: str = "the given tensors",
+        fingerprint: dict[str, Any] | None = None,
+    ) -> None:
+        """Add adapter ``name`` built from ``config`` with the values ``tensors`` (keyed ``<module path>.<tensor
+        name>``, as :meth:`adapter_state_dict` gives them): the one path from saved tensors to an adapter (loading,
+        serving, the PEFT import). No initial values are drawn (every saved tensor is overwritten). All or
+        nothing: on any error the adapter is removed again.
+
+        Args:
+            fingerprint: the modules the tensors were saved for (``{path: ...}``); their paths must be exactly
+                the ones ``config`` selects on this model.
+
+        Raises:
+            AdapterFileError: tensor names or shapes do not match what ``config`` builds (naming ``source``).
+            BaseModelMismatch: ``config`` selects other modules than ``fingerprint`` lists.
+        """
+        with skip_init():
+            self.add_adapter(name, config, activate=activate)
+        try:
+            if fingerprint is not None and sorted(self.layer_paths[name]) != sorted(fingerprint):
+                raise BaseModelMismatch(
+                    f"on this model the adapter's targets select {len(self.layer_paths[name])} modules, "
+                    f"but it was saved for {len(fingerprint)}"
+                )
+            self.assign_tensors(name, tensors, source=source)
+        except BaseException:
+            self.delete_adapter(name)
+            raise
+
+    def assign_tensors(self, name: str, tensors: dict[str, Tensor], *, source: str = "the given tensors") -> None:
+        """Overwrite every tensor of adapter ``name`` with ``tensors`` (see :meth:`load_tensors`; a server reuses
+        an evicted adapter's modules this way).
+
+        Raises:
+            AdapterFileError: tensor names or shapes do not match the adapter (naming ``source``).
+        """
+        state.assign(self.adapter_modules(name), tensors, source)
+
+    def fingerprint(self, name: str) -> dict[str, dict[str, Any]]:
+        """Names, kinds and shapes of the modules adapter ``name`` adapts (what a compatible base must have)."""
+        return {path: state.describe(self._layer(path).base_layer) for path in self.layer_paths[name]}
 
     def _single_active(self) -> str:
         """The one active adapter (what functions taking an optional adapter name use by default)."""
@@ -659,6 +695,16 @@ def adapt(
         adapted = AdaptedModel(model)
         adapted.add_adapter(name, config, init=init)
     return adapted
+
+
+def load(base_model: nn.Module, path: str | Path, name: str | None = None) -> AdaptedModel:
+    """Wrap ``base_model`` (unless it is an :class:`AdaptedModel` already) and load what :meth:`AdaptedModel.save`
+    wrote at ``path``: one adapter (active, under ``name`` if given), or every adapter of a folder of several
+    (their saved order and active set). On failure the base model is left as it was."""
+    with restore_grad_flags_on_error(base_model):
+        model = base_model if isinstance(base_model, AdaptedModel) else AdaptedModel(base_model)
+        persist.load_into(model, path, name)
+    return model
 
 
 @contextlib.contextmanager

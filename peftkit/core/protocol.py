@@ -309,6 +309,20 @@ def input_dropout(p: float) -> nn.Module | Callable[[Tensor], Tensor]:
     return nn.Dropout(p) if p > 0 else _identity
 
 
+@typing.runtime_checkable
+class Initializer(typing.Protocol):
+    """What ``pk.adapt(..., init=)`` and ``AdaptedModel.add_adapter(..., init=)`` accept (the data-aware
+    initialisers are in :mod:`peftkit.init`)."""
+
+    def prepare(self, config: AdapterConfig) -> AdapterConfig:
+        """The config to build the adapter with (validate it; record the init in it)."""
+        ...
+
+    def apply(self, model: Any, name: str) -> None:
+        """Write the initial values of adapter ``name`` of ``model`` (called right after it is built)."""
+        ...
+
+
 class LowRank(NamedTuple):
     """A low-rank form of an adapter's effect: ``Δy = scale · (x @ down.T) @ up.T``.
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import UnknownMethodError
-from .protocol import Adapter, AdapterConfig
+from .errors import InvalidConfigError, UnknownMethodError
+from .protocol import Adapter, AdapterConfig, Initializer
 
 _METHODS: dict[str, type[Adapter]] = {}
 
@@ -31,7 +31,6 @@ def register(name: str, config_class: type[AdapterConfig]) -> Callable[[A], A]:
 
 def unregister(name: str) -> None:
     """Remove method ``name`` from the registry (for tests and plugins that register a method temporarily)."""
-    _load_builtin_methods()
     if name not in _METHODS:
         raise UnknownMethodError(name, _METHODS)
     del _METHODS[name]
@@ -39,7 +38,6 @@ def unregister(name: str) -> None:
 
 def get_method(name: str) -> type[Adapter]:
     """The Adapter class registered under ``name``; raises :class:`UnknownMethodError` naming close matches."""
-    _load_builtin_methods()
     try:
         return _METHODS[name]
     except KeyError:
@@ -53,7 +51,6 @@ def method_of(config: AdapterConfig) -> type[Adapter]:
 
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
-    _load_builtin_methods()
     return sorted(_METHODS)
 
 
@@ -62,8 +59,35 @@ def get_config(name: str, **fields: Any) -> AdapterConfig:
     return get_method(name).config_class(**fields)
 
 
-def _load_builtin_methods() -> None:
-    import peftkit.methods  # noqa: F401  (importing the package registers every method file)
+# ------------------------------------------------------------------------------------------ initialisers
+_INIT_RESOLVERS: list[Callable[[str], Initializer | None]] = []
+
+
+def register_init_names(resolve: Callable[[str], Initializer | None]) -> None:
+    """Let ``init="<name>"`` (in :meth:`AdaptedModel.add_adapter`) name an initialiser: ``resolve(name)`` returns
+    one, or ``None`` for names it does not know. :mod:`peftkit.init` registers its names here."""
+    if resolve not in _INIT_RESOLVERS:
+        _INIT_RESOLVERS.append(resolve)
+
+
+def initializer(init: Initializer | str) -> Initializer:
+    """An :class:`Initializer` from an object or a registered name.
+
+    Raises:
+        InvalidConfigError: an unknown name, or an object without ``prepare`` and ``apply``.
+    """
+    if isinstance(init, str):
+        for resolve in _INIT_RESOLVERS:
+            found = resolve(init)
+            if found is not None:
+                return found
+        raise InvalidConfigError(
+            f"unknown init {init!r}: use 'pissa', 'pissa_niter_<K>', or an initialiser object such as "
+            "pk.init.LoRAGA(batches), pk.init.LoKU(forget, retain) or pk.init.LoRASB(batches, total_steps=...)"
+        )
+    if not isinstance(init, Initializer):
+        raise InvalidConfigError(f"init must be a name or have prepare(config) and apply(model, name), got {init!r}")
+    return init
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ class LoKU:
         self.niter, self.seed = niter, seed
 
     def prepare(self, config: AdapterConfig) -> AdapterConfig:
-        from peftkit.init import residual_config
+        from peftkit.init.pissa import residual_config
 
         return residual_config(config, "loku")
 

@@ -176,7 +176,7 @@ class LoRAGA:
         self.norm_clip = norm_clip
 
     def prepare(self, config: AdapterConfig) -> AdapterConfig:
-        from peftkit.init import residual_config
+        from peftkit.init.pissa import residual_config
 
         return residual_config(config, "lora_ga")
 

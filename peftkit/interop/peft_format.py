@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from peftkit.core import inject
 from peftkit.core.base import BaseView, layer_kind
+from peftkit.core.dense import Full
 from peftkit.core.errors import (
     AdapterFileError,
     BaseModelMismatch,
@@ -71,7 +72,7 @@ from peftkit.core.errors import (
     UnsupportedAdapterError,
 )
 from peftkit.core.io import safetensors_bytes, write_files
-from peftkit.core.model import DENSE_METHOD, AdaptedModel, restore_grad_flags_on_error
+from peftkit.core.model import AdaptedModel, restore_grad_flags_on_error
 from peftkit.core.protocol import skip_init
 from peftkit.core.registry import get_method
 
@@ -163,7 +164,7 @@ def export_peft(
             adapter's layers are merged (unmerge first: PEFT applies the adapter to the unmerged base).
     """
     name = adapter or model._single_active()
-    model._require(name)
+    model.require(name)
     config = model.configs[name]
     method = type(config).method
     if method in PEFT_FORMATS:
@@ -225,7 +226,7 @@ def export_peft(
 def _write_peft_folder(path: str | Path, peft_config: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
     """Write a PEFT folder: only its two files, each replaced atomically, the tensors first (so a kill in
     between leaves the old config, never a config without its tensors); other files in ``path`` stay."""
-    from peftkit import __version__
+    from peftkit.core.version import __version__
 
     weights = safetensors_bytes(tensors, {"format": "pt", "exported_by": f"peftkit {__version__}"})
     config = json.dumps(peft_config, indent=2, sort_keys=True).encode()
@@ -266,7 +267,7 @@ def _exported_modules(
             raise ExportError(
                 f"{module_path!r} has merged adapters {list(layer.merged)}; call model.unmerge() before exporting"
             )
-        if module.method == DENSE_METHOD:
+        if isinstance(module, Full):
             tensors.update(_dense_to_peft(module_path, layer.base, module.state_dict()))
             saved.append(module_path)
             continue

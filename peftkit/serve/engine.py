@@ -63,10 +63,10 @@ from peftkit.core.errors import (
     InvalidConfigError,
     PeftkitError,
 )
-from peftkit.core.io import assign_state, check_fingerprint
 from peftkit.core.model import AdaptedModel
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, skip_init
 from peftkit.core.registry import get_method
+from peftkit.core.state import check_fingerprint
 
 from .cache import AdapterCache, AdapterLoadError, CachedAdapter, check_adapter_name
 
@@ -394,7 +394,7 @@ class Engine:
                     entry.name, "its targets select other modules on this base than it was saved for"
                 )
             try:  # the one path from saved tensors to adapter modules (pk.load's): fit_state, checks, copy
-                assign_state(self.model, slot, entry.tensors, entry.source)
+                self.model.assign_tensors(slot, entry.tensors, source=entry.source)
             except AdapterFileError as exc:
                 raise AdapterLoadError(entry.name, str(exc)) from None
             self._to_lowrank(slot, config, entry.name)

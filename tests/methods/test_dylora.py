@@ -175,8 +175,7 @@ def test_step_semantics_documented_draws() -> None:
 
 def test_files_saved_without_the_eval_rank_still_load() -> None:
     """Adapters saved before the eval rank was saved (no ``eval_rank`` tensors) load through the same path as
-    ``pk.load`` (``skip_init`` + ``assign_state``) at the config's eval rank."""
-    from peftkit.core.io import assign_state
+    ``pk.load`` (``skip_init`` + ``assign_tensors``) at the config's eval rank."""
     from peftkit.core.protocol import skip_init
 
     config = DyLoRAConfig(r=4, eval_rank=3, targets=["fc1", "fc2"], seed=0)
@@ -189,7 +188,7 @@ def test_files_saved_without_the_eval_rank_still_load() -> None:
     loaded = pk.AdaptedModel(make_tiny_net())
     with skip_init():
         loaded.add_adapter("default", config)
-    assign_state(loaded, "default", old_file, "old file")
+    loaded.assign_tensors("default", old_file, source="old file")
     loaded.eval()
     ids = torch.randint(0, 40, (4, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

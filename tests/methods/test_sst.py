@@ -144,7 +144,6 @@ def test_files_saved_without_the_round_counter_still_load() -> None:
     from conftest import make_tiny_net
 
     import peftkit as pk
-    from peftkit.core.io import assign_state
     from peftkit.core.protocol import skip_init
 
     config = SSTConfig(r=3, round_steps=2, targets=["fc1", "fc2"], seed=4)
@@ -153,6 +152,6 @@ def test_files_saved_without_the_round_counter_still_load() -> None:
     loaded = pk.AdaptedModel(make_tiny_net())
     with skip_init():
         loaded.add_adapter("default", config)
-    assign_state(loaded, "default", old_file, "old file")
+    loaded.assign_tensors("default", old_file, source="old file")
     for path, m in loaded.adapter_modules("default").items():
         assert m.round == 0 and torch.equal(m.S, model.adapter_modules("default")[path].S)

@@ -148,7 +148,6 @@ def test_forced_biases_on_a_bias_free_linear_refuse_to_merge() -> None:
 
 def test_biased_files_reload_onto_a_bias_free_linear() -> None:
     """Files written when the adapter always had biases load (through ``pk.load``'s path) with them."""
-    from peftkit.core.io import assign_state
     from peftkit.core.protocol import skip_init
 
     config = ZeroI2VConfig(r=3, bias=True, dropout=0.0, targets=["0"])
@@ -158,7 +157,7 @@ def test_biased_files_reload_onto_a_bias_free_linear() -> None:
     loaded = pk.AdaptedModel(_bias_free_net())
     with skip_init():
         loaded.add_adapter("default", old_config)
-    assign_state(loaded, "default", model.adapter_state_dict("default"), "old file")
+    loaded.assign_tensors("default", model.adapter_state_dict("default"), source="old file")
     loaded.eval()
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

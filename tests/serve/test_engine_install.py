@@ -1,4 +1,4 @@
-"""The engine installs a saved adapter through ``peftkit.core.io.assign_state``, the path ``pk.load`` takes, so
+"""The engine installs a saved adapter through ``AdaptedModel.assign_tensors``, the path ``pk.load`` takes, so
 methods whose saved state needs ``fit_state`` (SVFit's energy-chosen ranks, Bi-LoRA's saved form: latent weights,
 or packed 1-bit codes from ``onebit.save_packed``) serve exactly what ``pk.load`` + forward computes (issue 12,
 item 20)."""
@@ -98,7 +98,7 @@ def test_engine_serves_what_pk_load_computes(tmp_path: Path, method: str, max_lo
 
 def test_install_error_is_adapter_load_error(tmp_path: Path) -> None:
     """Tensors that do not fit the config (adapter.json edited to r=3, the tensors have r=2) fail the requests
-    of that adapter with AdapterLoadError naming the adapter, through assign_state's shape check; the engine
+    of that adapter with AdapterLoadError naming the adapter, through assign_tensors's shape check; the engine
     keeps serving."""
     path = random_adapter(tiny_llama, pk.LoRAConfig(r=2, targets=TARGETS), tmp_path / "cut", seed=0)
     meta = json.loads((path / "adapter.json").read_text())

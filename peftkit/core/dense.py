@@ -1,7 +1,8 @@
 """Full fine-tuning of a module, as an adapter: a dense ``ΔW`` (and ``Δb``) that starts at zero.
 
-This is what ``modules_to_save`` uses (a new task head trains whole and is saved with the adapter), and it
-is the "full fine-tuning" reference for a single layer: ``y = base_op(x, W + ΔW, b + Δb)``.
+This is what ``modules_to_save`` uses (a new task head trains whole and is saved with the adapter), so it is
+part of the core; it is also registered as the method ``"full"``, the "full fine-tuning" reference for a
+single layer: ``y = base_op(x, W + ΔW, b + Δb)``.
 Identity at init; merge is exact.
 """
 
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.protocol import Adapter, AdapterConfig
-from peftkit.core.registry import register
+from .base import BaseView, layer_kind
+from .protocol import Adapter, AdapterConfig
+from .registry import register
 
 
 @dataclass(kw_only=True)
