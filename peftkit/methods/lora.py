@@ -103,6 +103,16 @@ class LoRAConfig(AdapterConfig):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    def export_config(self) -> LoRAConfig:
+        """The config of the plain LoRA that :meth:`LoRA.export_state` writes (what other formats, e.g. PEFT's
+        ``LoraConfig``, hold): this config, or for a residual init rank ``2r`` with the alpha that keeps the scale
+        (``2α / 2r``; rsLoRA ``√2·α / √(2r)``) and the plain init. Per-module settings: call it on
+        ``for_module(path)`` (the result has no ``overrides``)."""
+        if not self.residual:
+            return self
+        alpha = self.alpha * (math.sqrt(2.0) if self.rslora else 2.0)
+        return self.replace(r=2 * self.r, alpha=alpha, init="kaiming", overrides={})
+
     @classmethod
     def tiny(cls) -> LoRAConfig:
         return cls(r=2, alpha=4.0)
@@ -261,6 +271,16 @@ class LoRA(Adapter):
         if not self.residual:
             return self.A, self.B
         return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The tensors of the plain LoRA computing this module's update (its config: ``config.export_config()``):
+        ``state_dict()``, or with a residual offset (``ΔW = s(BA − B₀A₀)``) the rank-``2r`` ``A = [A; A₀]``,
+        ``B = [B, −B₀]`` (and ``bias``), which other libraries load onto the untouched base."""
+        state = self.state_dict()
+        if not self.residual:
+            return state
+        down, up = self.factors()
+        return {**{k: v for k, v in state.items() if k not in ("A0", "B0")}, "A": down.detach(), "B": up.detach()}
 
     # --------------------------------------------------------------------------------------------- forward
     def down_project(self, x: Tensor, base: BaseView) -> tuple[Tensor, Tensor]:
