@@ -1,0 +1,95 @@
+"""Truncated-SVD conversion of a mergeable adapter to a low-rank (LoRA) form.
+
+An adapter with a weight-space update ``ΔW`` (:meth:`Adapter.delta_weight`) but no low-rank form (LoKr, LoHa,
+SHiRA, DoRA, ...) is replaced by the rank-``k`` truncated SVD of ``ΔW``: ``ΔW = U S Vᵀ``,
+``down = √S_k V_kᵀ`` (``[k, in]``), ``up = U_k √S_k`` (``[out, k]``), ``up · down = U_k S_k V_kᵀ``. By the
+Eckart–Young–Mirsky theorem (Eckart & Young, 1936, "The approximation of one matrix by another of lower rank")
+this is the best rank-``k`` approximation in the Frobenius norm, and its relative error is
+``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F = √(Σ_{i>k} σ_i² / Σ_i σ_i²)``. The balanced split of ``√S`` over both factors is a
+choice (any split gives the same product); it keeps both factors on one scale for the fp16/bf16 serving banks.
+
+The serving engine (``svd_rank``) uses :func:`svd_lowrank` so such adapters join the stacked low-rank bank.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from peftkit.core.base import BaseView
+from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank
+
+__all__ = ["SVDFactors", "SVDLowRank", "svd_factors", "svd_lowrank"]
+
+
+class SVDFactors(NamedTuple):
+    """A truncated SVD ``up · down ≈ delta`` and its relative Frobenius error."""
+
+    down: Tensor  # [k, in]
+    up: Tensor  # [out, k]
+    error: float
+
+
+@torch.no_grad()
+def svd_factors(delta: Tensor, rank: int) -> SVDFactors:
+    """The rank-``rank`` truncated SVD of ``delta`` (``[out, in]``; more dims are flattened into ``in``), in float32.
+
+    ``k = min(rank, min(out, in))``; ``error = ‖delta − up·down‖_F / ‖delta‖_F`` (0 for a zero ``delta``).
+
+    Raises:
+        ValueError: ``rank < 1``.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    matrix = delta.detach().reshape(delta.shape[0], -1).float()
+    u, sv, vh = torch.linalg.svd(matrix, full_matrices=False)
+    k = min(rank, sv.numel())
+    total = float(sv.square().sum())
+    error = float(sv[k:].square().sum() / total) ** 0.5 if total > 0 else 0.0
+    root = sv[:k].sqrt()
+    return SVDFactors(root[:, None] * vh[:k], u[:, :k] * root, error)
+
+
+class SVDLowRank(Adapter):
+    """A rank-k stand-in for an adapter without a low-rank form on a linear layer: ``Δy = (x downᵀ) upᵀ`` with
+    ``up · down`` the truncated SVD of the original adapter's ``delta_weight`` (built by :func:`svd_lowrank`;
+    never saved: its buffers are not persistent)."""
+
+    method = "svd-lowrank"
+
+    def __init__(self, base: BaseView, config: AdapterConfig, down: Tensor, up: Tensor) -> None:
+        super().__init__(base, config)
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
+
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
+        return add_lowrank(base_out, x @ self.down.T, self.up)
+
+    def delta_weight(self, base: BaseView) -> Tensor:
+        return self.up @ self.down
+
+    def lowrank(self, base: BaseView) -> LowRank:
+        return LowRank(self.down, self.up, 1.0)
+
+
+def svd_lowrank(adapter: Adapter, base: BaseView, rank: int) -> tuple[SVDLowRank, float] | None:
+    """``adapter`` (on ``base``) as an :class:`SVDLowRank` of rank ``min(rank, out, in)``, and the relative error
+    ``‖ΔW − ΔW_k‖_F / ‖ΔW‖_F`` of the conversion; ``None`` where it does not apply: a base that is not a
+    Linear / GPT-2 Conv1D, an adapter that changes the bias (the low-rank form has none) or has no
+    ``delta_weight`` (it cannot be merged). The factors take the base's dtype (float32 for a quantised base).
+
+    Raises:
+        ValueError: ``rank < 1``.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    if base.kind != "linear" or adapter.delta_bias(base) is not None:
+        return None
+    delta = adapter.delta_weight(base)
+    if delta is None:
+        return None
+    down, up, error = svd_factors(delta, rank)
+    dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+    return SVDLowRank(base, adapter.config, down.to(dtype), up.to(dtype)), error
