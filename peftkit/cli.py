@@ -336,7 +336,13 @@ def export(
 @app.command()
 def serve(
     base: Annotated[Path, typer.Option(help="Folder of the base causal LM (save_pretrained: model + tokenizer).")],
-    adapters: Annotated[Path, typer.Option(help="Folder whose sub-folders are peftkit adapters (name = folder).")],
+    adapters: Annotated[
+        Path,
+        typer.Option(
+            help="Adapters to serve: a folder of adapter folders (name = folder), a training run folder from "
+            "'peftkit train' or a folder of such runs (name = run), or a model.save folder of several adapters."
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     name: Annotated[str, typer.Option(help="The 'model' name that selects the base model alone.")] = "base",
@@ -357,11 +363,12 @@ def serve(
     ] = None,
     embedder_name: Annotated[str, typer.Option(help="The 'model' name of the embedder.")] = "embedding",
     embedder_adapters: Annotated[
-        Path | None, typer.Option(help="Folder of adapters for the embedder (name = folder).")
+        Path | None, typer.Option(help="Adapters for the embedder, in any layout --adapters takes.")
     ] = None,
     max_body_kb: Annotated[int, typer.Option(help="Largest request body (KiB; larger: 413).")] = 1024,
 ) -> None:
-    """Serve the base model and every adapter in ADAPTERS over an OpenAI-compatible HTTP API."""
+    """Serve the base model and every adapter in ADAPTERS over an OpenAI-compatible HTTP API (the adapter of a
+    training run is served under the run folder's name)."""
     import uvicorn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
