@@ -11,7 +11,6 @@ import contextlib
 import inspect
 import re
 import types
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from . import inject, persist, state
+from .base import BaseView
+from .context import ForwardContext, batch_rows, check_adapter_ids, check_task_ids, peft_adapter_names
 from .dense import Full
 from .errors import (
     AdapterExistsError,
@@ -35,6 +36,7 @@ from .errors import (
 from .layer import AdaptedLayer, Routing
 from .protocol import Adapter, AdapterConfig, Initializer, skip_init
 from .registry import initializer, method_of
+from .schedule import ScheduleWatch
 
 DEFAULT_ADAPTER = "default"
 # PEFT attribute names people type by habit that have no same-named peftkit attribute: what to use instead.
@@ -47,7 +49,6 @@ _PEFT_ATTRIBUTES = {
     "get_peft_config_as_dict": "use model.configs[name].to_dict()",
     "base_model_torch_dtype": "read a parameter's dtype of model.get_base_model()",
 }
-_BASE_ROW = "__base__"  # PEFT's adapter_names entry for rows that run the base model alone
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 
 
@@ -82,12 +83,7 @@ class AdaptedModel(nn.Module):
         self.configs: dict[str, AdapterConfig] = {}
         self.layer_paths: dict[str, list[str]] = {}
         self.merged_and_unloaded: list[str] = []  # what merge(unload=True) folded in (named when saving fails)
-        # Adapters with a per-step schedule: one parameter each (None: no schedule), and its version and the
-        # number of step_adapters calls at the last training forward (see _check_schedule_hook).
-        self._schedule_probes: dict[str, Tensor | None] = {}
-        self._schedule_seen: dict[str, tuple[int, int]] = {}
-        self._steps_taken = 0
-        self._schedule_warned = False
+        self._schedules = ScheduleWatch()  # warns when a training loop never calls step_adapters
         for p in model.parameters():
             p.requires_grad_(False)
         self._expose_base_signature()
@@ -139,22 +135,16 @@ class AdaptedModel(nn.Module):
         """Run the base model. ``adapter_ids``: one entry per batch row, an adapter index (position in
         :attr:`adapter_names`), an adapter name, or ``-1`` / ``None`` for the base model alone (PEFT's
         ``adapter_names=[..., "__base__"]`` is accepted too). ``task_ids``: one task index per batch row, handed
-        to the adapters that declare ``uses_task_ids`` (task-routed methods such as Poly/MHR); other adapters
+        to the adapters that declare ``uses_context`` (task-routed methods such as Poly/MHR); other adapters
         ignore them."""
-        adapter_ids = self._peft_adapter_names(adapter_ids, kwargs)
-        if self.training and torch.is_grad_enabled() and not self._schedule_warned:
-            self._check_schedule_hook()
-        routing = self.routing
-        ids, shared = (None, None) if adapter_ids is None else self._check_ids(adapter_ids, args, kwargs)
-        tasks = None if task_ids is None else self._check_task_ids(task_ids, args, kwargs)
-        # all checked first: a bad argument leaves nothing set
-        routing.adapter_ids, routing.shared_id, routing.task_ids = ids, shared, tasks
+        context = self._context(adapter_ids, task_ids, args, kwargs)  # all checked first: a bad argument sets nothing
+        if self.training and torch.is_grad_enabled():
+            self._schedules.check(self)
+        self.routing.call = context
         try:
             return self.model(*args, **kwargs)
         finally:
-            routing.adapter_ids = routing.shared_id = routing.task_ids = None
-            if routing.forward_state:  # values adapters handed each other in this forward: do not keep them
-                routing.forward_state.clear()
+            self.routing.call = ForwardContext()  # nothing of this call (per-forward state included) outlives it
 
     def generate(
         self,
@@ -170,121 +160,31 @@ class AdaptedModel(nn.Module):
         generate = getattr(self.model, "generate", None)
         if generate is None:
             raise AttributeError(f"the wrapped {type(self.model).__name__} has no generate()")
-        adapter_ids = self._peft_adapter_names(adapter_ids, kwargs)
-        ids, shared = (None, None) if adapter_ids is None else self._check_ids(adapter_ids, args, kwargs)
-        tasks = None if task_ids is None else self._check_task_ids(task_ids, args, kwargs)
+        context = self._context(adapter_ids, task_ids, args, kwargs)
+        prompts = batch_rows(args, kwargs)
         routing = self.routing
 
         def route(module: nn.Module, call_args: tuple, call_kwargs: dict) -> None:
-            # generate calls the base model itself, step by step: set the rows' ids for each of those calls
-            if ids is None and tasks is None:
-                return
-            first = call_kwargs.get("input_ids", call_kwargs.get("inputs_embeds"))
-            if first is None:
-                first = next(a for a in (*call_args, *call_kwargs.values()) if isinstance(a, Tensor) and a.dim())
-            prompts = len(ids) if ids is not None else len(cast(Tensor, tasks))
-            if first.shape[0] % prompts:
-                raise AdapterIdsError(f"generate ran a batch of {first.shape[0]} rows for {prompts} prompts")
-            repeat = first.shape[0] // prompts
-            routing.adapter_ids = None if ids is None else ids.repeat_interleave(repeat)
-            routing.shared_id = shared
-            routing.task_ids = None if tasks is None else tasks.repeat_interleave(repeat)
+            # generate calls the base model itself, step by step: a context per step, rows repeated as it did
+            rows = call_kwargs.get("input_ids", call_kwargs.get("inputs_embeds"))
+            rows = rows.shape[0] if isinstance(rows, Tensor) else batch_rows(call_args, call_kwargs)
+            if prompts is None or rows is None or rows % prompts:
+                raise AdapterIdsError(f"generate ran a batch of {rows} rows for {prompts} prompts")
+            routing.call = context.repeated(rows // prompts)
 
-        def clear(module: nn.Module, call_args: tuple, output: Any) -> None:
-            if routing.forward_state:  # per forward, as in forward(): each generation step starts afresh
-                routing.forward_state.clear()
-
-        hooks = [self.model.register_forward_pre_hook(route, with_kwargs=True), self.model.register_forward_hook(clear)]
+        hook = self.model.register_forward_pre_hook(route, with_kwargs=True)
         try:
             return generate(*args, **kwargs)
         finally:
-            for hook in hooks:
-                hook.remove()
-            routing.adapter_ids = routing.shared_id = routing.task_ids = None
-            routing.forward_state.clear()
+            hook.remove()
+            routing.call = ForwardContext()
 
-    def _check_schedule_hook(self) -> None:
-        """Warn once when adapters that adjust themselves per optimizer step (:meth:`Adapter.step` overridden:
-        rank sampling, sparsification, growth) are trained by a loop that steps the optimizer without calling
-        :meth:`step_adapters`: they would silently train without their schedule. An optimizer step shows as a
-        changed version of an adapter parameter between two training forwards."""
-        for name in self.routing.active:
-            if name not in self._schedule_probes:  # found once per adapter (methods do not change)
-                self._schedule_probes[name] = next(
-                    (
-                        p
-                        for a in self.adapter_modules(name).values()
-                        if type(a).step is not Adapter.step
-                        for p in a.parameters()
-                    ),
-                    None,
-                )
-            probe = self._schedule_probes[name]
-            if probe is None or not probe.requires_grad:
-                continue
-            seen = self._schedule_seen.get(name)
-            self._schedule_seen[name] = (probe._version, self._steps_taken)
-            if seen is not None and probe._version != seen[0] and self._steps_taken == seen[1]:
-                self._schedule_warned = True
-                warnings.warn(
-                    f"adapter {name!r} (method {self.configs[name].method!r}) adjusts itself once per optimizer step "
-                    "through model.step_adapters(global_step), and this training loop stepped the optimizer "
-                    "without calling it: the adapter trains without its schedule. Call "
-                    "model.step_adapters(step) after each optimizer.step() (peftkit's Trainer does).",
-                    UserWarning,
-                    stacklevel=3,
-                )
-                return
-
-    def _peft_adapter_names(self, adapter_ids: Any, kwargs: dict[str, Any]) -> Any:
-        """PEFT's ``adapter_names=`` (names, ``"__base__"`` for the base model) as ``adapter_ids``."""
-        names = kwargs.pop("adapter_names", None)
-        if names is None:
-            return adapter_ids
-        if adapter_ids is not None:
-            raise AdapterIdsError("give adapter_ids or PEFT's adapter_names, not both")
-        return [None if n == _BASE_ROW else n for n in names]
-
-    def _check_task_ids(self, ids: Tensor | Sequence[int], args: tuple, kwargs: dict) -> Tensor:
-        if not isinstance(ids, Tensor):
-            ids = torch.tensor(list(ids), dtype=torch.long)
-        if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
-            raise AdapterIdsError(f"task_ids must be an integer tensor, got dtype {ids.dtype}")
-        if ids.dim() != 1:
-            raise AdapterIdsError(f"task_ids must be 1-D (one task per batch row), got shape {tuple(ids.shape)}")
-        if ids.numel() and int(ids.min()) < 0:
-            raise AdapterIdsError(f"task_ids must be non-negative, got {int(ids.min())}")
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-        if first is not None and first.dim() > 0 and first.shape[0] != ids.shape[0]:
-            raise AdapterIdsError(f"task_ids has {ids.shape[0]} entries but the batch has {first.shape[0]} rows")
-        return ids.long()
-
-    def _check_ids(self, ids: Tensor | Sequence[int | str], args: tuple, kwargs: dict) -> tuple[Tensor, int | None]:
-        """The ids as a long tensor, and the id all rows share (``None`` if they differ or there are none)."""
-        order = self.routing.order
-        if not isinstance(ids, Tensor):
-            ids = torch.tensor([self._id_of(i) for i in ids], dtype=torch.long)
-        if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
-            raise AdapterIdsError(f"adapter_ids must be an integer tensor, got dtype {ids.dtype}")
-        if ids.dim() != 1:
-            raise AdapterIdsError(f"adapter_ids must be 1-D (one id per batch row), got shape {tuple(ids.shape)}")
-        lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, -1)
-        if ids.numel() and (lo < -1 or hi >= len(order)):
-            raise AdapterIdsError(
-                f"adapter_ids must lie in [-1, {len(order) - 1}] (the model holds {order}), got values in [{lo}, {hi}]"
-            )
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-        if first is not None and first.dim() > 0 and first.shape[0] != ids.shape[0]:
-            raise AdapterIdsError(f"adapter_ids has {ids.shape[0]} entries but the batch has {first.shape[0]} rows")
-        return ids.long(), (lo if lo == hi else None)
-
-    def _id_of(self, item: int | str | None) -> int:
-        if item is None:
-            return -1
-        if isinstance(item, str):
-            self.require(item)
-            return self.routing.order.index(item)
-        return int(item)
+    def _context(self, adapter_ids: Any, task_ids: Any, args: tuple, kwargs: dict[str, Any]) -> ForwardContext:
+        adapter_ids = peft_adapter_names(adapter_ids, kwargs)
+        rows = batch_rows(args, kwargs)
+        ids, shared = (None, None) if adapter_ids is None else check_adapter_ids(adapter_ids, self.routing.order, rows)
+        tasks = None if task_ids is None else check_task_ids(task_ids, rows)
+        return ForwardContext(ids, shared, tasks)
 
     # ---------------------------------------------------------------------------------------------- adapters
     @property
@@ -355,8 +255,7 @@ class AdaptedModel(nn.Module):
             if not layer.adapters:
                 inject.unwrap(self.model, path)
         del self.configs[name]
-        self._schedule_probes.pop(name, None)
-        self._schedule_seen.pop(name, None)
+        self._schedules.forget(name)
         self.routing.order.remove(name)
         # The other adapters' trainable flags do not depend on this one: no walk over all of them (a server
         # paging adapters in and out deletes one per swap, and the walk cost ~13 ms with 64 adapters).
@@ -375,8 +274,7 @@ class AdaptedModel(nn.Module):
                 layer.merged[new] = layer.merged.pop(old)
         self.configs[new] = self.configs.pop(old)
         self.layer_paths[new] = self.layer_paths.pop(old)
-        self._schedule_probes.pop(old, None)
-        self._schedule_seen.pop(old, None)
+        self._schedules.forget(old)
         self.routing.order[self.routing.order.index(old)] = new
         self.routing.active = tuple(new if n == old else n for n in self.routing.active)
 
@@ -476,6 +374,27 @@ class AdaptedModel(nn.Module):
         report = self.trainable_parameters()
         return report.trainable, report.total
 
+    def adapted_layer(self, path: str) -> AdaptedLayer:
+        """The wrapper at module path ``path`` (its adapters, merged state, base module)."""
+        return self._layer(path)
+
+    def base_view(self, path: str) -> BaseView:
+        """How adapters see the base module at ``path`` (canonical weight layout, shape, kind)."""
+        return self._layer(path).base
+
+    def resolve(self, name: str | None = None) -> str:
+        """``name`` if the model holds it, else (``None``) the one active adapter: the default of every function
+        that takes an optional adapter name.
+
+        Raises:
+            AdapterNotFoundError: an unknown name. NoAdaptersError / AdapterNameError: no name given and not
+            exactly one adapter active.
+        """
+        if name is not None:
+            self.require(name)
+            return name
+        return self._single_active()
+
     def _layer(self, path: str) -> AdaptedLayer:
         return cast(AdaptedLayer, inject.submodule(self.model, path))
 
@@ -509,7 +428,7 @@ class AdaptedModel(nn.Module):
 
     def step_adapters(self, global_step: int) -> None:
         """Call :meth:`Adapter.step` on every module of the active adapters (trainers: once per optimizer step)."""
-        self._steps_taken += 1
+        self._schedules.stepped()
         for name in self.routing.active:
             for adapter in self.adapter_modules(name).values():
                 adapter.step(global_step)

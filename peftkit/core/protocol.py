@@ -94,14 +94,66 @@ def _unknown_fields_message(config: str, unknown: list[str], known: frozenset[st
     return f"{config}: {'; '.join(hints)}. Its fields: {', '.join(sorted(known))}"
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A range a config number must lie in, declared in its annotation (``Annotated[int, Bound(low=1)]``); the core
+    checks it with the field's type, so ``validate()`` is left with rules across fields."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def violated(self, value: float) -> bool:
+        low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        return low or (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        low = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        high = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{low}, {high}"
+
+
+# The bounded numbers config fields use most (anything else: ``Annotated[float, Bound(...)]``).
+PositiveInt = typing.Annotated[int, Bound(low=1)]
+NonNegativeInt = typing.Annotated[int, Bound(low=0)]
+PositiveFloat = typing.Annotated[float, Bound(low=0, low_open=True)]
+NonNegativeFloat = typing.Annotated[float, Bound(low=0)]
+Probability = typing.Annotated[float, Bound(low=0, high=1, high_open=True)]  # dropout-like rates, in [0, 1)
+Fraction = typing.Annotated[float, Bound(low=0, high=1)]  # shares, densities, energies, in [0, 1]
+
+
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """Each field's annotation, with the bounds of every class in the MRO that declares it: a subclass that
+    redeclares a field to change its default (``r: int = 4``) keeps the bounds of ``RankConfig.r``."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for base in cls.__mro__[1:]:
+        if not dataclasses.is_dataclass(base):
+            continue
+        for name, kind in typing.get_type_hints(base, include_extras=True).items():
+            inherited = [b for b in typing.get_args(kind)[1:] if isinstance(b, Bound)]
+            own = hints.get(name)
+            if not inherited or own is None or own == kind:
+                continue
+            present = typing.get_args(own)[1:] if typing.get_origin(own) is typing.Annotated else ()
+            missing = [b for b in inherited if b not in present]
+            if missing:
+                hints[name] = typing.Annotated[(own, *missing)]
+    return hints
 
 
 def _type_error(name: str, value: object, kind: Any) -> str | None:
     """Why ``value`` does not fit the annotation ``kind`` (``None`` if it fits or the type is not checked)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is typing.Annotated:
+        reason = _type_error(name, value, args[0])
+        if reason is not None:
+            return reason
+        for bound in (b for b in args[1:] if isinstance(b, Bound)):
+            if bound.violated(value):  # type: ignore[arg-type]
+                return f"{name} must lie in {bound}, got {value!r}"
+        return None
     if origin in (typing.Union, types.UnionType):
         reasons = [_type_error(name, value, a) for a in args]
         if any(r is None for r in reasons):
@@ -279,13 +331,9 @@ class RankConfig(AdapterConfig):
         dropout: dropout probability on the adapter branch's input (off in eval mode).
     """
 
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 8.0
+    dropout: Probability = 0.0
 
     @property
     def scale(self) -> float:
@@ -374,7 +422,10 @@ class _AdapterType(type(nn.Module)):  # type: ignore[misc]
         return adapter
 
 
-class Adapter(nn.Module, metaclass=_AdapterType):
+C = typing.TypeVar("C", bound=AdapterConfig)
+
+
+class Adapter(nn.Module, typing.Generic[C], metaclass=_AdapterType):
     """One method's adaptation of one base module.
 
     Subclasses implement ``__init__`` (build tensors shaped from ``base``), :meth:`forward` and, where the
@@ -397,17 +448,18 @@ class Adapter(nn.Module, metaclass=_AdapterType):
 
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     method: ClassVar[str] = ""
+    # The layer kinds this method adapts: "linear" (nn.Linear, GPT-2 Conv1D), "conv2d", "embedding", and None for
+    # a whole block (the weightless "module" kind: an MLP, a transformer block).
+    kinds: ClassVar[frozenset[str | None]] = frozenset({"linear"})
+    config: C
     exempt: ClassVar[dict[str, str]] = {}
-    # True: forward is called as ``forward(x, base_out, base, task_ids=...)`` with the per-row task ids the
-    # caller passed as ``model(..., task_ids=ids)`` (``None`` when it passed none), already restricted to the
-    # rows this adapter runs on in a mixed batch. For methods whose update depends on the task (Poly/MHR).
-    uses_task_ids: ClassVar[bool] = False
-    # True: forward is called with ``state=`` the model's per-forward dict (``Routing.forward_state``), shared by
-    # all layers and cleared when the model's forward ends: for methods whose modules exchange values within one
-    # forward (Cloud-Adapter's image context). Keys are the method's business (e.g. a per-config key).
-    uses_forward_state: ClassVar[bool] = False
+    # True: forward is called as ``forward(x, base_out, base, context=...)`` with the call's
+    # :class:`~peftkit.core.context.ForwardContext` (per-row task ids restricted to this adapter's rows, the
+    # per-forward ``state`` dict shared by all layers): for methods whose update depends on the task (Poly/MHR)
+    # or whose modules exchange values within one forward (Cloud-Adapter's image context).
+    uses_context: ClassVar[bool] = False
 
-    def __init__(self, base: BaseView, config: AdapterConfig) -> None:
+    def __init__(self, base: BaseView, config: C) -> None:
         super().__init__()
         self.config = config
 
@@ -419,10 +471,11 @@ class Adapter(nn.Module, metaclass=_AdapterType):
 
     @classmethod
     def supports(cls, base: nn.Module) -> bool:
-        """Whether this method can adapt ``base`` (by default: Linear and GPT-2 Conv1D)."""
+        """Whether this method can adapt ``base``: by default, whether its layer kind is in :attr:`kinds`.
+        Override only for conditions beyond the kind (a conv with groups, say)."""
         from .base import layer_kind
 
-        return layer_kind(base) == "linear"
+        return layer_kind(base) in cls.kinds
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         """The adapted output of the layer, given its input ``x`` and the frozen base output ``base_out``."""
@@ -478,6 +531,20 @@ def require_probability(name: str, value: float) -> None:
     """Config validation shared by methods: ``value`` must lie in ``[0, 1)`` (dropout-like rates)."""
     if not 0.0 <= value < 1.0:
         raise InvalidConfigError(f"{name} must lie in [0, 1), got {value!r}")
+
+
+def lowrank_pair(base: BaseView, r: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """The factors of a rank-``r`` update of ``base``, allocated (values are set in ``reset_parameters``):
+    ``A [r, in]`` (down) and ``B [out, r]`` (up), canonical layout."""
+    return nn.Parameter(torch.empty(r, base.in_features)), nn.Parameter(torch.empty(base.out_features, r))
+
+
+@torch.no_grad()
+def init_lora_pair(down: Tensor, up: Tensor) -> None:
+    """LoRA's initial values (Hu et al., 2021; PEFT's default): ``A`` Kaiming-uniform with ``a = √5`` (as
+    ``nn.Linear``), ``B = 0``, so the update starts at zero."""
+    nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+    nn.init.zeros_(up)
 
 
 def add_lowrank(base_out: Tensor, hidden: Tensor, up: Tensor, scale: float = 1.0) -> Tensor:

@@ -19,8 +19,8 @@ only sees its own module. So an adapter has a ``role`` (per module, through ``ov
 :func:`cloud_adapter_config` builds the official wiring for HF ViT names): ``"perception"`` on a module whose
 input is the image (the patch-embedding conv; its own output is unchanged) computes ``ctx`` and publishes it for
 the forward in flight under the config's ``context`` key, in the model's per-forward state
-(``Routing.forward_state``, cleared when the model's forward ends; the adapter declares
-``uses_forward_state``); ``"interaction"`` at a block reads it. Give every adapter its own config object
+(the call's ``ForwardContext.state``, which ends with the model's forward; the adapter declares
+``uses_context``); ``"interaction"`` at a block reads it. Give every adapter its own config object
 (``replace()`` issues a fresh key), and run the perception module in the same forward as the blocks.
 ``"both"`` (default, self-contained) runs the CNN on the adapted module's own input and rewrites its own output
 (any Conv2d / Linear / block; what the conformance suite checks). *Decisions*: BatchNorm uses batch statistics
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView, layer_kind
+from peftkit.core.context import ForwardContext
 from peftkit.core.errors import InvalidConfigError
 from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
 from peftkit.core.registry import register
@@ -179,7 +180,7 @@ class CloudAdapter(Adapter):
     """A CNN context branch and/or a token-rewriting interaction module; see the module docstring."""
 
     config: CloudAdapterConfig
-    uses_forward_state = True  # perception publishes ctx for the interaction modules of the same forward
+    uses_context = True  # perception publishes ctx in context.state for the interaction modules of the forward
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: not identity (the patch tokens are replaced, no residual)",
         "mergeable": "spec: not mergeable (CNN branch, sigmoid gate)",
@@ -203,8 +204,8 @@ class CloudAdapter(Adapter):
             if isinstance(m, _ConvBN):
                 m.reset_parameters()
 
-    def forward(self, x: Tensor, base_out: Tensor, base: BaseView, state: dict[str, Any]) -> Tensor:
-        cfg = self.config
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView, context: ForwardContext) -> Tensor:
+        cfg, state = self.config, context.state
         key = f"cloud_adapter:{cfg.context}"
         if self.perception is not None:
             image, _ = to_map(x, prefix_tokens=cfg.prefix_tokens if self.interaction is not None else 0)

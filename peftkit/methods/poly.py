@@ -12,8 +12,9 @@ per head. Then ``A_q = Σ_s w_{q,s} A[q, s]``, ``B_q = Σ_s w_{q,s} B[q, s]``, `
 ``B = concat_q B_q`` (output axis) and ``y = base(x) + c · x A B``. Poly is ``Q = 1``, MHR ``Q > 1``.
 
 Task ids reach the adapter through the core's generic ``model(..., task_ids=ids)`` (this class declares
-``uses_task_ids``). Rows without task ids use :attr:`Poly.task` (set with :func:`set_task`), or task 0 when
-the adapter has a single task; otherwise the call raises :class:`AdapterIdsError` naming the fix.
+``uses_context`` and reads ``context.task_ids``). Rows without task ids use :attr:`Poly.task` (set with
+:func:`set_task`), or task 0 when the adapter has a single task; otherwise the call raises
+:class:`AdapterIdsError` naming the fix.
 
 *Decision (spec)*: the PEFT behaviour — scale ``c = 1/r`` (``scaling="alpha/r"`` gives the official
 ``alpha/r``), ``A`` Kaiming-uniform (``a=√5``) per (head, skill) slice of shape ``(r, in/Q)``, drawn in PEFT's
@@ -40,6 +41,7 @@ from torch import Tensor, nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from peftkit.core.base import BaseView
+from peftkit.core.context import ForwardContext
 from peftkit.core.errors import AdapterIdsError, InvalidConfigError, NotMergeableError, UnsupportedLayerError
 from peftkit.core.model import AdaptedModel
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, require_positive_int
@@ -104,7 +106,7 @@ class Poly(Adapter):
     """``y = base(x) + c · x A_t B_t`` with the task's routed mixture of skills (see the module docstring)."""
 
     config: PolyConfig
-    uses_task_ids = True
+    uses_context = True
 
     def __init__(self, base: BaseView, config: PolyConfig) -> None:
         super().__init__(base, config)
@@ -186,9 +188,9 @@ class Poly(Adapter):
         return task_ids
 
     # ---------------------------------------------------------------------------------------------- contract
-    def forward(self, x: Tensor, base_out: Tensor, base: BaseView, task_ids: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView, context: ForwardContext | None = None) -> Tensor:
         rows = x.shape[0] if x.dim() > 1 else 1
-        ids = self._task_ids(task_ids, rows)
+        ids = self._task_ids(None if context is None else context.task_ids, rows)
         if not self.training or self.config.train_routing == "sigmoid":  # deterministic: one mixture per task
             tasks, inverse = ids.unique(return_inverse=True)
             if tasks.numel() == 1:

@@ -400,7 +400,7 @@ def _mixed(c: Combo, train: bool) -> None:
         rows[-1] = c.run(model)
     for i, k in enumerate(ids.tolist()):
         same(mixed[i], rows[k][i], MIXED_ATOL, f"row {i} (adapter id {k}) of a mixed batch, train={train}")
-    assert model.routing.adapter_ids is None
+    assert model.routing.call.adapter_ids is None
 
 
 def check_mixed_batch_eval(c: Combo, tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def test_routing_is_reset_after_an_exception_in_forward(token_batch) -> None:
     bad[0, 0] = 10_000  # out of the embedding's range: the base forward raises mid-call
     with pytest.raises(IndexError):
         model(bad, adapter_ids=[0, 1, -1, 0])
-    assert model.routing.adapter_ids is None
+    assert model.routing.call.adapter_ids is None
     model.set_adapter("b")
     want = model(token_batch)
     torch.testing.assert_close(model(token_batch), want, atol=0, rtol=0)  # no stale per-row routing
@@ -341,7 +341,7 @@ def test_batch_whose_rows_share_one_adapter_takes_the_single_adapter_path(monkey
         monkeypatch.setattr(type(layer), "_lowrank_bank", lambda self: pytest.fail("the bank was built"))
         torch.testing.assert_close(model(ids, adapter_ids=[1, 1, 1, 1]), want, atol=0, rtol=0)
         torch.testing.assert_close(model(ids, adapter_ids=[-1, -1, -1, -1]), base, atol=0, rtol=0)
-        assert model.routing.shared_id is None  # reset after the call
+        assert model.routing.call.shared_id is None  # reset after the call
         model.merge("a0", unload=False)
         with pytest.raises(pk.errors.AdapterIdsError, match="merged"):
             model(ids, adapter_ids=[0, 0, 0, 0])

@@ -215,7 +215,7 @@ def test_adapt_an_adapted_model(model: pk.AdaptedModel) -> None:
 def test_bad_adapter_ids(model: pk.AdaptedModel, token_batch, ids, error: str) -> None:
     with pytest.raises(AdapterIdsError, match=error):
         model(token_batch, adapter_ids=ids)
-    assert model.routing.adapter_ids is None
+    assert model.routing.call.adapter_ids is None
 
 
 def test_adapter_ids_unknown_name(model: pk.AdaptedModel, token_batch) -> None:
@@ -389,7 +389,7 @@ def test_mixed_batch_while_merged(model: pk.AdaptedModel, token_batch) -> None:
     model.merge(unload=False)
     with pytest.raises(AdapterIdsError, match=r"merged into the weights; unmerge them"):
         model(token_batch, adapter_ids=[0, 0, -1, 0])
-    assert model.routing.adapter_ids is None
+    assert model.routing.call.adapter_ids is None
     model.unmerge()
     model(token_batch, adapter_ids=[0, 0, -1, 0])
 

@@ -101,7 +101,7 @@ def test_generate_with_one_adapter_per_prompt(gpt2) -> None:
     assert torch.equal(beams[:2], first)
     peft_style = gpt2.generate(prompts, adapter_names=["b", "__base__", "a"], **kw)
     assert torch.equal(peft_style, out)
-    assert gpt2.routing.adapter_ids is None  # nothing left set after the call
+    assert gpt2.routing.call.adapter_ids is None  # nothing left set after the call
     with pytest.raises(AdapterIdsError, match=r"2 entries but the batch has 3 rows"):
         gpt2.generate(prompts, adapter_ids=[0, 1], **kw)
 

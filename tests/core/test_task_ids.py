@@ -1,5 +1,5 @@
-"""``model(..., task_ids=ids)``: per-row task ids reach the adapters that declare ``uses_task_ids`` (and only
-them), restricted to their own rows in a mixed batch, and are cleared after the call."""
+"""``model(..., task_ids=ids)``: per-row task ids reach the adapters that declare ``uses_context`` (and only
+them, as ``context.task_ids``), restricted to their own rows in a mixed batch, and are cleared after the call."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 import peftkit as pk
 from peftkit.core.base import BaseView
+from peftkit.core.context import ForwardContext
 from peftkit.core.protocol import Adapter, AdapterConfig
 from peftkit.core.registry import register, unregister
 from peftkit.errors import AdapterIdsError
@@ -25,7 +26,7 @@ class TaskShiftConfig(AdapterConfig):
 
 
 class TaskShift(Adapter):
-    uses_task_ids = True
+    uses_context = True
     seen: list[Tensor | None]
 
     def __init__(self, base: BaseView, config: TaskShiftConfig) -> None:
@@ -33,7 +34,8 @@ class TaskShift(Adapter):
         self.shift = nn.Parameter(torch.arange(config.n_tasks, dtype=torch.float32) + 1.0)
         self.seen = []
 
-    def forward(self, x: Tensor, base_out: Tensor, base: BaseView, task_ids: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor, base: BaseView, context: ForwardContext) -> Tensor:
+        task_ids = context.task_ids
         self.seen.append(task_ids)
         if task_ids is None:
             return base_out
@@ -73,7 +75,7 @@ def test_task_ids_reach_the_adapter_and_are_cleared(task_shift, token_batch) -> 
         got = model(token_batch, task_ids=torch.tensor([0, 2, 1, 0]))
     seen = _head(model, "a").seen[-1]
     assert seen is not None and seen.tolist() == [0, 2, 1, 0]
-    assert model.routing.task_ids is None
+    assert model.routing.call.task_ids is None
     # head is the last layer of TinyNet: the per-task shift shows directly in the outputs
     torch.testing.assert_close(got - plain, torch.tensor([1.0, 3.0, 2.0, 1.0]).view(4, 1).expand_as(got))
     with torch.no_grad():
@@ -110,12 +112,12 @@ def test_bad_task_ids_raise(task_shift, token_batch, ids: Tensor, message: str) 
     model = _model("a")
     with pytest.raises(AdapterIdsError, match=message):
         model(token_batch, task_ids=ids)
-    assert model.routing.task_ids is None
+    assert model.routing.call.task_ids is None
 
 
 def test_other_adapters_never_see_task_ids(token_batch) -> None:
     model = pk.adapt(make_tiny_net(), pk.LoRAConfig(r=2, targets=["fc2"])).eval()
-    assert not pk.get_method("lora").uses_task_ids
+    assert not pk.get_method("lora").uses_context
     with torch.no_grad():
         torch.testing.assert_close(model(token_batch, task_ids=[0, 1, 2, 3]), model(token_batch), rtol=0, atol=0)
 
@@ -131,4 +133,4 @@ def test_bad_task_ids_leave_no_adapter_ids_behind(token_batch) -> None:
     model = pk.adapt(make_tiny_net(), pk.LoRAConfig(r=2, targets=["fc1"]))
     with pytest.raises(pk.errors.AdapterIdsError):
         model(token_batch, adapter_ids=[0] * token_batch.shape[0], task_ids=[-1] * token_batch.shape[0])
-    assert model.routing.adapter_ids is None and model.routing.task_ids is None
+    assert model.routing.call.adapter_ids is None and model.routing.call.task_ids is None

@@ -58,7 +58,7 @@ def test_official_wiring_on_vit(tmp_path) -> None:
         # same block input, other image: only the CNN path changes the adapted tokens
         other = interaction.interaction(fmap, perception.perception(IMAGE_2)).flatten(2).transpose(1, 2)
         assert not torch.allclose(other, want)
-    assert model.routing.forward_state == {}  # the context lived only for the forward that made it
+    assert model.routing.call.state == {}  # the context lived only for the forward that made it
     model.save(tmp_path / "cloud")
     loaded = pk.load(tiny_vit(), tmp_path / "cloud").eval()
     with torch.no_grad():
