@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_net
 
 import peftkit as pk
-from peftkit.interop.svd import SVDLowRank, svd_factors, svd_lowrank
+from peftkit.interop.svd import SVDLowRank, svd_factors, svd_lowrank, svd_to_lora
 
 
 def _rank3(out: int = 12, inp: int = 9) -> torch.Tensor:
@@ -85,3 +85,71 @@ def test_not_applicable_returns_none_and_dtype_follows_the_base() -> None:
     double = pk.adapt(make_tiny_net().double(), pk.get_config("lokr", r=2, targets=["fc1"]))
     stand_in, _ = svd_lowrank(double.adapter_modules("default")["fc1"], double.model.fc1.base, 2)
     assert stand_in.down.dtype == stand_in.up.dtype == torch.float64
+
+
+def _trained(config: pk.AdapterConfig) -> pk.AdaptedModel:
+    model = pk.adapt(make_tiny_net(), config, name="src")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(1))
+
+
+def test_svd_to_lora_at_full_rank_is_the_adapter() -> None:
+    """LoKr on Linear and Conv2d with a trained head: the LoRA (loaded through load_tensors) gives its outputs."""
+    model = _trained(pk.get_config("lokr", r=2, targets=["fc1", "fc2", "conv"], modules_to_save=["head"]))
+    with torch.no_grad():
+        want = model(_ids())
+    config, tensors, errors = svd_to_lora(model, "src", rank=32)
+    assert config.r == 32 and config.for_module("conv").r == 6 and config.for_module("fc1").r == 16
+    assert config.modules_to_save == ["head"] and max(errors.values()) < 1e-5 and not config.bias
+    model.load_tensors("lora", config, tensors)
+    model.set_adapter("lora")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_svd_to_lora_of_full_fine_tuning_keeps_bias_changes() -> None:
+    """A dense ("full") adapter on an Embedding, a Linear and a Conv2d: its bias changes become LoRA's bias (none
+    on the Embedding), and at full rank the LoRA gives its outputs."""
+    model = _trained(pk.FullConfig(targets=["emb", "fc1", "conv"]))
+    with torch.no_grad():
+        want = model(_ids())
+    config, tensors, errors = svd_to_lora(model, "src", rank=40)
+    assert config.bias and config.for_module("emb").bias is False and config.modules_to_save == []
+    assert max(errors.values()) < 1e-5
+    model.load_tensors("lora", config, tensors)
+    model.set_adapter("lora")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_svd_to_lora_truncates_with_the_reported_error_and_exports_to_peft(tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    model = _trained(pk.get_config("loha", r=2, targets=["fc1", "fc2"]))
+    config, tensors, errors = svd_to_lora(model, "src", rank=1)
+    for path, module in model.adapter_modules("src").items():
+        delta = module.delta_weight(model.model.get_submodule(path).base).detach()
+        approx = tensors[f"{path}.B"] @ tensors[f"{path}.A"]
+        assert errors[path] == pytest.approx(float((delta - approx).norm() / delta.norm()), abs=1e-5)
+        assert errors[path] > 1e-2
+    model.load_tensors("lora", config, tensors, activate=False)
+    folder = pk.export_peft(model, tmp_path / "lora", "lora")
+    pm = peft.PeftModel.from_pretrained(make_tiny_net(), folder).eval()
+    back = pk.import_peft(make_tiny_net(), folder).eval()
+    with torch.no_grad():
+        for got in (pm(_ids()), back(_ids())):
+            want = model(_ids(), adapter_ids=["lora"] * 4)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_svd_to_lora_refuses_an_adapter_without_a_weight_update() -> None:
+    model = pk.adapt(make_tiny_net(), pk.get_method("houlsby").config_class.tiny().replace(targets=["fc1"]))
+    with pytest.raises(pk.errors.NotMergeableError, match="'fc1'"):
+        svd_to_lora(model, "default", rank=2)
