@@ -18,7 +18,7 @@ from torch import nn
 
 import peftkit as pk
 from peftkit.errors import ExportError, UnsupportedAdapterError
-from peftkit.interop.peft_format import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_peft, import_peft
+from peftkit.interop import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, export_peft, import_peft
 
 pytestmark = [pytest.mark.parity, pytest.mark.filterwarnings("ignore::UserWarning")]
 
