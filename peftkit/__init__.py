@@ -10,7 +10,7 @@ from peftkit.core.model import AdaptedModel, TrainableReport, adapt, load
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
 from peftkit.core.registry import get_config, get_method, list_methods, register
 from peftkit.core.version import __version__
-from peftkit.interop.peft_format import export_peft, import_peft
+from peftkit.interop import export_peft, import_peft
 from peftkit.methods.dora import DoRAConfig
 from peftkit.methods.lora import LoRAConfig
 

@@ -226,16 +226,28 @@ def write_index(folder: str | Path, names: Sequence[str], active: Sequence[str])
     return folder
 
 
+def read_json(file: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in ``file``.
+
+    Raises:
+        AdapterFileError: ``missing`` when the file does not exist; or it is not valid JSON, or not an object.
+    """
+    if not file.is_file():
+        raise AdapterFileError(missing)
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{file} does not hold a JSON object")
+    return data
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """Read and check ``adapter.json`` of a saved adapter."""
     file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise AdapterFileError(f"{path} is not a saved peftkit adapter: {CONFIG_FILE} is missing")
-    try:
-        meta = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(file, f"{path} is not a saved peftkit adapter: {CONFIG_FILE} is missing")
+    if meta.get("format") != FORMAT:
         raise AdapterFileError(f"{file} is not a peftkit adapter config (format field is missing or wrong)")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
@@ -294,11 +306,8 @@ def _kept_previous(folder: Path, checksum: str, file: Path) -> Path:
 def read_index(path: str | Path) -> dict[str, Any]:
     """Read and check ``adapters.json``, the index of a folder of several saved adapters."""
     file = Path(path) / INDEX_FILE
-    try:
-        index = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{file} cannot be read: {exc}") from None
-    names = index.get("adapters") if isinstance(index, dict) else None
+    index = read_json(file, f"{path} holds no adapter index ({INDEX_FILE})")
+    names = index.get("adapters")
     if index.get("format") != INDEX_FORMAT or not isinstance(names, list) or not names:
         raise AdapterFileError(f"{file} is not a peftkit adapter index (format or adapters field is wrong)")
     if not all(isinstance(n, str) and (Path(path) / n / CONFIG_FILE).is_file() for n in names):

@@ -300,6 +300,12 @@ class AdapterConfig(metaclass=_ConfigType):
         """Every variant the conformance suite should check (defaults to ``[tiny()]``)."""
         return [cls.tiny()]
 
+    def export_config(self) -> AdapterConfig:
+        """The config of the form this adapter takes in foreign formats (Hugging Face PEFT): by default itself.
+        A method whose saved form is not what others can read overrides it with :meth:`Adapter.export_state`
+        (LoRA with a residual init exports as a plain LoRA of rank ``2r``)."""
+        return self
+
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -513,6 +519,11 @@ class Adapter(nn.Module, typing.Generic[C], metaclass=_AdapterType):
         keys to the saved tensors. Default: nothing (a fresh module built from the config already has the saved
         shapes). Methods whose structure changes while training (IncreLoRA grows components) add what the
         saved state has, so a trained adapter reloads from its file with ``pk.load``."""
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The tensors of this module in the form :meth:`AdapterConfig.export_config` describes (for foreign
+        formats); by default its ``state_dict()``."""
+        return self.state_dict()
 
     def effective_rank(self) -> int | None:
         """Optional: the rank this module's update currently has (learned, pruned or chosen), for rank

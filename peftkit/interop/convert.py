@@ -68,18 +68,6 @@ __all__ = ["export_peft", "import_peft"]
 _OTHER_FIELDS = frozenset({"targets", "exclude", "modules_to_save", "seed", "init", "overrides"})
 
 
-def _export_config(config: AdapterConfig) -> AdapterConfig:
-    """The config of the form a method exports (its optional ``export_config`` hook; else the config)."""
-    hook = getattr(config, "export_config", None)
-    return hook() if hook is not None else config
-
-
-def _export_state(module: Adapter) -> dict[str, Tensor]:
-    """The tensors a module exports (its optional ``export_state`` hook; else ``state_dict()``)."""
-    hook = getattr(module, "export_state", None)
-    return hook() if hook is not None else module.state_dict()
-
-
 # ---------------------------------------------------------------------------------------------------- export
 def export_peft(
     model: AdaptedModel, path: str | Path, adapter: str | None = None, *, task_type: str | None = None
@@ -123,15 +111,15 @@ def export_peft(
                 f"{module_path!r} has merged adapters {list(layer.merged)}; call model.unmerge() before exporting"
             )
         entry = DENSE if isinstance(module, Full) else fmt
-        tensors.update(_to_peft(entry, module_path, layer.base, _export_state(module)))
+        tensors.update(_to_peft(entry, module_path, layer.base, module.export_state()))
         if entry is DENSE:
             saved.append(module_path)
         else:
             views[module_path] = layer.base
-            configs[module_path] = _export_config(module.config)
+            configs[module_path] = module.config.export_config()
     if not views:
         raise ExportError(f"adapter {name!r} adapts no module with {method!r} (only modules_to_save): PEFT needs one")
-    exported = _export_config(config)
+    exported = config.export_config()
     name_or_path = getattr(getattr(model.model, "config", None), "name_or_path", None) or None
     peft_config = to_peft_config(fmt, exported, configs, views, sorted(saved), task_type, name_or_path)
     _check_rebuilt(fmt, method, peft_config, views, configs, modules, exported)

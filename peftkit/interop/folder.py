@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from peftkit.core.errors import AdapterFileError
-from peftkit.core.io import safetensors_bytes, write_files
+from peftkit.core.io import read_json, safetensors_bytes, write_files
 from peftkit.core.version import __version__
 
 __all__ = ["PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE", "read_peft_config", "read_peft_tensors", "write_peft_folder"]
@@ -39,14 +39,7 @@ def read_peft_config(path: str | Path) -> dict[str, Any]:
         AdapterFileError: the file is missing or does not hold a JSON object.
     """
     file = Path(path) / PEFT_CONFIG_FILE
-    if not file.is_file():
-        raise AdapterFileError(f"{path} is not a PEFT adapter folder: {PEFT_CONFIG_FILE} is missing")
-    try:
-        raw = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{file} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise AdapterFileError(f"{file} does not hold a JSON object")
+    raw = read_json(file, f"{path} is not a PEFT adapter folder: {PEFT_CONFIG_FILE} is missing")
     return raw
 
 
