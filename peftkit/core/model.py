@@ -141,10 +141,16 @@ class AdaptedModel(nn.Module):
         if self.training and torch.is_grad_enabled():
             self._schedules.check(self)
         self.routing.call = context
+        kept = False
         try:
-            return self.model(*args, **kwargs)
+            out = self.model(*args, **kwargs)
+            # With gradients, a backward may recompute checkpointed blocks (gradient checkpointing) after this
+            # call returns: they must see the same per-row adapters, so the context stays until the next call.
+            kept = torch.is_grad_enabled()
+            return out
         finally:
-            self.routing.call = ForwardContext()  # nothing of this call (per-forward state included) outlives it
+            if not kept:
+                self.routing.call = ForwardContext()  # nothing of this call (per-forward state included) outlives it
 
     def generate(
         self,

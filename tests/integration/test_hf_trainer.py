@@ -335,12 +335,10 @@ def test_gradient_checkpointing_keeps_the_adapter_gradients(kind: str, reentrant
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6 * want[k].abs().max().item())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: AdaptedModel.forward clears the per-row adapter_ids when it returns, before backward recomputes "
-    "the checkpointed blocks (they then run without the routing: torch CheckpointError)",
-)
-def test_gradient_checkpointing_with_per_row_adapter_ids() -> None:
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_with_per_row_adapter_ids(reentrant: bool) -> None:
+    """The backward recomputes checkpointed blocks after forward returned: they must run with the same
+    per-row adapters (AdaptedModel keeps a forward's context until the next call when gradients are on)."""
     def two() -> pk.AdaptedModel:
         model = nonzero_b(causal_model("llama"))
         model.add_adapter("b", pk.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], seed=1))
@@ -350,7 +348,7 @@ def test_gradient_checkpointing_with_per_row_adapter_ids() -> None:
     ids = torch.tensor([0, 1, 0, 1])
     want = adapter_grads(two(), adapter_ids=ids)
     model = two()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     got = adapter_grads(model, adapter_ids=ids)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6 * want[k].abs().max().item())
