@@ -20,17 +20,25 @@ Supported: ``nn.Linear`` and GPT-2 ``Conv1D``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, require_positive_int, require_rank_fits
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    LowRank,
+    PositiveFloat,
+    PositiveInt,
+    add_lowrank,
+    init_lora_pair,
+    lowrank_pair,
+    register,
+    require_rank_fits,
+)
 
 
 def allora_grad_factor(p: Tensor, eps: float) -> Tensor:
@@ -63,14 +71,9 @@ class ALLoRAConfig(AdapterConfig):
         grad_scaling: apply the row-wise gradient rescaling (``False``: plain LoRA with ``s = 1``, no dropout).
     """
 
-    r: int = 8
-    eps: float = 1e-3
+    r: PositiveInt = 8
+    eps: PositiveFloat = 1e-3
     grad_scaling: bool = True
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        if not self.eps > 0:
-            raise InvalidConfigError(f"eps must be positive, got {self.eps!r}")
 
     @classmethod
     def tiny(cls) -> ALLoRAConfig:
@@ -82,22 +85,16 @@ class ALLoRAConfig(AdapterConfig):
 
 
 @register("allora", ALLoRAConfig)
-class ALLoRA(Adapter):
+class ALLoRA(Adapter[ALLoRAConfig]):
     """LoRA with ``s = 1``, no dropout and norm-adaptive gradient rows; see the module docstring."""
-
-    config: ALLoRAConfig
 
     def __init__(self, base: BaseView, config: ALLoRAConfig) -> None:
         super().__init__(base, config)
-        r = config.r
-        require_rank_fits(r, base)
-        self.A = nn.Parameter(torch.empty(r, base.in_features))
-        self.B = nn.Parameter(torch.empty(base.out_features, r))
+        require_rank_fits(config.r, base)
+        self.A, self.B = lowrank_pair(base, config.r)
 
-    @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+        init_lora_pair(self.A, self.B)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """``A``, ``B`` as the forward uses them (with the gradient rescaling when it applies)."""

@@ -19,26 +19,28 @@ Init as LoRA (``A`` Kaiming-uniform, ``B = 0``): identity. ``ΔW_i = γ_i · s �
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
+    AdaptedModel,
     Adapter,
     AdapterConfig,
+    BaseView,
+    Bound,
     LowRank,
     RankConfig,
+    init_lora_pair,
     input_dropout,
+    lowrank_pair,
+    register,
     require_rank_fits,
 )
-from peftkit.core.registry import register
 
 
 @dataclass(kw_only=True)
@@ -54,21 +56,10 @@ class DiffoRAConfig(RankConfig):
         search_ratio: share of all training steps spent searching (used by :class:`DiffoRASearch`).
     """
 
-    r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
     phase: Literal["search", "finetune"] = "search"
-    keep_ratio: float = 0.5
-    search_ratio: float = 0.1
-
-    def validate(self) -> None:
-        super().validate()
-        if self.phase not in ("search", "finetune"):
-            raise InvalidConfigError(f"phase must be 'search' or 'finetune', got {self.phase!r}")
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise InvalidConfigError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio!r}")
-        if not 0.0 < self.search_ratio < 1.0:
-            raise InvalidConfigError(f"search_ratio must lie in (0, 1), got {self.search_ratio!r}")
+    keep_ratio: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.5
+    search_ratio: Annotated[float, Bound(low=0, high=1, low_open=True, high_open=True)] = 0.1
 
     @classmethod
     def tiny(cls) -> DiffoRAConfig:
@@ -80,21 +71,20 @@ class DiffoRAConfig(RankConfig):
 
 
 @register("diffora", DiffoRAConfig)
-class DiffoRA(Adapter):
+class DiffoRA(Adapter[DiffoRAConfig]):
     """LoRA gated by a searched module-selection probability; see the module docstring."""
-
-    config: DiffoRAConfig
 
     def __init__(self, base: BaseView, config: DiffoRAConfig) -> None:
         super().__init__(base, config)
-        r = config.r
-        require_rank_fits(r, base)
-        self.A = nn.Parameter(torch.empty(r, base.in_features))
-        self.B = nn.Parameter(torch.zeros(base.out_features, r))
-        self.theta = nn.Parameter(torch.zeros(2)) if config.phase == "search" else None
+        require_rank_fits(config.r, base)
+        self.A, self.B = lowrank_pair(base, config.r)
+        self.theta = nn.Parameter(torch.empty(2)) if config.phase == "search" else None
         self.dropout = input_dropout(config.dropout)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def reset_parameters(self, base: BaseView) -> None:
+        init_lora_pair(self.A, self.B)
+        if self.theta is not None:
+            self.theta.zero_()  # γ = softmax(0)[0] = 0.5
 
     def gamma(self) -> Tensor | None:
         """``γ = softmax(θ)[0]`` in the search phase, else ``None`` (γ removed)."""
@@ -124,21 +114,21 @@ class DiffoRA(Adapter):
         return config.r * (base.in_features + base.out_features) + (2 if config.phase == "search" else 0)
 
 
-def _modules(model: nn.Module, name: str) -> dict[str, DiffoRA]:
+def _modules(model: AdaptedModel, name: str) -> dict[str, DiffoRA]:
     found = {p: m for p, m in model.adapter_modules(name).items() if isinstance(m, DiffoRA)}
     if not found:
         raise ValueError(f"adapter {name!r} holds no DiffoRA module")
     return found
 
 
-def diffora_parameters(model: nn.Module, name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def diffora_parameters(model: AdaptedModel, name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(LoRA weights, architecture logits θ)`` of DiffoRA adapter ``name``, for two optimizers."""
     mods = _modules(model, name).values()
     weights = [p for m in mods for p in (m.A, m.B)]
     return weights, [m.theta for m in mods if m.theta is not None]
 
 
-def gammas(model: nn.Module, name: str) -> dict[str, float]:
+def gammas(model: AdaptedModel, name: str) -> dict[str, float]:
     """``{module path: γ}`` of a search-phase adapter."""
     return {p: float(m.gamma().detach()) for p, m in _modules(model, name).items() if m.theta is not None}
 
@@ -155,9 +145,9 @@ class DiffoRASearch:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: AdaptedModel,
         name: str,
-        loss_fn: Callable[[nn.Module, Any], Tensor],
+        loss_fn: Callable[[AdaptedModel, Any], Tensor],
         *,
         lr: float = 1e-3,
         arch_lr: float = 3e-3,
@@ -185,7 +175,7 @@ class DiffoRASearch:
 
 
 @torch.no_grad()
-def discretize(model: nn.Module, name: str, new_name: str | None = None) -> DiffoRAConfig:
+def discretize(model: AdaptedModel, name: str, new_name: str | None = None) -> DiffoRAConfig:
     """Keep the ``round(keep_ratio · N)`` modules (at least 1) of search adapter ``name`` with the largest
     ``γ``; replace it by a fine-tune-phase adapter ``new_name`` (default: ``name``) on exactly those modules,
     initialised with their searched ``A``, ``B`` (weight sharing; ``γ`` removed). Returns the new config."""

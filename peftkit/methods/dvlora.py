@@ -25,18 +25,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
     Adapter,
     AdapterConfig,
+    BaseView,
     LowRank,
+    NonNegativeInt,
     RankConfig,
     add_lowrank,
+    init_lora_pair,
     input_dropout,
+    lowrank_pair,
+    register,
     require_rank_fits,
 )
-from peftkit.core.registry import register
 
 
 @dataclass(kw_only=True)
@@ -53,13 +55,7 @@ class DVLoRAConfig(RankConfig):
 
     r: int = 4
     alpha: float = 4.0
-    dropout: float = 0.0
-    warm_up_step: int | None = 20_000
-
-    def validate(self) -> None:
-        super().validate()
-        if self.warm_up_step is not None and self.warm_up_step < 0:
-            raise InvalidConfigError(f"warm_up_step must be >= 0 or None, got {self.warm_up_step!r}")
+    warm_up_step: NonNegativeInt | None = 20_000
 
     @classmethod
     def tiny(cls) -> DVLoRAConfig:
@@ -71,18 +67,15 @@ class DVLoRAConfig(RankConfig):
 
 
 @register("dvlora", DVLoRAConfig)
-class DVLoRA(Adapter):
+class DVLoRA(Adapter[DVLoRAConfig]):
     """Vector-scaled LoRA with a two-phase schedule; see the module docstring."""
-
-    config: DVLoRAConfig
 
     def __init__(self, base: BaseView, config: DVLoRAConfig) -> None:
         super().__init__(base, config)
         r = config.r
         require_rank_fits(r, base)
         self.scale = config.scale
-        self.A = nn.Parameter(torch.empty(r, base.in_features))
-        self.B = nn.Parameter(torch.empty(base.out_features, r))
+        self.A, self.B = lowrank_pair(base, r)
         self.U = nn.Parameter(torch.empty(r, 1))
         self.V = nn.Parameter(torch.empty(base.out_features, 1))
         self.dropout = input_dropout(config.dropout)
@@ -90,9 +83,9 @@ class DVLoRA(Adapter):
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
-        for p in (self.A, self.U, self.V):
+        init_lora_pair(self.A, self.B)  # draws A first, then U and V: the official order
+        for p in (self.U, self.V):
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
 
     # ------------------------------------------------------------------------------------------------ phases
     def set_phase(self, phase: int) -> None:

@@ -33,34 +33,36 @@ Supported layers: ``nn.Linear`` and GPT-2 ``Conv1D``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
     Adapter,
     AdapterConfig,
+    BaseView,
+    InvalidConfigError,
     LowRank,
+    PositiveInt,
+    RankConfig,
     add_lowrank,
+    init_lora_pair,
     input_dropout,
-    require_positive_int,
-    require_probability,
+    lowrank_pair,
+    register,
     require_rank_fits,
 )
-from peftkit.core.registry import register
 
 
 @dataclass(kw_only=True)
-class DyLoRAConfig(AdapterConfig):
+class DyLoRAConfig(RankConfig):
     """Settings of DyLoRA (defaults: the official GLUE scripts, RoBERTa-base).
 
     Attributes:
         r: the largest rank ``r_max``; every rank ``1..r`` is a valid adapter.
-        alpha: scale numerator; the rank-``k`` adapter is scaled by ``alpha / k``. Default 16.
+        alpha: scale numerator; the rank-``k`` adapter is scaled by ``alpha / k`` (:attr:`scale`, ``alpha / r``,
+            is the scale of the largest one). Default 16.
         dropout: dropout probability on the adapter branch's input (off in eval mode).
         update_all_below: ``False`` (official "frozen" mode): in training only component ``b = k − 1`` gets a
             gradient; ``True``: every component ``< k`` trains.
@@ -69,17 +71,13 @@ class DyLoRAConfig(AdapterConfig):
         sample_in_step: draw the training rank in :meth:`DyLoRA.step` (once per optimizer step).
     """
 
-    r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
     update_all_below: bool = False
-    eval_rank: int | None = None
+    eval_rank: PositiveInt | None = None
     sample_in_step: bool = True
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
-        if self.eval_rank is not None and not 1 <= self.eval_rank <= self.r:
+        if self.eval_rank is not None and self.eval_rank > self.r:
             raise InvalidConfigError(f"eval_rank must lie in [1, r={self.r}], got {self.eval_rank!r}")
 
     @classmethod
@@ -93,18 +91,15 @@ class DyLoRAConfig(AdapterConfig):
 
 
 @register("dylora", DyLoRAConfig)
-class DyLoRA(Adapter):
+class DyLoRA(Adapter[DyLoRAConfig]):
     """Nested-rank LoRA; see the module docstring."""
-
-    config: DyLoRAConfig
 
     def __init__(self, base: BaseView, config: DyLoRAConfig) -> None:
         super().__init__(base, config)
         r = config.r
         require_rank_fits(r, base)
         self.alpha = config.alpha
-        self.A = nn.Parameter(torch.empty(r, base.in_features))
-        self.B = nn.Parameter(torch.empty(base.out_features, r))
+        self.A, self.B = lowrank_pair(base, r)
         self.dropout = input_dropout(config.dropout)
         self.train_rank = r
         self.frozen = not config.update_all_below
@@ -117,10 +112,8 @@ class DyLoRA(Adapter):
         self.register_buffer("eval_rank", torch.tensor(k))
         self._eval_cache = (self.eval_rank, self.eval_rank._version, k)
 
-    @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+        init_lora_pair(self.A, self.B)
 
     # ------------------------------------------------------------------------------------------------ ranks
     def _check(self, k: int) -> int:

@@ -24,25 +24,27 @@ per-module ``alpha`` / ``r`` overrides). Supported: ``nn.Linear``, ``Conv1D``.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
+    AdaptedModel,
     Adapter,
     AdapterConfig,
+    BaseView,
     LowRank,
+    NonNegativeFloat,
     RankConfig,
     add_lowrank,
+    init_lora_pair,
     input_dropout,
+    lowrank_pair,
+    register,
     require_rank_fits,
 )
-from peftkit.core.registry import register
 
 from .lora import LoRA, LoRAConfig
 
@@ -60,18 +62,10 @@ class SoRAConfig(RankConfig):
         proximal_in_step: apply the proximal step in :meth:`SoRA.step` (after every optimizer step).
     """
 
-    r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
-    l1_lambda: float = 10.0
-    prox_lambda: float = 3e-4
+    l1_lambda: NonNegativeFloat = 10.0
+    prox_lambda: NonNegativeFloat = 3e-4
     proximal_in_step: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("l1_lambda", "prox_lambda"):
-            if getattr(self, name) < 0:
-                raise InvalidConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
     @classmethod
     def tiny(cls) -> SoRAConfig:
@@ -83,25 +77,20 @@ class SoRAConfig(RankConfig):
 
 
 @register("sora", SoRAConfig)
-class SoRA(Adapter):
+class SoRA(Adapter[SoRAConfig]):
     """Gated LoRA; see the module docstring."""
-
-    config: SoRAConfig
 
     def __init__(self, base: BaseView, config: SoRAConfig) -> None:
         super().__init__(base, config)
-        r = config.r
-        require_rank_fits(r, base)
+        require_rank_fits(config.r, base)
         self.scale = config.scale
-        self.A = nn.Parameter(torch.empty(r, base.in_features))
-        self.B = nn.Parameter(torch.empty(base.out_features, r))
-        self.gate = nn.Parameter(torch.empty(r))
+        self.A, self.B = lowrank_pair(base, config.r)
+        self.gate = nn.Parameter(torch.empty(config.r))
         self.dropout = input_dropout(config.dropout)
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+        init_lora_pair(self.A, self.B)
         nn.init.normal_(self.gate)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
@@ -174,7 +163,7 @@ def sora_l1_penalty(model: nn.Module, lam: float | None = None) -> Tensor:
 
 
 @torch.no_grad()
-def prune_to_lora(model: nn.Module, name: str, new_name: str) -> LoRAConfig:
+def prune_to_lora(model: AdaptedModel, name: str, new_name: str) -> LoRAConfig:
     """Add adapter ``new_name`` to ``model`` (an ``AdaptedModel``): a plain LoRA equivalent to the SoRA adapter
     ``name``, of rank ``max |K|`` over its layers (layers with fewer nonzero gates are zero-padded).
 
@@ -189,7 +178,7 @@ def prune_to_lora(model: nn.Module, name: str, new_name: str) -> LoRAConfig:
     if config.modules_to_save:
         raise ValueError("prune_to_lora does not carry modules_to_save over; prune the SoRA layers only")
     modules = model.adapter_modules(name)
-    pruned = {path: m.prune(model.get_submodule(f"model.{path}").base) for path, m in modules.items()}
+    pruned = {path: m.prune(model.base_view(path)) for path, m in modules.items()}
     r = max([p.config.r for p in pruned.values() if p is not None], default=1)
     targets = "|".join(re.escape(p) for p in modules)
     per_layer = {path: {"alpha": m.scale * r, "dropout": m.config.dropout} for path, m in modules.items()}
