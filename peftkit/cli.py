@@ -1,24 +1,25 @@
-"""``peftkit`` on the command line: list methods, train / evaluate / merge / export the demo task.
+"""``peftkit`` on the command line: list methods, train / resume / evaluate / merge / export runs, serve.
 
-The task: a sentence classifier (encoder + mean pooling + linear head, :mod:`peftkit.train.tasks`) on the
-Rotten Tomatoes review snippets, by default on the packaged all-MiniLM-L6-v2. A run folder looks like::
+``peftkit train --model DIR_OR_HUB_ID --data FILE --task causal-lm|classify --method NAME --output-dir RUN``
+trains an adapter on a user's data (:mod:`peftkit.train.run`; without ``--data``, the built-in demo: the
+packaged all-MiniLM-L6-v2 with a new classification head on Rotten Tomatoes, split by movie). Any setting can
+be given with ``--set key=value`` or ``--config FILE.json|yaml`` (:mod:`peftkit.train.settings`). A run folder::
 
-    RUN/adapter/             the trained adapter (adapter.json + adapter.safetensors)
-    RUN/checkpoints/epoch-N/ the adapter after each epoch
-    RUN/task.json            base model, max length, head seed, data seed and the final metrics
+    RUN/run.json             every setting (base model, task, data file and split, seeds), then the metrics
+    RUN/metrics.jsonl        one JSON object per logged step
+    RUN/checkpoints/step-N/  full checkpoints: 'peftkit train --resume RUN' continues exactly
+    RUN/adapter/             the trained adapter
 
 Errors: a bad option is a usage error (exit code 2, typer's display); a failure while running (peftkit's
-errors, ``ValueError``, ``OSError``: a non-finite or diverging loss, an adapter that cannot merge or export, a
-path that cannot be read or written) prints one line ``error: <message>`` on stderr and exits with code 1.
+errors, ``ValueError``, ``OSError``: bad data, a non-finite or diverging loss, an adapter that cannot merge or
+export, a path that cannot be read or written) prints one line ``error: <message>`` on stderr and exits with
+code 1. Ctrl-C / SIGTERM during training write a checkpoint and exit with 130 / 143 after one line naming it.
 ``peftkit --debug <command>`` (or ``PEFTKIT_DEBUG=1``) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import gc
-import json
 import math
 import os
 import time
@@ -80,8 +81,16 @@ def _options(
     """peftkit: parameter-efficient fine-tuning from the command line."""
 
 
-TASK_FILE = "task.json"
-ADAPTER_DIR = "adapter"
+DEMO_OUTPUT = Path("runs/minilm-rt")
+# Exit codes of a run stopped by a signal (128 + the signal's number, as shells report them).
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class Task(str, Enum):
+    """Tasks ``peftkit train`` runs."""
+
+    classify = "classify"
+    causal_lm = "causal-lm"
 
 
 class ExportFormat(str, Enum):
@@ -91,46 +100,6 @@ class ExportFormat(str, Enum):
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _load_base(model_dir: Path | None, head_seed: int) -> tuple[Any, Any]:
-    """A fresh :class:`SentenceClassifier` (head from ``head_seed``) and its tokenizer."""
-    from peftkit.assets import load_minilm
-    from peftkit.train.tasks import SentenceClassifier
-
-    encoder, tokenizer = load_minilm(model_dir)
-    return SentenceClassifier(encoder, num_labels=2, head_seed=head_seed), tokenizer
-
-
-def _resolve_run(path: Path) -> tuple[Path, dict[str, Any]]:
-    """``(adapter folder, task settings)`` from a run folder or an adapter folder."""
-    if (path / "adapter.json").is_file():
-        adapter, task_file = path, path.parent / TASK_FILE
-    else:
-        adapter, task_file = path / ADAPTER_DIR, path / TASK_FILE
-    if not (adapter / "adapter.json").is_file():
-        raise typer.BadParameter(f"{path} is neither a run folder (from 'peftkit train') nor an adapter folder")
-    try:
-        task = json.loads(task_file.read_text()) if task_file.is_file() else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{task_file} is not valid JSON ({exc}): rewrite it, or pass the adapter folder") from None
-    if not isinstance(task, dict):
-        raise ValueError(f"{task_file} does not hold the settings of a run (a JSON object)")
-    return adapter, task
-
-
-def _load_run(path: Path, model_dir: Path | None) -> tuple[Any, Any, dict[str, Any]]:
-    import peftkit as pk
-
-    adapter, task = _resolve_run(path)
-    if model_dir is None and task.get("base_model"):
-        model_dir = Path(task["base_model"])
-        if not model_dir.is_dir():  # transformers would take the path for a Hub repo id and say so, confusingly
-            raise FileNotFoundError(
-                errno.ENOENT, "the base model this run was trained on is gone (pass --model)", str(model_dir)
-            )
-    base, tokenizer = _load_base(model_dir, task.get("head_seed", 0))
-    return pk.load(base, adapter), tokenizer, task
-
-
 def _check_output_dir(path: Path, hint: str, inside: dict[str, bool] | None = None) -> None:
     """Refuse, before any work, an output folder that cannot be written: ``path`` (or the nearest folder above
     it, when ``path`` does not exist yet) is a file or not writable, or an entry ``inside`` it (name -> whether
@@ -151,11 +120,24 @@ def _check_output_dir(path: Path, hint: str, inside: dict[str, bool] | None = No
             raise typer.BadParameter(f"{entry} is not writable", param_hint=hint)
 
 
-def _held_out(task: dict[str, Any], max_eval_samples: int | None) -> list[tuple[str, int]]:
-    from peftkit.assets import rotten_tomatoes
+def _metrics_line(metrics: dict[str, float], count: int) -> str:
+    """``held-out accuracy: 0.7470, eval_loss: 0.5213 on 1000 examples`` (the task's main metric first)."""
+    order = ["accuracy", "perplexity", "exact_match", "eval_loss"]
+    keys = sorted(metrics, key=lambda k: order.index(k) if k in order else len(order))
+    shown = ", ".join(f"{k}: {metrics[k]:.4f}" for k in keys) or "no metrics (no held-out examples)"
+    return f"held-out {shown} on {count} examples"
 
-    n = max_eval_samples if max_eval_samples is not None else task.get("max_eval_samples", 1000)
-    return rotten_tomatoes(seed=task.get("seed", 0), max_held_out=n).held_out
+
+def _check_model(model: str | None) -> None:
+    """A ``--model`` that names a path (not a Hub id) must exist: a usage error before any work."""
+    from peftkit.train.build import resolve_model
+
+    if model is None:
+        return
+    try:
+        resolve_model(model, "classify")
+    except OSError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--model'") from None
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -173,163 +155,209 @@ def methods() -> None:
 
 @app.command()
 def train(
-    output_dir: Annotated[Path, typer.Option(help="Run folder: adapter/, checkpoints/epoch-N/ and task.json.")] = Path(
-        "runs/minilm-rt"
-    ),
+    output_dir: Annotated[
+        Path | None,
+        typer.Option(help="Run folder: run.json, metrics.jsonl, checkpoints/step-N/, adapter/ (demo: runs/minilm-rt)."),
+    ] = None,
     model: Annotated[
+        str | None,
+        typer.Option(help="Model folder or Hugging Face Hub id (default: the packaged all-MiniLM-L6-v2, classify)."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="JSONL or CSV data (default: Rotten Tomatoes, classify)."),
+    ] = None,
+    task: Annotated[Task, typer.Option(help="classify (text + label columns) or causal-lm (JSONL).")] = Task.classify,
+    method: Annotated[str, typer.Option(help="Adapter method (see 'peftkit methods').")] = "lora",
+    r: Annotated[int | None, typer.Option(min=1, help="Rank, for methods that have one [8].")] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="Scaling numerator: the update is scaled by alpha / r [16].")
+    ] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated module names to adapt (suffixes, e.g. query,value) or 'all-linear' "
+            "[the attention query and value projections]."
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (AdamW, warmup, cosine) [classify 2e-3, causal-lm 2e-4].")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training examples [1].")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Examples per optimizer step [classify 32, causal-lm 8].")
+    ] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(min=1, help="Truncate each example to this many tokens [classify 128, causal-lm 1024]."),
+    ] = None,
+    max_train_samples: Annotated[
+        int | None, typer.Option(min=1, help="Use at most this many training examples [demo 3000].")
+    ] = None,
+    max_eval_samples: Annotated[int | None, typer.Option(min=1, help="Held-out examples to score [demo 1000].")] = None,
+    weight_decay: Annotated[float | None, typer.Option(min=0.0, help="AdamW weight decay on matrices [0].")] = None,
+    warmup_ratio: Annotated[
+        float | None, typer.Option(min=0.0, max=1.0, help="Share of steps spent in linear warmup.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the split, the data order, the head and the adapter init [0].")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(min=1, help="Also evaluate every N steps (always: each epoch's end).")
+    ] = None,
+    save_every: Annotated[
+        int | None, typer.Option(min=1, help="Also checkpoint every N steps (always: epoch ends, Ctrl-C).")
+    ] = None,
+    log_every: Annotated[
+        int | None, typer.Option(min=1, help="Log a line (and to metrics.jsonl) every N steps [10].")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Any setting, KEY=VALUE (repeatable): e.g. train.grad_accum=4, method.dropout=0.1, task.packing=true.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Settings file (.json or .yaml): keys as for --set."),
+    ] = None,
+    resume: Annotated[
         Path | None,
         typer.Option(
             exists=True,
             file_okay=False,
-            help="Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2).",
+            help="Continue RUN (or RUN/checkpoints/step-N) exactly, with its own settings.",
         ),
     ] = None,
-    method: Annotated[str, typer.Option(help="Adapter method (see 'peftkit methods').")] = "lora",
-    r: Annotated[int, typer.Option(min=1, help="Rank, for methods that have one.")] = 8,
-    alpha: Annotated[float, typer.Option(help="Scaling numerator: the update is scaled by alpha / r.")] = 16.0,
-    targets: Annotated[
-        str, typer.Option(help="Comma-separated module names to adapt (suffixes, e.g. query,value) or 'all-linear'.")
-    ] = "query,value",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warmup then cosine decay).")] = 2e-3,
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training snippets.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Snippets per optimizer step.")] = 32,
-    max_length: Annotated[int, typer.Option(min=1, help="Truncate each snippet to this many tokens.")] = 64,
-    max_train_samples: Annotated[int, typer.Option(min=1, help="Use at most this many training snippets.")] = 3000,
-    max_eval_samples: Annotated[int, typer.Option(min=1, help="Held-out snippets (other movies) to score.")] = 1000,
-    weight_decay: Annotated[float, typer.Option(min=0.0, help="AdamW weight decay on matrices.")] = 0.0,
-    warmup_ratio: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Share of steps spent in linear warmup.")
-    ] = 0.06,
-    seed: Annotated[int, typer.Option(help="Seed of the data split and order, the head and the adapter init.")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Fine-tune an adapter plus a new linear head for Rotten Tomatoes sentiment; report held-out accuracy."""
-    if not (math.isfinite(lr) and lr > 0):
+    """Fine-tune an adapter on your data (or the built-in sentiment demo) and report held-out metrics."""
+    from peftkit.train.errors import TrainingInterrupted
+    from peftkit.train.run import RUN_FILE
+    from peftkit.train.run import resume as resume_run
+    from peftkit.train.run import train as train_run
+
+    values: dict[str, Any] = {
+        "model": model, "data": str(data) if data is not None else None, "r": r, "alpha": alpha,
+        "targets": targets, "lr": lr, "epochs": epochs, "batch_size": batch_size, "max_length": max_length,
+        "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
+        "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "seed": seed, "max_steps": max_steps,
+        "eval_every": eval_every, "save_every": save_every, "log_every": log_every,
+    }  # fmt: skip
+    values = {k: v for k, v in values.items() if v is not None}
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise typer.BadParameter(f"the learning rate must be a positive number, got {lr}", param_hint="'--lr'")
-    if not math.isfinite(alpha):
+    if alpha is not None and not math.isfinite(alpha):
         raise typer.BadParameter(f"alpha must be a finite number, got {alpha}", param_hint="'--alpha'")
-    _check_output_dir(output_dir, "'--output-dir'", {ADAPTER_DIR: True, "checkpoints": True, TASK_FILE: False})
-
-    import peftkit as pk
-    from peftkit.assets import rotten_tomatoes
-    from peftkit.train import TrainConfig, Trainer
-    from peftkit.train.tasks import TextCollator, accuracy
-
+    _check_model(model)
     start = time.perf_counter()
     try:
-        config_class = pk.get_method(method).config_class
-        names = {f.name for f in dataclasses.fields(config_class)}
-        fields: dict[str, Any] = {
-            "targets": targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-        }
-        fields.update({k: v for k, v in {"r": r, "alpha": alpha}.items() if k in names})
-        config = config_class(**fields, modules_to_save=["head"], seed=seed)
-        split = rotten_tomatoes(seed=seed, max_train=max_train_samples, max_held_out=max_eval_samples)
-        base, tokenizer = _load_base(model, head_seed=seed)
-        adapted = pk.adapt(base, config)
-    except pk.errors.PeftkitError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    typer.echo(f"{method}: {adapted.trainable_parameters()}")
-
-    collate = TextCollator(tokenizer, max_length=max_length)
-    train_config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        seed=seed,
-        output_dir=output_dir / "checkpoints",
-        progress=progress,
-    )
-    trainer = Trainer(
-        adapted,
-        train_config,
-        split.train,
-        collate_fn=collate,
-        eval_fn=lambda m: {"accuracy": accuracy(m, split.held_out, collate)},
-    )
-    result = trainer.fit()
-    adapted.save(output_dir / ADAPTER_DIR)
-    task = {
-        "base_model": str(model.resolve()) if model is not None else None,
-        "method": method,
-        "max_length": max_length,
-        "head_seed": seed,
-        "seed": seed,
-        "max_eval_samples": max_eval_samples,
-        "metrics": result.metrics,
-    }
-    (output_dir / TASK_FILE).write_text(json.dumps(task, indent=2))
-    acc = result.metrics.get("accuracy", float("nan"))
-    typer.echo(f"held-out accuracy: {acc:.4f} on {len(split.held_out)} snippets")
-    typer.echo(f"{result.global_step} steps, {time.perf_counter() - start:.0f} s; adapter: {output_dir / ADAPTER_DIR}")
+        if resume is not None:
+            given = [k for k in values if k != "model"] + ["set"] * bool(set_) + ["config"] * bool(config)
+            given += ["output_dir"] * bool(output_dir) + ["task"] * (task is not Task.classify)
+            if given or method != "lora":
+                raise typer.BadParameter(
+                    f"--resume continues a run with its own settings (its {RUN_FILE}); drop "
+                    + ", ".join("--" + k.replace("_", "-") for k in given or ["method"]),
+                    param_hint="'--resume'",
+                )
+            result = resume_run(resume, model=model, progress=progress, log=typer.echo)
+        else:
+            if output_dir is None:
+                if data is not None or model is not None:
+                    raise typer.BadParameter("name the run folder", param_hint="'--output-dir'")
+                output_dir = DEMO_OUTPUT
+            inside = {"adapter": True, "checkpoints": True, RUN_FILE: False, "metrics.jsonl": False}
+            _check_output_dir(output_dir, "'--output-dir'", inside)
+            result = train_run(
+                output_dir, task=task.value, method=method, config=config, overrides=set_ or None,
+                progress=progress, log=typer.echo, **values,
+            )  # fmt: skip
+    except TrainingInterrupted as stop:
+        run = resume if resume is not None else output_dir
+        where = (
+            f"checkpoint {stop.checkpoint}; continue with: peftkit train --resume {run}"
+            if stop.checkpoint
+            else "no checkpoint"
+        )
+        typer.echo(f"interrupted ({stop.signal_name}): {where}", err=True)
+        raise typer.Exit(SIGNAL_EXIT.get(stop.signal_name, 130)) from None
+    typer.echo(_metrics_line(result.metrics, result.num_eval))
+    typer.echo(f"{result.train_result.global_step} steps, {time.perf_counter() - start:.0f} s; "
+               f"adapter: {result.output_dir / 'adapter'}")  # fmt: skip
 
 
 @app.command("eval")
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run folder from 'peftkit train', or an adapter folder.")],
-    model: Annotated[
+    run: Annotated[
+        Path, typer.Argument(help="Run folder from 'peftkit train', a checkpoint in it, or an adapter folder.")
+    ],
+    model: Annotated[str | None, typer.Option(help="Base model folder or Hub id (default: the run's).")] = None,
+    data: Annotated[
         Path | None,
         typer.Option(
-            exists=True, file_okay=False, help="Base encoder folder (default: the one the run was trained on)."
+            exists=True, dir_okay=False, help="Evaluate on all of this file (default: the run's held-out split)."
         ),
     ] = None,
     max_eval_samples: Annotated[
-        int | None, typer.Option(min=1, help="Held-out snippets to evaluate (default: as in training).")
+        int | None, typer.Option(min=1, help="Held-out examples to evaluate (default: as in training).")
     ] = None,
-    max_length: Annotated[int | None, typer.Option(min=1, help="Token limit (default: as in training).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Snippets per forward pass.")] = 64,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Examples per forward pass.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Load the base model plus the adapter and report held-out accuracy."""
-    from peftkit.train.tasks import TextCollator, accuracy
+    """Rebuild the run's base model, data split and settings, load the adapter and report held-out metrics."""
+    from peftkit.train.run import evaluate as evaluate_run
 
-    adapted, tokenizer, task = _load_run(run, model)
-    data = _held_out(task, max_eval_samples)
-    collate = TextCollator(tokenizer, max_length=max_length or task.get("max_length", 64))
-    acc = accuracy(adapted, data, collate, batch_size=batch_size)
-    typer.echo(f"held-out accuracy: {acc:.4f} on {len(data)} snippets")
+    _check_model(model)
+    metrics, count = evaluate_run(
+        run, model=model, data=data, max_eval_samples=max_eval_samples, batch_size=batch_size, progress=progress
+    )
+    typer.echo(_metrics_line(metrics, count))
 
 
 @app.command()
 def merge(
-    run: Annotated[Path, typer.Argument(help="Run folder from 'peftkit train', or an adapter folder.")],
+    run: Annotated[
+        Path, typer.Argument(help="Run folder from 'peftkit train', a checkpoint in it, or an adapter folder.")
+    ],
     out: Annotated[Path, typer.Argument(help="Folder for the merged model (save_pretrained, safetensors).")],
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True, file_okay=False, help="Base encoder folder (default: the one the run was trained on)."
-        ),
-    ] = None,
+    model: Annotated[str | None, typer.Option(help="Base model folder or Hub id (default: the run's).")] = None,
 ) -> None:
-    """Fold the adapter into the base weights and save a plain model (encoder + head + tokenizer)."""
+    """Fold the adapter into the base weights and save a plain Hugging Face model folder (with the tokenizer)."""
+    from peftkit.train.run import load_trained
+
     _check_output_dir(out, "'OUT'")
-    adapted, tokenizer, _ = _load_run(run, model)
+    _check_model(model)
+    adapted, tokenizer, spec = load_trained(run, model)
     merged = adapted.merge()
-    merged.save_pretrained(out, tokenizer=tokenizer)
-    typer.echo(f"merged model saved to {out}")
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    auto = "AutoModelForSequenceClassification" if spec.task == Task.classify.value else "AutoModelForCausalLM"
+    typer.echo(f"merged model saved to {out} (load it with transformers.{auto}.from_pretrained)")
 
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="Run folder from 'peftkit train', or an adapter folder.")],
+    run: Annotated[
+        Path, typer.Argument(help="Run folder from 'peftkit train', a checkpoint in it, or an adapter folder.")
+    ],
     out: Annotated[Path, typer.Argument(help="Folder to write the exported adapter to.")],
     format: Annotated[ExportFormat, typer.Option("--format", help="Output format: 'peft' (Hugging Face PEFT).")] = (
         ExportFormat.peft
     ),
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True, file_okay=False, help="Base encoder folder (default: the one the run was trained on)."
-        ),
-    ] = None,
+    model: Annotated[str | None, typer.Option(help="Base model folder or Hub id (default: the run's).")] = None,
 ) -> None:
     """Convert the adapter to another library's format (Hugging Face PEFT: adapter_model.safetensors)."""
     import peftkit as pk
+    from peftkit.train.build import task_module
+    from peftkit.train.run import load_trained
 
     _check_output_dir(out, "'OUT'")
-    adapted, _, _ = _load_run(run, model)
-    pk.export_peft(adapted, out)
+    _check_model(model)
+    adapted, _, spec = load_trained(run, model)
+    pk.export_peft(adapted, out, task_type=task_module(spec.task).PEFT_TASK_TYPE)
     typer.echo(f"exported in {format.value} format to {out}")
 
 

@@ -73,8 +73,9 @@ def test_methods_lists_the_registry() -> None:
     ("command", "options"),
     [
         ("train", ["--method", "--r", "--alpha", "--targets", "--lr", "--epochs", "--batch-size", "--max-length",
-                   "--max-train-samples", "--output-dir", "--seed", "--model"]),
-        ("eval", ["--model", "--max-eval-samples", "Run folder"]),
+                   "--max-train-samples", "--output-dir", "--seed", "--model", "--data", "--task", "--set",
+                   "--config", "--resume", "--max-steps", "--eval-every", "--save-every", "Hub id"]),
+        ("eval", ["--model", "--max-eval-samples", "--data", "Run folder", "checkpoint"]),
         ("merge", ["Run folder", "Folder for the merged model"]),
         ("export", ["--format", "Run folder", "Folder to write"]),
     ],
@@ -87,43 +88,65 @@ def test_help_explains_every_option(command: str, options: list[str]) -> None:
 
 def test_train_writes_the_run_folder(run_dir: Path) -> None:
     assert (run_dir / "adapter" / "adapter.json").is_file()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-1", "epoch-2"]
-    task = json.loads((run_dir / "task.json").read_text())
-    assert task["max_length"] == 16 and 0.0 <= task["metrics"]["accuracy"] <= 1.0
+    # 64 snippets in batches of 16: 4 steps per epoch, a checkpoint at the end of each of the 2 epochs
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-4", "step-8"]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["task_options"]["max_length"] == 16 and 0.0 <= run["metrics"]["accuracy"] <= 1.0
+    assert run["task_options"]["labels"] == ["rotten", "fresh"] and run["seed"] == 0 and run["status"] == "complete"
+    assert Path(run["model"]).is_absolute() and Path(run["model"]).name.startswith("tiny-bert")
 
 
 def test_eval_reproduces_the_training_accuracy(run_dir: Path) -> None:
-    task = json.loads((run_dir / "task.json").read_text())
-    output = invoke("eval", run_dir)
-    assert f"held-out accuracy: {task['metrics']['accuracy']:.4f} on 32 snippets" in output
-    assert "held-out accuracy" in invoke("eval", run_dir / "adapter", "--max-eval-samples", 8)
+    run = json.loads((run_dir / "run.json").read_text())
+    output = invoke("eval", run_dir, "--no-progress")
+    assert f"held-out accuracy: {run['metrics']['accuracy']:.4f}" in output and "on 32 examples" in output
+    assert "on 8 examples" in invoke("eval", run_dir / "adapter", "--max-eval-samples", 8, "--no-progress")
 
 
-def test_merge_saves_a_plain_model_with_the_same_outputs(run_dir: Path, tmp_path: Path) -> None:
-    from peftkit.cli import _load_run
-    from peftkit.train.tasks import SentenceClassifier
-
-    invoke("merge", run_dir, tmp_path / "merged")
-    assert {"config.json", "model.safetensors", "head.safetensors", "tokenizer_config.json"} <= {
-        p.name for p in (tmp_path / "merged").iterdir()
-    }
-    merged = SentenceClassifier.from_pretrained(tmp_path / "merged")
-    adapted, _, _ = _load_run(run_dir, None)
+def _logits(model: torch.nn.Module) -> torch.Tensor:
     ids = torch.randint(5, 64, (4, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids)["logits"], adapted(ids)["logits"], rtol=1e-4, atol=1e-5)
+        return model(input_ids=ids).logits
 
 
-def test_export_peft(run_dir: Path, tmp_path: Path) -> None:
+def test_merge_saves_a_plain_hf_model_with_the_same_outputs(run_dir: Path, tmp_path: Path) -> None:
+    # Before: the merged folder needed peftkit's SentenceClassifier (an encoder plus head.safetensors).
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.train.run import load_trained
+
+    invoke("merge", run_dir, tmp_path / "merged")
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {
+        p.name for p in (tmp_path / "merged").iterdir()
+    }
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    adapted, _, _ = load_trained(run_dir)
+    expected = _logits(adapted.eval())
+    torch.testing.assert_close(_logits(merged), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+    assert merged.config.id2label == {0: "rotten", 1: "fresh"}
+
+
+def test_export_peft_loads_with_plain_peft(run_dir: Path, tmp_path: Path) -> None:
+    # Before: PEFT raised NoMatchingPeftModuleError (targets encoder.encoder... plus a custom head).
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.train.run import load_trained
+
     invoke("export", run_dir, tmp_path / "peft", "--format", "peft")
-    assert (tmp_path / "peft" / "adapter_config.json").is_file()
     assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    run = json.loads((run_dir / "run.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(run["model"], num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    adapted, _, _ = load_trained(run_dir)
+    expected = _logits(adapted.eval())
+    torch.testing.assert_close(_logits(peft_model), expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
 
 
 def test_bad_run_folder_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code != 0
-    assert "neither a run folder" in result.output
+    assert "is neither a run folder nor a checkpoint" in result.output
 
 
 def test_unknown_method_is_a_clear_error(tmp_path: Path) -> None:
@@ -183,21 +206,20 @@ def test_debug_shows_the_exception(pfeiffer_run: Path, tmp_path: Path) -> None:
 
 def test_os_and_value_errors_are_one_line(run_dir: Path, tmp_path: Path) -> None:
     # A run whose base model folder is gone (before: an OSError traceback from transformers, which took the
-    # path for a Hub repo id), and a run whose task.json is not JSON (before: a JSONDecodeError traceback).
+    # path for a Hub repo id), and a run whose run.json is not JSON (before: a JSONDecodeError traceback).
     moved = tmp_path / "moved"
     (moved / "adapter").mkdir(parents=True)
     for f in (run_dir / "adapter").iterdir():
         (moved / "adapter" / f.name).write_bytes(f.read_bytes())
-    task = json.loads((run_dir / "task.json").read_text())
-    (moved / "task.json").write_text(json.dumps({**task, "base_model": str(tmp_path / "gone")}))
+    run = json.loads((run_dir / "run.json").read_text())
+    (moved / "run.json").write_text(json.dumps({**run, "model": str(tmp_path / "gone")}))
     _, stderr = fails("eval", moved, code=1)
-    assert (
-        one_error_line(stderr)
-        == f"error: the base model this run was trained on is gone (pass --model): {tmp_path / 'gone'}"
+    assert one_error_line(stderr) == (
+        f"error: model folder {tmp_path / 'gone'} does not exist (and it is not a Hub id such as org/name)"
     )
-    (moved / "task.json").write_text("{not json")
+    (moved / "run.json").write_text("{not json")
     _, stderr = fails("eval", moved, code=1)
-    assert one_error_line(stderr).startswith(f"error: {moved / 'task.json'} is not valid JSON")
+    assert one_error_line(stderr).startswith(f"error: {moved / 'run.json'} is not valid JSON")
 
 
 def test_diverging_training_exits_non_zero(tiny_dir: Path, tmp_path: Path) -> None:
@@ -225,7 +247,7 @@ def test_diverging_training_exits_non_zero(tiny_dir: Path, tmp_path: Path) -> No
 )
 def test_bad_train_options_are_usage_errors(tiny_dir: Path, tmp_path: Path, args: list[str], option: str) -> None:
     # Before: raw tracebacks (ValueError from TrainConfig after loading the model, for --epochs 0).
-    stdout, stderr = fails("train", "--model", tiny_dir, "--output-dir", tmp_path, *TINY_TRAIN, *args, code=2)
+    stdout, stderr = fails("train", "--model", tiny_dir, "--output-dir", tmp_path / "run", *TINY_TRAIN, *args, code=2)
     assert f"Invalid value for '{option}'" in stderr and "trainable params" not in stdout
 
 

@@ -223,11 +223,6 @@ def test_output_dir_that_is_a_file_fails_before_training(tmp_path) -> None:
     with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
         fit(model, output_dir=target)
     assert all(torch.equal(v, start[n]) for n, v in trainable(model).items())  # no step was taken
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "epoch-2").write_text("")
-    with pytest.raises(NotADirectoryError, match="checkpoint of epoch 2"):
-        fit(model, epochs=2, output_dir=tmp_path / "run")
-    assert all(torch.equal(v, start[n]) for n, v in trainable(model).items())
 
 
 def test_dylora_first_step_trains_a_drawn_rank() -> None:
@@ -250,15 +245,20 @@ def test_dylora_first_step_trains_a_drawn_rank() -> None:
     assert seen[0] == 1 != module.config.r
 
 
-def test_checkpoints_hold_only_the_adapter(tmp_path) -> None:
+def test_checkpoints_hold_the_full_state_without_pickle(tmp_path) -> None:
+    # Before: epoch-<n> folders with the adapter only (no optimizer, RNG or data position: no resume).
     model = adapted()
     result = fit(model, epochs=2, batch_size=32, output_dir=tmp_path)
-    assert result.checkpoints == [tmp_path / "epoch-1", tmp_path / "epoch-2"]
+    assert result.checkpoints == [tmp_path / "step-2", tmp_path / "step-4"]
     for path in result.checkpoints:
-        assert sorted(f.name for f in path.iterdir()) == ["adapter.json", "adapter.safetensors"]
-    tensors = load_file(str(tmp_path / "epoch-2" / "adapter.safetensors"))
+        files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())
+        assert files == ["adapter/adapter.json", "adapter/adapter.safetensors", "trainer.json", "trainer.safetensors"]
+    state = load_file(str(tmp_path / "step-4" / "trainer.safetensors"))
+    moments = [k for k in state if k.startswith("optimizer.") and k.endswith(".exp_avg")]
+    assert len(moments) == len(trainable(model)) and "rng.torch" in state and "data.generator" in state
+    tensors = load_file(str(tmp_path / "step-4" / "adapter" / "adapter.safetensors"))
     assert sum(t.numel() for t in tensors.values()) == sum(p.numel() for p in trainable(model).values())
-    reloaded = pk.load(make_tiny_net(), tmp_path / "epoch-2")
+    reloaded = pk.load(make_tiny_net(), tmp_path / "step-4" / "adapter")
     ids = torch.stack([x for x, _ in dataset(8)])
     torch.testing.assert_close(reloaded(ids), model(ids))
 
