@@ -14,28 +14,28 @@ is refused with ``UnsupportedLayerError``). Supported: ``nn.Linear`` and GPT-2 `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import UnsupportedLayerError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
     Adapter,
     AdapterConfig,
+    BaseView,
     LowRank,
+    PositiveInt,
+    RankConfig,
+    UnsupportedLayerError,
     add_lowrank,
+    init_lora_pair,
     input_dropout,
-    require_positive_int,
-    require_probability,
+    register,
 )
-from peftkit.core.registry import register
 
 
 @dataclass(kw_only=True)
-class BlockLoRAConfig(AdapterConfig):
+class BlockLoRAConfig(RankConfig):
     """Settings of Block-LoRA (defaults: spec decision, the CLIP-LoRA few-shot setting).
 
     Attributes:
@@ -47,18 +47,8 @@ class BlockLoRAConfig(AdapterConfig):
 
     r: int = 2
     alpha: float = 1.0
-    n: int = 8
     dropout: float = 0.25
-
-    def validate(self) -> None:
-        for name in ("r", "n"):
-            v = getattr(self, name)
-            require_positive_int(name, v)
-        require_probability("dropout", self.dropout)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
+    n: PositiveInt = 8
 
     @classmethod
     def tiny(cls) -> BlockLoRAConfig:
@@ -70,10 +60,8 @@ class BlockLoRAConfig(AdapterConfig):
 
 
 @register("blocklora", BlockLoRAConfig)
-class BlockLoRA(Adapter):
+class BlockLoRA(Adapter[BlockLoRAConfig]):
     """LoRA whose down-projection is one block shared by ``n`` input chunks; see the module docstring."""
-
-    config: BlockLoRAConfig
 
     def __init__(self, base: BaseView, config: BlockLoRAConfig) -> None:
         super().__init__(base, config)
@@ -87,10 +75,8 @@ class BlockLoRA(Adapter):
         self.B = nn.Parameter(torch.empty(base.out_features, config.r))
         self.dropout = input_dropout(config.dropout)
 
-    @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
-        nn.init.kaiming_uniform_(self.A_s, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+        init_lora_pair(self.A_s, self.B)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         chunks = self.dropout(x).reshape(-1, self.config.n, self.block).sum(dim=1)  # Σ_j x_j  [tokens, in/n]

@@ -24,23 +24,27 @@ the saved shapes (:meth:`CompLoRA.fit_state`). Supported: Linear, GPT-2 Conv1D.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
     Adapter,
     AdapterConfig,
+    BaseView,
+    Bound,
+    InvalidConfigError,
     LowRank,
+    NonNegativeInt,
     RankConfig,
+    UnsupportedLayerError,
     add_lowrank,
+    init_lora_pair,
     input_dropout,
+    register,
 )
-from peftkit.core.registry import register
 
 from .loraxs import svd_signed
 
@@ -61,17 +65,12 @@ class CompLoRAConfig(RankConfig):
     r: int = 2
     alpha: float = 1.0
     dropout: float = 0.25
-    k_top: int | None = None
-    complement_energy: float | None = None
+    k_top: NonNegativeInt | None = None
+    complement_energy: Annotated[float, Bound(low=0, high=1, low_open=True, high_open=True)] | None = None
 
     def validate(self) -> None:
-        super().validate()
         if self.k_top is not None and self.complement_energy is not None:
             raise InvalidConfigError("set k_top or complement_energy, not both")
-        if self.k_top is not None and self.k_top < 0:
-            raise InvalidConfigError(f"k_top must be >= 0, got {self.k_top!r}")
-        if self.complement_energy is not None and not 0.0 < self.complement_energy < 1.0:
-            raise InvalidConfigError(f"complement_energy must lie in (0, 1), got {self.complement_energy!r}")
 
     @classmethod
     def tiny(cls) -> CompLoRAConfig:
@@ -100,10 +99,8 @@ def complement_size(base: BaseView, config: CompLoRAConfig) -> int:
 
 
 @register("complora", CompLoRAConfig)
-class CompLoRA(Adapter):
+class CompLoRA(Adapter[CompLoRAConfig]):
     """LoRA inside the complementary singular subspace of ``W``; see the module docstring."""
-
-    config: CompLoRAConfig
 
     def __init__(self, base: BaseView, config: CompLoRAConfig) -> None:
         super().__init__(base, config)
@@ -156,8 +153,7 @@ class CompLoRA(Adapter):
             self.allocate(self.q - k, self.U_c.shape[0], self.V_c.shape[0], self.A.dtype, self.A.device)
         self.U_c.copy_(u[:, k:])
         self.V_c.copy_(vh[k:].T)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
+        init_lora_pair(self.A, self.B)  # A [r, p], B [p, r]: LoRA's init inside the subspace
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """``down = A V_cᵀ`` (``[r, in]``) and ``up = U_c B`` (``[out, r]``)."""

@@ -31,9 +31,9 @@ official code applies it to every rank-1 ``lora_A``/``lora_B`` vector, i.e. ``| 
 (``orth_mode="per_vector"``, default, spec decision); ``"full"`` applies it to each module's whole ``A`` and
 ``B``.
 
-Saving: the adapter's tensors grow, and ``adapter.json`` only records the config, so a *grown* adapter loads
-through ``load_state_dict`` (the lists grow to fit) but not through ``pk.load`` (which builds the adapter from
-the config: it then reports the extra tensors; not solved yet). Supported: ``Linear`` and GPT-2 ``Conv1D``.
+Saving: the adapter's tensors grow while ``adapter.json`` records only the config; a *grown* adapter still
+reloads, with ``pk.load`` / ``load_adapter`` as with ``load_state_dict``: :meth:`IncreLoRA.fit_state` appends
+the chunks the saved file has before its values are copied in. Supported: ``Linear`` and GPT-2 ``Conv1D``.
 """
 
 from __future__ import annotations
@@ -46,18 +46,22 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
+    AdaptedModel,
     Adapter,
     AdapterConfig,
+    BaseView,
+    InvalidConfigError,
     LowRank,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
     add_lowrank,
     input_dropout,
-    require_positive_int,
-    require_probability,
+    register,
 )
-from peftkit.core.registry import register
 
 RESERVE_E = 1e-5
 
@@ -85,39 +89,24 @@ class IncreLoRAConfig(AdapterConfig):
         init_std: standard deviation of the ``A``, ``B`` init.
     """
 
-    r: int = 1
-    target_rank: int = 2
-    incre_rank_num: int | None = None
-    top_h: int = 5
-    init_warmup: int = 100
-    incre_interval: int = 100
-    beta1: float = 0.85
-    beta2: float = 0.85
-    alpha: float = 32.0
-    dropout: float = 0.0
+    r: PositiveInt = 1
+    target_rank: PositiveInt = 2
+    incre_rank_num: PositiveInt | None = None
+    top_h: PositiveInt = 5
+    init_warmup: NonNegativeInt = 100
+    incre_interval: PositiveInt = 100
+    beta1: Probability = 0.85
+    beta2: Probability = 0.85
+    alpha: PositiveFloat = 32.0
+    dropout: Probability = 0.0
     advance_learn: bool = True
-    reg_orth_coef: float = 0.3
+    reg_orth_coef: NonNegativeFloat = 0.3
     orth_mode: Literal["per_vector", "full"] = "per_vector"
-    init_std: float = 0.02
+    init_std: PositiveFloat = 0.02
 
     def validate(self) -> None:
-        for name in ("r", "target_rank", "top_h", "incre_interval"):
-            v = getattr(self, name)
-            require_positive_int(name, v)
-        if self.incre_rank_num is not None and (not isinstance(self.incre_rank_num, int) or self.incre_rank_num <= 0):
-            raise InvalidConfigError(f"incre_rank_num must be a positive integer or None, got {self.incre_rank_num!r}")
         if self.target_rank < self.r:
             raise InvalidConfigError(f"target_rank ({self.target_rank}) must be >= the initial rank r ({self.r})")
-        if not isinstance(self.init_warmup, int) or self.init_warmup < 0:
-            raise InvalidConfigError(f"init_warmup must be a non-negative integer, got {self.init_warmup!r}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise InvalidConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        require_probability("dropout", self.dropout)
-        if self.orth_mode not in ("per_vector", "full"):
-            raise InvalidConfigError(f"orth_mode must be 'per_vector' or 'full', got {self.orth_mode!r}")
-        if self.reg_orth_coef < 0 or self.init_std <= 0:
-            raise InvalidConfigError("reg_orth_coef must be >= 0 and init_std > 0")
 
     @property
     def reserve(self) -> int:
@@ -135,10 +124,8 @@ class IncreLoRAConfig(AdapterConfig):
 
 
 @register("increlora", IncreLoRAConfig)
-class IncreLoRA(Adapter):
+class IncreLoRA(Adapter[IncreLoRAConfig]):
     """Growing rank-1 components with importance-based allocation; see the module docstring."""
-
-    config: IncreLoRAConfig
 
     def __init__(self, base: BaseView, config: IncreLoRAConfig) -> None:
         super().__init__(base, config)
@@ -267,8 +254,8 @@ class IncreLoRA(Adapter):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _modules(model: nn.Module, adapter: str | None) -> dict[str, IncreLoRA]:
-    name = adapter or model._single_active()
+def _modules(model: AdaptedModel, adapter: str | None) -> dict[str, IncreLoRA]:
+    name = model.resolve(adapter)
     found = {p: m for p, m in model.adapter_modules(name).items() if isinstance(m, IncreLoRA)}
     if not found:
         raise ValueError(f"adapter {name!r} holds no IncreLoRA module")
@@ -287,7 +274,7 @@ class IncreLoRAAllocator:
         history: one dict per allocation: ``step``, ``grown`` (module paths), ``total``.
     """
 
-    def __init__(self, model: nn.Module, adapter: str | None = None) -> None:
+    def __init__(self, model: AdaptedModel, adapter: str | None = None) -> None:
         self.modules = _modules(model, adapter)
         self.config: IncreLoRAConfig = next(iter(self.modules.values())).config
         self.target_total = self.config.target_rank * len(self.modules)
@@ -329,7 +316,7 @@ class IncreLoRAAllocator:
             m.stop_growing()
 
 
-def increlora_orth_penalty(model: nn.Module, adapter: str | None = None) -> Tensor:
+def increlora_orth_penalty(model: AdaptedModel, adapter: str | None = None) -> Tensor:
     """``reg_orth_coef · mean ||P Pᵀ − I||_F`` over the adapter's ``A`` / ``B`` tensors (add it to the loss);
     per rank-1 vector (official) or per whole matrix, by the config's ``orth_mode``."""
     modules = list(_modules(model, adapter).values())

@@ -31,15 +31,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    Fraction,
+    InvalidConfigError,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    register,
+)
 
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -90,27 +97,14 @@ class LoCAConfig(AdapterConfig):
         loc_lr: step size of the continuous locations (1.0, about one-cell moves).
     """
 
-    n_frequency: int = 1000
-    alpha: float = 150.0
+    n_frequency: PositiveInt = 1000
+    alpha: PositiveFloat = 150.0
     init: Literal["zeros", "randn"] = "zeros"
-    total_steps: int | None = None
-    loc_fraction: float = 0.3
-    coef_steps: int = 10
-    loc_steps: int = 1
-    loc_lr: float = 1.0
-
-    def validate(self) -> None:
-        for name in ("n_frequency", "coef_steps", "loc_steps"):
-            v = getattr(self, name)
-            require_positive_int(name, v)
-        if self.init not in ("zeros", "randn"):
-            raise InvalidConfigError(f"init must be 'zeros' or 'randn', got {self.init!r}")
-        if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 0):
-            raise InvalidConfigError(f"total_steps must be None or a non-negative integer, got {self.total_steps!r}")
-        if not 0.0 <= self.loc_fraction <= 1.0:
-            raise InvalidConfigError(f"loc_fraction must lie in [0, 1], got {self.loc_fraction!r}")
-        if self.loc_lr <= 0:
-            raise InvalidConfigError(f"loc_lr must be positive, got {self.loc_lr!r}")
+    total_steps: NonNegativeInt | None = None
+    loc_fraction: Fraction = 0.3
+    coef_steps: PositiveInt = 10
+    loc_steps: PositiveInt = 1
+    loc_lr: PositiveFloat = 1.0
 
     @classmethod
     def tiny(cls) -> LoCAConfig:
@@ -123,11 +117,9 @@ class LoCAConfig(AdapterConfig):
 
 
 @register("loca", LoCAConfig)
-class LoCA(Adapter):
+class LoCA(Adapter[LoCAConfig]):
     """``y = base(x) + x (α · idct2(scatter(l, a)))ᵀ``; see the module docstring."""
 
-    config: LoCAConfig
-    exempt: ClassVar[dict[str, str]] = {}
     _last_step: int = 0  # the last global step seen by :meth:`step`
 
     def __init__(self, base: BaseView, config: LoCAConfig) -> None:

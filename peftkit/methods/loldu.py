@@ -1,6 +1,5 @@
 """LoLDU (Shi et al., 2024, "LoLDU: Low-Rank Adaptation via Lower-Diag-Upper Decomposition for
-Parameter-Efficient Fine-Tuning"); spec ``shared/methods/init.md``, official code SKDDJ/LoLDU
-(``minloldu/loldu.py``).
+Parameter-Efficient Fine-Tuning"; official code SKDDJ/LoLDU, ``minloldu/loldu.py``).
 
 The LU factorisation with partial pivoting of the frozen weight (flattened to ``[out, fan_in]``),
 ``W = P L U = P L diag(D) U_unit`` (``torch.linalg.lu`` in float32, ``D = diag(U)``, ``U_unit = U / D``), gives
@@ -21,7 +20,7 @@ buffers: an LU is not bit-identical across machines, so the factors are stored, 
 trainable ``z [r]`` and, with ``train_scaling``, ``c`` (scalar): ``r·(out + fan_in + 2)`` numbers plus ``out``
 indices per layer, about a rank-``r`` LoRA's size.
 
-Decisions (spec): ``c`` is frozen by default (the official parameter filter trains only ``vector_z``;
+Decisions: ``c`` is frozen by default (the official parameter filter trains only ``vector_z``;
 ``train_scaling=True`` makes it a parameter); zero pivots are clamped sign-preservingly to ``|D_i| ≥ eps``
 (``eps = 1e-8``) before dividing, so ``U_unit`` stays finite and ``P L diag(D) U_unit`` still equals ``W`` (the
 row of a clamped pivot is up to ``1/eps`` times larger: finite in float32/bfloat16, but it can overflow a
@@ -36,16 +35,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, require_positive_int, require_rank_fits
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    LowRank,
+    PositiveFloat,
+    PositiveInt,
+    add_lowrank,
+    register,
+    require_rank_fits,
+)
 
 from .svfit import float_dtype
 
@@ -83,16 +88,10 @@ class LoLDUConfig(AdapterConfig):
         eps: smallest ``|D_i|`` a pivot is clamped to (sign kept) before ``U`` is divided by it.
     """
 
-    r: int | None = None
-    alpha: float = 1.0
+    r: PositiveInt | None = None
+    alpha: PositiveFloat = 1.0
     train_scaling: bool = False
-    eps: float = PIVOT_EPS
-
-    def validate(self) -> None:
-        if self.r is not None:
-            require_positive_int("r", self.r)
-        if not self.eps > 0:
-            raise InvalidConfigError(f"eps must be positive, got {self.eps!r}")
+    eps: PositiveFloat = PIVOT_EPS
 
     @classmethod
     def tiny(cls) -> LoLDUConfig:
@@ -110,16 +109,14 @@ def loldu_rank(base: BaseView, config: LoLDUConfig) -> int:
 
 
 @register("loldu", LoLDUConfig)
-class LoLDU(Adapter):
+class LoLDU(Adapter[LoLDUConfig]):
     """``y = base(x) + ((x U_rᵀ) ⊙ (c·z − c₀·D_r)) (P L_r)ᵀ``; see the module docstring."""
 
-    config: LoLDUConfig
-    exempt: ClassVar[dict[str, str]] = {}
+    kinds = frozenset({"linear", "embedding", "conv2d"})
 
     @classmethod
     def supports(cls, base: nn.Module) -> bool:
-        kind = layer_kind(base)
-        return kind in ("linear", "embedding") or (kind == "conv2d" and base.groups == 1)
+        return super().supports(base) and getattr(base, "groups", 1) == 1  # U_r has the base's ungrouped layout
 
     def __init__(self, base: BaseView, config: LoLDUConfig) -> None:
         super().__init__(base, config)

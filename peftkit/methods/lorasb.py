@@ -1,7 +1,7 @@
 """LoRA-SB (Ponkshe et al., 2024, "Initialization using Update Approximation is a Silver Bullet for Extremely
-Efficient Low-Rank Fine-Tuning").
+Efficient Low-Rank Fine-Tuning"; official code RaghavSinghal10/lora-sb).
 
-Spec ``shared/methods/lowrank.md`` (LoRA-SB): exactly the LoRA-XS architecture (frozen ``A [r, in]``,
+Exactly the LoRA-XS architecture (frozen ``A [r, in]``,
 ``B [out, r]``, trainable ``R [r, r]``, ``y = base(x) + s · B R A drop(x)``) with ``α = r`` forced (``s = 1``)
 and the update-approximation initialisation, which needs gradients and therefore lives in
 :class:`peftkit.init.LoRASB`: ``A = U_inᵀ``, ``B = V_out``, ``R = diag(S)`` from the truncated SVD of the
@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.registry import register
+from peftkit.core.api import AdapterConfig, InvalidConfigError, register
 
 from .loraxs import LoRAXS, LoRAXSConfig
 
@@ -28,7 +27,7 @@ class LoRASBConfig(LoRAXSConfig):
 
     Attributes:
         r: rank of the frozen bases; ``R`` has ``r²`` trainable entries (paper: 96 for Mistral-7B arithmetic).
-        alpha: must equal ``r`` (spec: "``α = r`` forced", ``s = 1``); left out, it follows ``r``.
+        alpha: must equal ``r`` (the paper fixes ``α = r``, ``s = 1``); left out, it follows ``r``.
         dropout: dropout on the adapter branch's input (spec default 0).
     """
 
@@ -49,7 +48,7 @@ class LoRASBConfig(LoRAXSConfig):
         return cls(r=2, alpha=2.0)
 
     @classmethod
-    def tiny_variants(cls) -> list:
+    def tiny_variants(cls) -> list[AdapterConfig]:
         return [cls.tiny()]
 
 
@@ -57,7 +56,7 @@ class LoRASBConfig(LoRAXSConfig):
 class LoRASB(LoRAXS):
     """LoRA-XS structure with LoRA-SB's settings; initial values from :class:`peftkit.init.LoRASB`."""
 
-    config: LoRASBConfig
+    config: LoRASBConfig  # narrows LoRAXS.config
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec (LoRA-SB): W is not reduced; the adapted model starts one approximate update "
         "step ahead (identity at init: no, by design)"

@@ -22,17 +22,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.protocol import (
+from peftkit.core.api import (
     Adapter,
     AdapterConfig,
+    BaseView,
     LowRank,
     RankConfig,
     add_lowrank,
     input_dropout,
+    register,
     require_rank_fits,
 )
-from peftkit.core.registry import register
 
 R_INIT_STD = 1e-5  # spec: R ~ N(0, (1e-5)²)
 
@@ -56,7 +56,7 @@ def svd_signed(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @dataclass(kw_only=True)
 class LoRAXSConfig(RankConfig):
-    """Settings of LoRA-XS.
+    """Settings of LoRA-XS (:class:`RankConfig`'s fields and defaults).
 
     Attributes:
         r: rank of the frozen SVD bases; ``R`` has ``r²`` trainable entries. At most ``min(in, out)``.
@@ -64,10 +64,6 @@ class LoRAXSConfig(RankConfig):
             math/commonsense setting; its GLUE runs use ``alpha = 16``).
         dropout: dropout probability on the adapter branch's input (off in eval mode).
     """
-
-    r: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
 
     @classmethod
     def tiny(cls) -> LoRAXSConfig:
@@ -79,10 +75,9 @@ class LoRAXSConfig(RankConfig):
 
 
 @register("loraxs", LoRAXSConfig)
-class LoRAXS(Adapter):
+class LoRAXS(Adapter[LoRAXSConfig]):
     """``y = base(x) + s · B R A drop(x)`` with frozen SVD factors ``A``, ``B``; see the module docstring."""
 
-    config: LoRAXSConfig
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec (LoRA-XS): R ~ N(0, (1e-5)^2), W is not modified; identity at init is only "
         "approximate (delta ~ 1e-5 * sigma)"

@@ -43,10 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    LowRank,
+    PositiveFloat,
+    PositiveInt,
+    add_lowrank,
+    register,
+)
 
 
 @dataclass(kw_only=True)
@@ -62,18 +69,9 @@ class PaCAConfig(AdapterConfig):
             kept for configs that set it).
     """
 
-    r: int = 8
-    alpha: float = 8.0
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 8.0
     column_seed: int | None = None
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha == 0:
-            raise InvalidConfigError(f"alpha must be a non-zero number (columns are stored / s), got {self.alpha!r}")
-        if self.column_seed is not None and (
-            not isinstance(self.column_seed, int) or isinstance(self.column_seed, bool)
-        ):
-            raise InvalidConfigError(f"column_seed must be None or an integer, got {self.column_seed!r}")
 
     @property
     def scale(self) -> float:
@@ -97,10 +95,8 @@ def column_indices(d_in: int, r: int, seed: int | None = None) -> Tensor:
 
 
 @register("paca", PaCAConfig)
-class PaCA(Adapter):
+class PaCA(Adapter[PaCAConfig]):
     """``W_eff = W`` with columns ``idx`` replaced by ``s · columns``; see the module docstring."""
-
-    config: PaCAConfig
 
     def __init__(self, base: BaseView, config: PaCAConfig) -> None:
         super().__init__(base, config)

@@ -36,7 +36,7 @@ def test_count_and_distinct_seeded_columns() -> None:
 def test_bad_settings_raise() -> None:
     with pytest.raises(InvalidConfigError, match="more than this layer's 24 input features"):
         _adapter(r=25)
-    with pytest.raises(InvalidConfigError, match="r must be a positive integer"):
+    with pytest.raises(InvalidConfigError, match=r"r must lie in \[1, inf\), got 0"):
         PaCAConfig(r=0)
     with pytest.raises(InvalidConfigError, match="alpha"):
         PaCAConfig(alpha=0)
