@@ -27,10 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import AdapterConfig
-from peftkit.core.registry import register
+from peftkit.core.api import AdaptedModel, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, register
 
 from .lora import LoRA, LoRAConfig
 
@@ -47,16 +44,13 @@ class CoLoRAConfig(LoRAConfig):
         dropout, init: as LoRA. ``bias`` and ``rslora`` are not supported.
     """
 
-    r: int = 8
     alpha: float | None = None  # type: ignore[assignment]
-    r_avg: int = 8
+    r_avg: PositiveInt = 8
 
     def validate(self) -> None:
         if self.bias or self.rslora:
             raise InvalidConfigError("CoLoRA supports neither bias nor rslora")
         super().validate()
-        if self.r_avg <= 0:
-            raise InvalidConfigError(f"r_avg must be positive, got {self.r_avg!r}")
 
     @property
     def scale(self) -> float:
@@ -75,7 +69,7 @@ class CoLoRAConfig(LoRAConfig):
 class CoLoRA(LoRA):
     """LoRA whose rank (and scale ``alpha / r_l``, or 1) is set per layer; see the module docstring."""
 
-    config: CoLoRAConfig
+    config: CoLoRAConfig  # narrows LoRA.config
 
 
 # --------------------------------------------------------------------------------------------- ranks
@@ -110,7 +104,7 @@ def pilot_contributions(
     """Contributions from a short pilot full fine-tuning of the target layers' weights (on a copy of
     ``model``; the original is untouched): one AdamW step per batch. ``mode="grad_norm"`` averages
     ``||∂L/∂W_l||_F`` over the batches instead (no update)."""
-    from peftkit.core import inject
+    from peftkit.core import inject  # TODO(core.api): the target paths a config selects on a plain model
 
     pilot = copy.deepcopy(model)
     pilot.train()
@@ -137,7 +131,7 @@ def pilot_contributions(
     return weight_contributions(before, {p: w.detach() for p, w in weights.items()})
 
 
-def add_colora(model: nn.Module, name: str, ranks: dict[str, int], **config: Any) -> CoLoRAConfig:
+def add_colora(model: AdaptedModel, name: str, ranks: dict[str, int], **config: Any) -> CoLoRAConfig:
     """Add a CoLoRA adapter with per-layer ``ranks`` (``{module path: r_l}``, e.g. from :func:`colora_ranks`)
     to an ``AdaptedModel``: targets are exactly those paths, each with its own rank. Returns the config."""
     targets = "|".join(rf"(?:^|.*\.){re.escape(p)}$" if "." not in p else rf"^{re.escape(p)}$" for p in ranks)

@@ -1,5 +1,6 @@
-"""ConvLoRA / DSCLoRA: a low-rank update of a ``nn.Conv2d`` kernel (spec ``shared/methods/adapters.md``,
-"ConvLoRA / DSCLoRA"; official Yaozzz666/DSCF-SR ``Lora_Conv2d``, the loralib ``ConvLoRA`` factorisation).
+"""ConvLoRA / DSCLoRA: a low-rank update of a ``nn.Conv2d`` kernel ("Distillation-Supervised Convolutional
+Low-Rank Adaptation for Efficient Image Super-Resolution", 2025; official code Yaozzz666/DSCF-SR
+``models/team23_DSCF.py``, ``Lora_Conv2d``: the loralib ``ConvLoRA`` factorisation).
 
 For a conv with ``C_in`` inputs, ``C_out`` outputs and a square ``k×k`` kernel (groups = 1):
 ``A ∈ R^{(r·k)×(C_in·k)}``, ``B ∈ R^{(C_out·k)×(r·k)}``, ``ΔW = (B A).view(C_out, C_in, k, k) · α/r`` and
@@ -20,10 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, RankConfig
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, RankConfig, register
 
 
 @dataclass(kw_only=True)
@@ -55,16 +53,14 @@ class ConvLoRAConfig(RankConfig):
 
 
 @register("convlora", ConvLoRAConfig)
-class ConvLoRA(Adapter):
+class ConvLoRA(Adapter[ConvLoRAConfig]):
     """``y = conv(x, W + (α/r)·(B A).view(W.shape))``; see the module docstring."""
 
-    config: ConvLoRAConfig
+    kinds = frozenset({"conv2d"})
 
     @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return (
-            layer_kind(base) == "conv2d" and base.groups == 1 and base.kernel_size[0] == base.kernel_size[1]  # type: ignore[index]
-        )
+    def supports(cls, base: nn.Module) -> bool:  # the factorisation needs groups = 1 and a square kernel
+        return super().supports(base) and base.groups == 1 and base.kernel_size[0] == base.kernel_size[1]  # type: ignore[index]
 
     def __init__(self, base: BaseView, config: ConvLoRAConfig) -> None:
         super().__init__(base, config)

@@ -25,9 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.registry import register
+from peftkit.core.api import AdapterConfig, BaseView, InvalidConfigError, register
 
 from .lora import LoRA, LoRAConfig
 
@@ -42,7 +40,7 @@ class DoRAConfig(LoRAConfig):
             raise InvalidConfigError("DoRA does not support bias=True (PEFT's use_dora excludes lora_bias too)")
 
     @classmethod
-    def tiny_variants(cls) -> list:
+    def tiny_variants(cls) -> list[AdapterConfig]:
         t = cls.tiny()
         return [t, t.replace(rslora=True, dropout=0.1)]
 
@@ -51,9 +49,8 @@ class DoRAConfig(LoRAConfig):
 class DoRA(LoRA):
     """Magnitude vector ``m`` + LoRA direction update; see the module docstring."""
 
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) == "linear" or (layer_kind(base) == "conv2d" and base.groups == 1)
+    config: DoRAConfig  # narrows LoRA.config
+    kinds = frozenset({"linear", "conv2d"})  # LoRA's supports() adds: no grouped convs
 
     def __init__(self, base: BaseView, config: DoRAConfig) -> None:
         super().__init__(base, config)

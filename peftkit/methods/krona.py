@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, register
 from peftkit.methods.lokr import factorization
 
 
@@ -46,15 +42,9 @@ class KronAConfig(AdapterConfig):
         scale: ``s`` multiplying the update (default 1).
     """
 
-    a1: int | None = None
-    a2: int | None = None
+    a1: PositiveInt | None = None
+    a2: PositiveInt | None = None
     scale: float = 1.0
-
-    def validate(self) -> None:
-        for name in ("a1", "a2"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise InvalidConfigError(f"{name} must be None or a positive integer, got {v!r}")
 
     @classmethod
     def tiny(cls) -> KronAConfig:
@@ -69,8 +59,8 @@ class KronAConfig(AdapterConfig):
 class DiffuseKronAConfig(KronAConfig):
     """Settings of DiffuseKronA (SDXL defaults ``a1=64``, ``a2=8``; ``s = 1``)."""
 
-    a1: int | None = 64
-    a2: int | None = 8
+    a1: PositiveInt | None = 64
+    a2: PositiveInt | None = 8
 
     @classmethod
     def tiny(cls) -> DiffuseKronAConfig:
@@ -92,11 +82,8 @@ def kron_sizes(base: BaseView, config: KronAConfig) -> tuple[int, int, int, int]
 
 
 @register("krona", KronAConfig)
-class KronA(Adapter):
+class KronA(Adapter[KronAConfig]):
     """``y = base(x) + s · vec(A X Bᵀ)`` (``ΔW = s · A ⊗ B``); see the module docstring."""
-
-    config: KronAConfig
-    exempt: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: BaseView, config: KronAConfig) -> None:
         super().__init__(base, config)
@@ -128,11 +115,8 @@ class KronA(Adapter):
 
 
 @register("diffusekrona", DiffuseKronAConfig)
-class DiffuseKronA(Adapter):
+class DiffuseKronA(Adapter[DiffuseKronAConfig]):
     """``ΔW[u·a1+v, p·b2+q] = s · U[u, q] · D[p, v]`` (official layout); see the module docstring."""
-
-    config: DiffuseKronAConfig
-    exempt: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: BaseView, config: DiffuseKronAConfig) -> None:
         super().__init__(base, config)

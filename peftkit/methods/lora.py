@@ -45,19 +45,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
     Adapter,
     AdapterConfig,
+    BaseView,
+    InvalidConfigError,
     LowRank,
+    PositiveInt,
+    Probability,
+    UnsupportedLayerError,
     add_lowrank,
     input_dropout,
-    require_positive_int,
-    require_probability,
+    register,
     require_rank_fits,
 )
-from peftkit.core.registry import register
 
 
 @dataclass(kw_only=True)
@@ -78,16 +79,16 @@ class LoRAConfig(AdapterConfig):
             ``"loku"`` (factors written by :class:`peftkit.init.LoRAGA` / :class:`peftkit.init.LoKU`).
     """
 
-    r: int = 8
+    r: PositiveInt = 8
+    # Not PositiveFloat (RankConfig's): CoLoRA redeclares it as ``float | None`` and the core applies an inherited
+    # bound to None too; the core checks every config's alpha > 0 anyway.
     alpha: float = 8.0
-    dropout: float = 0.0
+    dropout: Probability = 0.0
     rslora: bool = False
     bias: bool = False
     init: str = "kaiming"
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian", *RESIDUAL_INITS) and not _PISSA_NITER.fullmatch(str(self.init)):
             raise InvalidConfigError(
                 f"init must be 'kaiming', 'gaussian', 'pissa', 'pissa_niter_<K>' (K >= 1), 'lora_ga' or 'loku', "
@@ -171,7 +172,7 @@ def pissa_factors(weight: Tensor, r: int, scale: float, niter: int | None = None
 
 
 @register("lora", LoRAConfig)
-class LoRA(Adapter):
+class LoRA(Adapter[LoRAConfig]):
     """``y = base(x) + s · B A drop(x)``; with a residual init ``y = base(x) + s · (B A drop(x) − B₀ A₀ x)``.
 
     See the module docstring. The residual form costs one extra frozen rank-``r`` product per layer; we chose
@@ -179,12 +180,11 @@ class LoRA(Adapter):
     base; save/load/export need no conversion step).
     """
 
-    config: LoRAConfig
+    kinds = frozenset({"linear", "embedding", "conv2d"})
 
     @classmethod
     def supports(cls, base: nn.Module) -> bool:
-        kind = layer_kind(base)
-        return kind in ("linear", "embedding") or (kind == "conv2d" and base.groups == 1)
+        return super().supports(base) and getattr(base, "groups", 1) == 1  # A is a conv with the base geometry
 
     def __init__(self, base: BaseView, config: LoRAConfig) -> None:
         super().__init__(base, config)

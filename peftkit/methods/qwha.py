@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, register
 
 
 def fwht(x: Tensor) -> Tensor:
@@ -92,18 +89,11 @@ class QWHAConfig(AdapterConfig):
         init: ``"zero"`` (identity) or ``"qwha"`` (quantization-aware, fitted by :meth:`QWHA.quant_init`).
     """
 
-    r: int = 64
-    n_frequency: int | None = None
+    r: PositiveInt = 64
+    n_frequency: PositiveInt | None = None
     scaling: float = 3000.0
     random_loc_seed: int = 777
     init: Literal["zero", "qwha"] = "zero"
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        if self.n_frequency is not None and (not isinstance(self.n_frequency, int) or self.n_frequency <= 0):
-            raise InvalidConfigError(f"n_frequency must be None or a positive integer, got {self.n_frequency!r}")
-        if self.init not in ("zero", "qwha"):
-            raise InvalidConfigError(f"init must be 'zero' or 'qwha', got {self.init!r}")
 
     def budget(self, d_out: int, d_in: int) -> int:
         return self.n_frequency if self.n_frequency is not None else self.r * (d_in + d_out)
@@ -118,11 +108,8 @@ class QWHAConfig(AdapterConfig):
 
 
 @register("qwha", QWHAConfig)
-class QWHA(Adapter):
+class QWHA(Adapter[QWHAConfig]):
     """``y = base(x) + fwht(x) Sᵀ · scaling / (d_in √d_out)``; see the module docstring."""
-
-    config: QWHAConfig
-    exempt: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: BaseView, config: QWHAConfig) -> None:
         super().__init__(base, config)

@@ -1,5 +1,5 @@
-"""SALT (Elsayed et al., 2025, "SALT: Singular Value Adaptation with Low-Rank Transformation"); spec
-``shared/methods/init.md``, official code BioMedIA-MBZUAI/SALT (``SALTLinear``, ``SALTConv2d``).
+"""SALT (Elsayed et al., 2025, "SALT: Singular Value Adaptation with Low-Rank Transformation"; official code
+BioMedIA-MBZUAI/SALT, ``SALTLinear``, ``SALTConv2d``).
 
 The thin SVD of the frozen weight (a conv weight flattened to ``[out, fan_in]``), ``W = U diag(S) Vᵀ`` with
 ``q = min(out, fan_in)`` singular values, is kept frozen. The top ``k`` singular values are scaled and
@@ -50,10 +50,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, add_lowrank, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, add_lowrank, register
 
 from .loraxs import svd_signed
 from .svfit import float_dtype
@@ -73,14 +70,9 @@ class SALTConfig(AdapterConfig):
             ``X, Y``).
     """
 
-    k: int | None = None
-    r: int = 4
+    k: PositiveInt | None = None
+    r: PositiveInt = 4
     zero_init_Y: bool = False
-
-    def validate(self) -> None:
-        if self.k is not None:
-            require_positive_int("k", self.k)
-        require_positive_int("r", self.r)
 
     @classmethod
     def tiny(cls) -> SALTConfig:
@@ -101,18 +93,14 @@ def salt_sizes(base: BaseView, config: SALTConfig) -> tuple[int, int]:
 
 
 @register("salt", SALTConfig)
-class SALT(Adapter):
+class SALT(Adapter[SALTConfig]):
     """``y = base(x) + base_op(x, U (ReLU(Σ') − diag S) Vᵀ)``; see the module docstring."""
 
-    config: SALTConfig
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec (SALT): identity at init: no (random X Y ~ 0.01 N(0,1) and the ReLU on the "
         "full Sigma' matrix); zero_init_Y=True gives the exact identity (tested in tests/methods/test_salt.py)"
     }
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", "conv2d")
+    kinds = frozenset({"linear", "conv2d"})
 
     def __init__(self, base: BaseView, config: SALTConfig) -> None:
         super().__init__(base, config)

@@ -26,16 +26,13 @@ Not implemented: ``init_source="grad"`` and dynamic re-selection during training
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, Bound, PositiveInt, register
 from peftkit.methods.lokr import factorization
 
 
@@ -49,17 +46,9 @@ class SoKAConfig(AdapterConfig):
         k: a fixed number of terms (``None``: energy/elbow selection); clamped to the KPSVD rank.
     """
 
-    tau: float = 0.9
-    k_max: int = 8
-    k: int | None = None
-
-    def validate(self) -> None:
-        if not 0.0 < self.tau <= 1.0:
-            raise InvalidConfigError(f"tau must lie in (0, 1], got {self.tau!r}")
-        if not isinstance(self.k_max, int) or self.k_max <= 0:
-            raise InvalidConfigError(f"k_max must be a positive integer, got {self.k_max!r}")
-        if self.k is not None and (not isinstance(self.k, int) or self.k <= 0):
-            raise InvalidConfigError(f"k must be None or a positive integer, got {self.k!r}")
+    tau: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.9
+    k_max: PositiveInt = 8
+    k: PositiveInt | None = None
 
     @classmethod
     def tiny(cls) -> SoKAConfig:
@@ -117,11 +106,8 @@ def soka_rank(base: BaseView, config: SoKAConfig) -> int:
 
 
 @register("soka", SoKAConfig)
-class SoKA(Adapter):
+class SoKA(Adapter[SoKAConfig]):
     """``y = base(x) + x (Σ A_t ⊗ B_t − Σ A0_t ⊗ B0_t)ᵀ``; see the module docstring."""
-
-    config: SoKAConfig
-    exempt: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: BaseView, config: SoKAConfig) -> None:
         super().__init__(base, config)

@@ -25,14 +25,12 @@ Hyperbolic (Lorentz) layers are not implemented.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveInt, register
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -59,14 +57,9 @@ class SSTConfig(AdapterConfig):
         enhanced_grad: divide the sampled vectors' gradients by their ``σ_i`` (paper's enhanced gradient).
     """
 
-    r: int = 64
-    round_steps: int = 200
+    r: PositiveInt = 64
+    round_steps: PositiveInt = 200
     enhanced_grad: bool = True
-
-    def validate(self) -> None:
-        for name in ("r", "round_steps"):
-            v = getattr(self, name)
-            require_positive_int(name, v)
 
     @classmethod
     def tiny(cls) -> SSTConfig:
@@ -83,11 +76,8 @@ def _rank(base: BaseView, config: SSTConfig) -> tuple[int, int]:
 
 
 @register("sst", SSTConfig)
-class SST(Adapter):
+class SST(Adapter[SSTConfig]):
     """``y = x V diag(σ) Uᵀ + b`` with ``r`` sampled trainable singular vectors; see the module docstring."""
-
-    config: SSTConfig
-    exempt: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: BaseView, config: SSTConfig) -> None:
         super().__init__(base, config)

@@ -1,6 +1,5 @@
 """SVFit (Sun et al., 2024, "SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using
-Singular Values"); spec ``shared/methods/init.md`` (no official code: the equations here are *inferred*
-from the paper).
+Singular Values"; no official code: the equations here are *inferred* from the paper).
 
 The truncated SVD of the frozen weight, ``W = U Σ Vᵀ``, gives frozen bases ``U_r [out, r]`` and ``V_r [in, r]``;
 only the top-``r`` singular values ``σ ∈ R^r`` train, initialised to ``σ₀ = S[:r]``. The paper writes the
@@ -32,22 +31,22 @@ GPT-2 ``Conv1D`` (spec: Linear).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import (
+from peftkit.core.api import (
     Adapter,
     AdapterConfig,
+    BaseView,
+    Bound,
     LowRank,
+    PositiveInt,
     add_lowrank,
-    require_positive_int,
+    register,
     require_rank_fits,
 )
-from peftkit.core.registry import register
 
 from .loraxs import svd_signed
 
@@ -68,13 +67,8 @@ class SVFitConfig(AdapterConfig):
             ``Σ_{i≤r} σ_i² / Σ σ² ≥ energy`` (the paper's "99% of the information": ``energy=0.99``).
     """
 
-    r: int = 16
-    energy: float | None = None
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise InvalidConfigError(f"energy must lie in (0, 1], got {self.energy!r}")
+    r: PositiveInt = 16
+    energy: Annotated[float, Bound(low=0, high=1, low_open=True)] | None = None
 
     @classmethod
     def tiny(cls) -> SVFitConfig:
@@ -93,11 +87,8 @@ def energy_rank(singular_values: Tensor, energy: float) -> int:
 
 
 @register("svfit", SVFitConfig)
-class SVFit(Adapter):
+class SVFit(Adapter[SVFitConfig]):
     """``y = base(x) + (x V_r) diag(σ − σ₀) U_rᵀ`` with frozen SVD factors; see the module docstring."""
-
-    config: SVFitConfig
-    exempt: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: BaseView, config: SVFitConfig) -> None:
         super().__init__(base, config)

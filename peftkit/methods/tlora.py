@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveInt, register
 
 
 def balanced_factors(d: int, k: int) -> list[int]:
@@ -100,14 +97,9 @@ class TLoRAConfig(AdapterConfig):
         rank_residual: TT-rank ``ρ_R`` of the residual ``R`` (default 8).
     """
 
-    num_cores: int = 3
-    rank_transform: int = 4
-    rank_residual: int = 8
-
-    def validate(self) -> None:
-        for name in ("num_cores", "rank_transform", "rank_residual"):
-            v = getattr(self, name)
-            require_positive_int(name, v)
+    num_cores: PositiveInt = 3
+    rank_transform: PositiveInt = 4
+    rank_residual: PositiveInt = 8
 
     @classmethod
     def tiny(cls) -> TLoRAConfig:
@@ -125,11 +117,8 @@ def _shapes(base: BaseView, config: TLoRAConfig) -> tuple[list, list]:
 
 
 @register("tlora", TLoRAConfig)
-class TLoRA(Adapter):
+class TLoRA(Adapter[TLoRAConfig]):
     """``y = x Wᵀ + (x Wᵀ) TT_Tᵀ + x TT_Rᵀ + b``; see the module docstring."""
-
-    config: TLoRAConfig
-    exempt: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: BaseView, config: TLoRAConfig) -> None:
         super().__init__(base, config)

@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, RankConfig, input_dropout
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    LowRank,
+    RankConfig,
+    input_dropout,
+    register,
+)
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -62,9 +67,7 @@ class WaRAConfig(RankConfig):
             ``[..., tokens, d_in]`` with an even token count) instead of the closed form.
     """
 
-    r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
     explicit: bool = False
 
     @classmethod
@@ -77,11 +80,8 @@ class WaRAConfig(RankConfig):
 
 
 @register("wara", WaRAConfig)
-class WaRA(Adapter):
+class WaRA(Adapter[WaRAConfig]):
     """``y = base(x) + s · x ((B A) ⊗ I₂)ᵀ``; see the module docstring."""
-
-    config: WaRAConfig
-    exempt: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base: BaseView, config: WaRAConfig) -> None:
         super().__init__(base, config)

@@ -176,9 +176,9 @@ def test_save_load_onto_fresh_base(tmp_path) -> None:
 
 
 def test_bad_config() -> None:
-    with pytest.raises(pk.errors.InvalidConfigError, match="k must be a positive integer"):
+    with pytest.raises(pk.errors.InvalidConfigError, match=r"SALTConfig: k must .*got 0"):
         SALTConfig(k=0)
-    with pytest.raises(pk.errors.InvalidConfigError, match="r must be a positive integer"):
+    with pytest.raises(pk.errors.InvalidConfigError, match=r"r must lie in \[1, inf\), got 0"):
         SALTConfig(r=0)
     with pytest.raises(pk.errors.InvalidConfigError, match="k=9 is larger"):
         _adapter(out=12, inp=8, k=9)
