@@ -25,10 +25,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, register
 
 
 @dataclass(kw_only=True)
@@ -42,18 +39,10 @@ class FourierFTConfig(AdapterConfig):
         init: ``"randn"`` (PEFT default: ``N(0, 1)``, not identity at init) or ``"zeros"`` (identity).
     """
 
-    n_frequency: int = 1000
+    n_frequency: PositiveInt = 1000
     scaling: float = 150.0
     random_loc_seed: int = 777
     init: Literal["randn", "zeros"] = "randn"
-
-    def validate(self) -> None:
-        n = self.n_frequency
-        require_positive_int("n_frequency", n)
-        if not isinstance(self.random_loc_seed, int):
-            raise InvalidConfigError(f"random_loc_seed must be an integer, got {self.random_loc_seed!r}")
-        if self.init not in ("randn", "zeros"):
-            raise InvalidConfigError(f"init must be 'randn' or 'zeros', got {self.init!r}")
 
     @classmethod
     def tiny(cls) -> FourierFTConfig:
@@ -73,10 +62,9 @@ def spectral_indices(d_out: int, d_in: int, n: int, seed: int) -> Tensor:
 
 
 @register("fourierft", FourierFTConfig)
-class FourierFT(Adapter):
+class FourierFT(Adapter[FourierFTConfig]):
     """``y = base(x) + x (scaling · Re ifft2(scatter(idx, c)))ᵀ``; see the module docstring."""
 
-    config: FourierFTConfig
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: 'spectrum ~ N(0,1) (init_weights=False, default) ⇒ not identity at init'",
     }

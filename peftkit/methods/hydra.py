@@ -27,10 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveInt, register
 
 
 @dataclass(kw_only=True)
@@ -45,15 +42,10 @@ class HydraConfig(AdapterConfig):
             start at zero either way.
     """
 
-    r: int = 2
+    r: PositiveInt = 2
     scale: float = 1.0
     learnable_scale: bool = False
     init: Literal["lora", "adaptformer"] = "lora"
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        if self.init not in ("lora", "adaptformer"):
-            raise InvalidConfigError(f"init must be 'lora' or 'adaptformer', got {self.init!r}")
 
     @classmethod
     def tiny(cls) -> HydraConfig:
@@ -66,10 +58,8 @@ class HydraConfig(AdapterConfig):
 
 
 @register("hydra", HydraConfig)
-class Hydra(Adapter):
+class Hydra(Adapter[HydraConfig]):
     """Parallel + sequential low-rank branches with biases; see the module docstring."""
-
-    config: HydraConfig
 
     def __init__(self, base: BaseView, config: HydraConfig) -> None:
         super().__init__(base, config)

@@ -27,10 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveFloat, PositiveInt, Probability, register
 
 
 @dataclass(kw_only=True)
@@ -47,20 +44,12 @@ class LoHaConfig(AdapterConfig):
         init: ``"peft"`` (``w2_b`` zero: identity) or ``"random"`` (everything Kaiming; tests).
     """
 
-    r: int = 8
-    alpha: float = 8.0
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 8.0
     use_effective_conv2d: bool = False
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    rank_dropout: Probability = 0.0
+    module_dropout: Probability = 0.0
     init: Literal["peft", "random"] = "peft"
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise InvalidConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if self.init not in ("peft", "random"):
-            raise InvalidConfigError(f"init must be 'peft' or 'random', got {self.init!r}")
 
     @property
     def scale(self) -> float:
@@ -94,14 +83,10 @@ def loha_shapes(base: BaseView, config: LoHaConfig) -> dict[str, tuple[int, ...]
 
 
 @register("loha", LoHaConfig)
-class LoHa(Adapter):
+class LoHa(Adapter[LoHaConfig]):
     """``y = base(x) + s · ((w1_a w1_b) ⊙ (w2_a w2_b)) x``; see the module docstring."""
 
-    config: LoHaConfig
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", "conv2d")
+    kinds = frozenset({"linear", "conv2d"})
 
     def __init__(self, base: BaseView, config: LoHaConfig) -> None:
         super().__init__(base, config)

@@ -29,10 +29,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    register,
+)
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -79,27 +85,21 @@ class LoKrConfig(AdapterConfig):
         init: ``"peft"`` (``w1`` zero), ``"lycoris"`` (``w2`` zero) or ``"random"`` (not identity; tests).
     """
 
-    r: int = 8
-    alpha: float = 8.0
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 8.0
     decompose_factor: int = -1
     decompose_both: bool = False
     use_effective_conv2d: bool = False
-    rank_dropout: float = 0.0
+    rank_dropout: Probability = 0.0
     rank_dropout_scale: bool = False
-    module_dropout: float = 0.0
+    module_dropout: Probability = 0.0
     init: Literal["peft", "lycoris", "random"] = "peft"
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        if not isinstance(self.decompose_factor, int) or (self.decompose_factor <= 0 and self.decompose_factor != -1):
+        if self.decompose_factor <= 0 and self.decompose_factor != -1:  # -1 or positive: no single range
             raise InvalidConfigError(
                 f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}"
             )
-        for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise InvalidConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if self.init not in ("peft", "lycoris", "random"):
-            raise InvalidConfigError(f"init must be 'peft', 'lycoris' or 'random', got {self.init!r}")
 
     @property
     def scale(self) -> float:
@@ -141,14 +141,10 @@ def lokr_shapes(base: BaseView, config: LoKrConfig) -> dict[str, tuple[int, ...]
 
 
 @register("lokr", LoKrConfig)
-class LoKr(Adapter):
+class LoKr(Adapter[LoKrConfig]):
     """``y = base(x) + s · (w1 ⊗ w2) x``; see the module docstring."""
 
-    config: LoKrConfig
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", "conv2d")
+    kinds = frozenset({"linear", "conv2d"})
 
     def __init__(self, base: BaseView, config: LoKrConfig) -> None:
         super().__init__(base, config)

@@ -30,10 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, input_dropout, require_positive_int, require_probability
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    PositiveInt,
+    Probability,
+    input_dropout,
+    register,
+)
 
 
 @dataclass(kw_only=True)
@@ -48,21 +54,11 @@ class MiSSConfig(AdapterConfig):
         init: ``"zeros"`` (identity at init) or ``"kaiming"`` (PEFT ``init_weights=False``; tests).
     """
 
-    r: int = 64
+    r: PositiveInt = 64
     mode: Literal["miss", "mini", "bat"] = "miss"
-    mini_r: int = 1
-    dropout: float = 0.0
+    mini_r: PositiveInt = 1
+    dropout: Probability = 0.0
     init: Literal["zeros", "kaiming"] = "zeros"
-
-    def validate(self) -> None:
-        for name in ("r", "mini_r"):
-            v = getattr(self, name)
-            require_positive_int(name, v)
-        if self.mode not in ("miss", "mini", "bat"):
-            raise InvalidConfigError(f"mode must be 'miss', 'mini' or 'bat', got {self.mode!r}")
-        require_probability("dropout", self.dropout)
-        if self.init not in ("zeros", "kaiming"):
-            raise InvalidConfigError(f"init must be 'zeros' or 'kaiming', got {self.init!r}")
 
     @classmethod
     def tiny(cls) -> MiSSConfig:
@@ -80,10 +76,8 @@ def block_shape(base: BaseView, config: MiSSConfig) -> tuple[int, ...]:
 
 
 @register("miss", MiSSConfig)
-class MiSS(Adapter):
+class MiSS(Adapter[MiSSConfig]):
     """``y = base(x) + drop(Σ_g x_g) D`` (or Bone's block-affine ``W'``); see the module docstring."""
-
-    config: MiSSConfig
 
     def __init__(self, base: BaseView, config: MiSSConfig) -> None:
         super().__init__(base, config)

@@ -41,14 +41,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, input_dropout, require_positive_int, require_probability
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    PositiveInt,
+    RankConfig,
+    input_dropout,
+    register,
+)
 
 
 @dataclass(kw_only=True)
-class RandLoRAConfig(AdapterConfig):
+class RandLoRAConfig(RankConfig):
     """Settings of RandLoRA (PEFT ``RandLoraConfig`` defaults).
 
     Attributes:
@@ -65,21 +71,17 @@ class RandLoRAConfig(AdapterConfig):
 
     r: int = 32
     alpha: float = 640.0
-    dropout: float = 0.0
     projection_prng_key: int = 0
-    projection_shape: list[int] | None = None
+    projection_shape: list[PositiveInt] | None = None
     sparse: bool = False
     very_sparse: bool = False
     scale_by_sqrt_bases: bool = False
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
-        if self.projection_shape is not None:
-            shape = list(self.projection_shape)
-            if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape):
-                raise InvalidConfigError(f"projection_shape must be [d_out, d_in] of positive ints, got {shape!r}")
-            self.projection_shape = shape
+        if self.projection_shape is not None and len(self.projection_shape) != 2:
+            raise InvalidConfigError(
+                f"projection_shape must be [d_out, d_in] of positive ints, got {self.projection_shape!r}"
+            )
 
     @classmethod
     def tiny(cls) -> RandLoRAConfig:
@@ -127,10 +129,8 @@ def random_bases(key: int, r: int, d_max: int, d_min: int, sparsity: float) -> t
 
 
 @register("randlora", RandLoRAConfig)
-class RandLoRA(Adapter):
+class RandLoRA(Adapter[RandLoRAConfig]):
     """``y = base(x) + s · B̂ Â x`` with random frozen bases and trainable ``λ``, ``γ``; see the module docstring."""
-
-    config: RandLoRAConfig
 
     def __init__(self, base: BaseView, config: RandLoRAConfig) -> None:
         super().__init__(base, config)

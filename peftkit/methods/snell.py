@@ -37,10 +37,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, input_dropout, require_probability
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    NonNegativeInt,
+    PositiveInt,
+    Probability,
+    input_dropout,
+    register,
+)
 
 HEADS = 2
 
@@ -57,20 +64,15 @@ class SNELLConfig(AdapterConfig):
         zero_start: subtract the initial ``K_s`` so the adapter starts as identity (decision; off).
     """
 
-    low_rank_dim: int = 8
-    init_thres: float = 0.0
-    dropout: float = 0.0
-    drop_path: float = 0.0
+    low_rank_dim: PositiveInt = 8
+    init_thres: Probability = 0.0
+    dropout: Probability = 0.0
+    drop_path: Probability = 0.0
     zero_start: bool = False
 
     def validate(self) -> None:
-        q = self.low_rank_dim
-        if not isinstance(q, int) or isinstance(q, bool) or q <= 0 or q % HEADS:
-            raise InvalidConfigError(f"low_rank_dim must be a positive multiple of {HEADS}, got {q!r}")
-        require_probability("init_thres", self.init_thres)
-        for name in ("dropout", "drop_path"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise InvalidConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if self.low_rank_dim % HEADS:
+            raise InvalidConfigError(f"low_rank_dim must be a positive multiple of {HEADS}, got {self.low_rank_dim!r}")
 
     @classmethod
     def tiny(cls) -> SNELLConfig:
@@ -94,19 +96,11 @@ class SNELLAConfig(SNELLConfig):
     """
 
     low_rank_dim: int = 32
-    target_ratio: float = 0.3
-    init_warmup: int = 0
-    final_warmup: int = 0
-    beta1: float = 0.85
-    beta2: float = 0.85
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("target_ratio", "beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise InvalidConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if self.init_warmup < 0 or self.final_warmup < 0:
-            raise InvalidConfigError("init_warmup and final_warmup must be non-negative")
+    target_ratio: Probability = 0.3
+    init_warmup: NonNegativeInt = 0
+    final_warmup: NonNegativeInt = 0
+    beta1: Probability = 0.85
+    beta2: Probability = 0.85
 
     @classmethod
     def tiny(cls) -> SNELLAConfig:
@@ -134,10 +128,9 @@ def sparsify(k: Tensor, s: float) -> Tensor:
 
 
 @register("snell", SNELLConfig)
-class SNELL(Adapter):
+class SNELL(Adapter[SNELLConfig]):
     """``y = base(x) + x K_s``; see the module docstring."""
 
-    config: SNELLConfig
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: 'In_Qs, Out_Qs kaiming-uniform(a=√5) ⇒ K ≠ 0 ⇒ not identity at init (faithful)'",
     }
@@ -199,7 +192,7 @@ class SNELL(Adapter):
 class SNELLA(SNELL):
     """SNELL with ``K' = K + α softmax(K/γ) + β`` and a layer-specific ratio; see the module docstring."""
 
-    config: SNELLAConfig
+    config: SNELLAConfig  # narrows SNELL.config
 
     def setup_extra(self, base: BaseView) -> None:
         self.alpha = nn.Parameter(torch.empty((), device=base.device))
