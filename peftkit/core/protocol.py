@@ -148,7 +148,7 @@ def _type_error(name: str, value: object, kind: Any) -> str | None:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is typing.Annotated:
         reason = _type_error(name, value, args[0])
-        if reason is not None:
+        if reason is not None or value is None:  # (None: an optional field left unset; bounds are for numbers)
             return reason
         for bound in (b for b in args[1:] if isinstance(b, Bound)):
             if bound.violated(value):  # type: ignore[arg-type]
