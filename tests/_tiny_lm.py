@@ -1,6 +1,7 @@
-"""A tiny causal LM for training tests: a 2-layer Llama built from a config, and a real byte-level BPE tokenizer
+"""Tiny models for training tests, built in code (no assets): a 2-layer Llama with a real byte-level BPE tokenizer
 trained here on a small corpus with multi-byte characters, carrying SmolLM2's ChatML chat template (same
-special tokens: ``<|im_start|>`` / ``<|im_end|>``, end-of-sequence ``<|im_end|>``). Built in code: no assets."""
+special tokens: ``<|im_start|>`` / ``<|im_end|>``, end-of-sequence ``<|im_end|>``); and a tiny BERT folder with
+a 64-word WordPiece vocabulary (:func:`save_bert`)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,25 @@ def prompt_rows(n: int = 40) -> list[dict[str, Any]]:
          "completion": " positive" if i % 2 == 0 else " negative"}
         for i in range(n)
     ]  # fmt: skip
+
+
+BERT_WORDS = (
+    "the a and of to is it in that film movie this as with but its for an on be by one not all good bad story "
+    "more so you than has too about like his just at or are from have who most funny best out no can if much "
+    "what there even some characters comedy action love , . '"
+).split()
+
+
+def save_bert(path: Path) -> Path:
+    """A tiny random BertModel (from ``conftest.tiny_bert``) with a 64-word WordPiece tokenizer, saved as a
+    Hugging Face model folder."""
+    from conftest import tiny_bert
+    from transformers import BertTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]
+    vocab = (vocab + [f"w{i}" for i in range(64)])[:64]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    tiny_bert().save_pretrained(path)
+    return path

