@@ -55,7 +55,7 @@ def target_layers(model: AdaptedModel, name: str) -> dict[str, tuple[AdaptedLaye
     are left out)."""
     method = type(model.configs[name]).method
     return {
-        path: (model._layer(path), adapter)
+        path: (model.adapted_layer(path), adapter)
         for path, adapter in model.adapter_modules(name).items()
         if adapter.method == method
     }

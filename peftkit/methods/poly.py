@@ -1,8 +1,8 @@
 """Poly / MHR (and the MHR-z / MHR-μ procedures): a routed inventory of LoRA skills.
 
 Ponti et al., 2023, "Combining Parameter-efficient Modules for Task-level Generalisation" (Poly) and Caccia et
-al., 2023, "Multi-Head Adapter Routing for Cross-Task Generalization" (MHR); spec ``shared/methods/adapters.md``
-("Poly / MHR / MHR-z / MHR-μ"); PEFT ``PolyConfig`` / ``tuners/poly``; official ``microsoft/mttl``.
+al., 2023, "Multi-Head Adapter Routing for Cross-Task Generalization" (MHR); PEFT ``PolyConfig`` /
+``tuners/poly``; official code ``microsoft/mttl``.
 
 Each adapted Linear holds ``S`` LoRA skills split into ``Q`` heads along the feature axes,
 ``A [Q, S, in/Q, r]`` and ``B [Q, S, r, out/Q]``, and a router ``module_logits [T, Q·S]`` (one row per task).
@@ -16,7 +16,7 @@ Task ids reach the adapter through the core's generic ``model(..., task_ids=ids)
 :func:`set_task`), or task 0 when the adapter has a single task; otherwise the call raises
 :class:`AdapterIdsError` naming the fix.
 
-*Decision (spec)*: the PEFT behaviour — scale ``c = 1/r`` (``scaling="alpha/r"`` gives the official
+*Decision*: the PEFT behaviour — scale ``c = 1/r`` (``scaling="alpha/r"`` gives the official
 ``alpha/r``), ``A`` Kaiming-uniform (``a=√5``) per (head, skill) slice of shape ``(r, in/Q)``, drawn in PEFT's
 order (skills outer, heads inner, so one seed gives PEFT's initial values), ``B = 0`` (identity at init),
 logits ``U(−1e-3, 1e-3)``. The official straight-through / L2-norm / logit-dropout /
@@ -35,21 +35,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
-from peftkit.core.base import BaseView
-from peftkit.core.context import ForwardContext
-from peftkit.core.errors import AdapterIdsError, InvalidConfigError, NotMergeableError, UnsupportedLayerError
-from peftkit.core.model import AdaptedModel
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    AdaptedModel,
+    Adapter,
+    AdapterConfig,
+    AdapterIdsError,
+    BaseView,
+    ForwardContext,
+    InvalidConfigError,
+    LowRank,
+    NotMergeableError,
+    PositiveFloat,
+    PositiveInt,
+    UnsupportedLayerError,
+    add_lowrank,
+    register,
+)
 
 EPS = 1e-12  # PEFT / mttl: w = w̃ / (Σ w̃ + EPS)
-SCALINGS = ("1/r", "alpha/r")
-TRAIN_ROUTINGS = ("relaxed_bernoulli", "sigmoid")
 
 
 @dataclass(kw_only=True)
@@ -70,22 +79,14 @@ class PolyConfig(AdapterConfig):
             in training mode, where sampled routing — like dropout — differs call to call).
     """
 
-    r: int = 8
-    n_skills: int = 4
-    n_splits: int = 1
-    n_tasks: int = 1
-    scaling: str = "1/r"
-    alpha: float = 8.0
+    r: PositiveInt = 8
+    n_skills: PositiveInt = 4
+    n_splits: PositiveInt = 1
+    n_tasks: PositiveInt = 1
+    scaling: Literal["1/r", "alpha/r"] = "1/r"
+    alpha: PositiveFloat = 8.0
     freeze_skills: bool = False
-    train_routing: str = "relaxed_bernoulli"
-
-    def validate(self) -> None:
-        for name in ("r", "n_skills", "n_splits", "n_tasks"):
-            require_positive_int(name, getattr(self, name))
-        if self.scaling not in SCALINGS:
-            raise InvalidConfigError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
-        if self.train_routing not in TRAIN_ROUTINGS:
-            raise InvalidConfigError(f"train_routing must be one of {TRAIN_ROUTINGS}, got {self.train_routing!r}")
+    train_routing: Literal["relaxed_bernoulli", "sigmoid"] = "relaxed_bernoulli"
 
     @property
     def scale(self) -> float:
@@ -102,10 +103,9 @@ class PolyConfig(AdapterConfig):
 
 
 @register("poly", PolyConfig)
-class Poly(Adapter):
+class Poly(Adapter[PolyConfig]):
     """``y = base(x) + c · x A_t B_t`` with the task's routed mixture of skills (see the module docstring)."""
 
-    config: PolyConfig
     uses_context = True
 
     def __init__(self, base: BaseView, config: PolyConfig) -> None:

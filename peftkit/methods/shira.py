@@ -17,10 +17,11 @@ Masks (``mask_type``):
 * ``"gradient"`` (SHiRA-Grad) and ``"snip"`` (SHiRA-SNIP), paper variants that need calibration data: the ``n``
   entries of largest ``|G|`` or ``|W ⊙ G|``, ``G = ∇_W Σ_batches loss`` the gradient of the summed calibration
   loss of the **base** model (adapters disabled; *inferred*: the paper says "top-|grad| entries on calibration
-  data" without fixing the accumulation). Pass ``init=SHiRAGradientMask(batches)`` to ``pk.adapt`` /
-  ``add_adapter`` (a :mod:`peftkit.init` initialiser), or build the adapter and call
-  :func:`shira_gradient_masks`; until then the adapter refuses to run (:class:`MaskNotCalibratedError`) instead
-  of silently training a placeholder mask. The chosen indices are saved, so :func:`peftkit.load` restores them.
+  data" without fixing the accumulation). Pass ``init=pk.init.SHiRAGradientMask(batches)`` to ``pk.adapt`` /
+  ``add_adapter``, or build the adapter and call :func:`peftkit.init.shira_gradient_masks` (the calibration
+  pass lives in :mod:`peftkit.init.shira`, with the other data-aware initialisers); until then the adapter
+  refuses to run (:class:`MaskNotCalibratedError`) instead of silently training a placeholder mask. The chosen
+  indices are saved, so :func:`peftkit.load` restores them.
 
 Custom masks (PEFT's ``mask_fn``): :meth:`SHiRA.set_mask` with any ``{0,1}`` mask of exactly ``n`` ones.
 
@@ -38,20 +39,24 @@ seed (PEFT's behaviour, so the mask is still deterministic). Scaling ``s = scale
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError, PeftkitError
-from peftkit.core.model import AdaptedModel
-from peftkit.core.protocol import Adapter, AdapterConfig, SparseDelta, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    PeftkitError,
+    PositiveInt,
+    SparseDelta,
+    register,
+)
 
-MASK_TYPES = ("random", "magnitude", "gradient", "snip")
 #: mask types whose entries come from calibration gradients, and their score from (W, G)
 GRADIENT_SCORES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "gradient": lambda weight, grad: grad.abs(),
@@ -60,7 +65,7 @@ GRADIENT_SCORES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 class MaskNotCalibratedError(PeftkitError, RuntimeError):
-    """A gradient-based SHiRA mask was used before :func:`shira_gradient_masks` chose its entries."""
+    """A gradient-based SHiRA mask was used before :func:`peftkit.init.shira_gradient_masks` chose its entries."""
 
 
 @dataclass(kw_only=True)
@@ -71,24 +76,17 @@ class SHiRAConfig(AdapterConfig):
         r: sets the number of trainable entries per layer, ``n = r·(d_in + d_out)`` (not a rank limit).
         mask_type: ``"random"`` (PEFT), ``"magnitude"`` (SHiRA-WM: top-``n`` ``|W|``), ``"gradient"``
             (SHiRA-Grad: top-``n`` ``|∇W|``) or ``"snip"`` (SHiRA-SNIP: top-``n`` ``|W ⊙ ∇W|``); the last two are
-            set by :func:`shira_gradient_masks` from calibration batches.
+            set by :func:`peftkit.init.shira_gradient_masks` from calibration batches.
         random_seed: seed of the random mask (see the module docstring for ``None``).
         scale: multiplies the sparse update (PEFT's ``scaling``, 1.0 in training).
         init: ``"zeros"`` (identity at init) or ``"randn"`` (PEFT ``init_weights=False``; tests).
     """
 
-    r: int = 32
+    r: PositiveInt = 32
     mask_type: Literal["random", "magnitude", "gradient", "snip"] = "random"
     random_seed: int | None = None
     scale: float = 1.0
     init: Literal["zeros", "randn"] = "zeros"
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        if self.mask_type not in MASK_TYPES:
-            raise InvalidConfigError(f"mask_type must be one of {MASK_TYPES}, got {self.mask_type!r}")
-        if self.init not in ("zeros", "randn"):
-            raise InvalidConfigError(f"init must be 'zeros' or 'randn', got {self.init!r}")
 
     @classmethod
     def tiny(cls) -> SHiRAConfig:
@@ -131,10 +129,8 @@ def _mask_indices(mask: Tensor) -> Tensor:
 
 
 @register("shira", SHiRAConfig)
-class SHiRA(Adapter):
+class SHiRA(Adapter[SHiRAConfig]):
     """``y = x (W + scatter(indices, s·values))ᵀ + b``; see the module docstring."""
-
-    config: SHiRAConfig
 
     def __init__(self, base: BaseView, config: SHiRAConfig) -> None:
         super().__init__(base, config)
@@ -178,7 +174,8 @@ class SHiRA(Adapter):
         if self.needs_calibration:
             raise MaskNotCalibratedError(
                 f"this SHiRA adapter has mask_type={self.config.mask_type!r}: build it with "
-                "init=SHiRAGradientMask(batches) or call shira_gradient_masks(model, batches, loss_fn) first"
+                "init=pk.init.SHiRAGradientMask(batches) or call pk.init.shira_gradient_masks(model, batches, loss_fn) "
+                "first"
             )
         idx = self.indices.long()
         return idx[0], idx[1]
@@ -199,80 +196,3 @@ class SHiRA(Adapter):
     @classmethod
     def expected_trainable(cls, base: BaseView, config: SHiRAConfig) -> int:
         return config.r * (base.in_features + base.out_features)
-
-
-def shira_gradient_masks(
-    model: AdaptedModel,
-    batches: Iterable[Any],
-    loss_fn: Callable[[Any, Any], Tensor] | None = None,
-    adapter: str | None = None,
-) -> dict[str, Tensor]:
-    """Choose the entries of every gradient-based SHiRA mask (``mask_type="gradient"`` or ``"snip"``) of one
-    adapter from calibration data: the ``n`` largest ``|G|`` (or ``|W ⊙ G|``), ``G`` the gradient of
-    ``Σ_batches loss_fn(model, batch)`` with respect to each adapted base weight, taken on the base model by the
-    gradient pass the data-aware initialisers share (:func:`peftkit.init._calibration.per_batch_gradients`:
-    adapters disabled, training mode, the base weights unchanged and without ``.grad`` afterwards). The values
-    restart at zero, so the model is still the base model. :class:`SHiRAGradientMask` runs this as an ``init=``.
-
-    Args:
-        model: the adapted model holding the SHiRA adapter.
-        batches: calibration batches (any objects ``loss_fn`` understands).
-        loss_fn: ``loss_fn(model, batch) -> scalar loss`` (default: the output's ``loss``).
-        adapter: the adapter to calibrate (default: the single active one).
-
-    Returns:
-        ``{module path: [2, n] indices}`` chosen for each module.
-
-    Raises:
-        InvalidConfigError: the adapter is not a gradient-based SHiRA adapter or no batch was given.
-    """
-    from peftkit.init._calibration import per_batch_gradients  # peftkit.init imports the methods
-
-    name = adapter or model._single_active()
-    config = model.configs[name]
-    if not isinstance(config, SHiRAConfig) or config.mask_type not in GRADIENT_SCORES:
-        raise InvalidConfigError(
-            f"adapter {name!r} is not a SHiRA adapter with mask_type in {sorted(GRADIENT_SCORES)}: nothing to calibrate"
-        )
-    totals: dict[str, Tensor] = {}
-    for _, grads in per_batch_gradients(model, name, batches, loss_fn, desc="SHiRA gradient mask"):
-        for path, g in grads.items():
-            totals[path] = totals[path] + g if path in totals else g
-    if not totals:
-        raise InvalidConfigError("shira_gradient_masks needs at least one calibration batch")
-    chosen = {}
-    for path, a in model.adapter_modules(name).items():
-        if not isinstance(a, SHiRA):
-            continue  # modules_to_save heads
-        view = model.model.get_submodule(path).base
-        score = GRADIENT_SCORES[config.mask_type](view.weight.detach().float(), totals[path])
-        a.set_mask(top_mask(score, a.values.numel()).to(a.indices.device))
-        chosen[path] = a.indices
-    return chosen
-
-
-class SHiRAGradientMask:
-    """The SHiRA-Grad / SHiRA-SNIP mask as a data-aware initialiser (the :class:`peftkit.init.Initializer`
-    protocol): ``pk.adapt(base, SHiRAConfig(r=32), init=SHiRAGradientMask(batches))``.
-
-    Args:
-        batches: calibration batches.
-        loss_fn: ``loss_fn(model, batch) -> scalar loss`` (default: the output's ``loss``).
-        score: ``"gradient"`` (top ``|∇W|``) or ``"snip"`` (top ``|W ⊙ ∇W|``); recorded as the config's
-            ``mask_type``.
-    """
-
-    def __init__(
-        self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], Tensor] | None = None, score: str = "gradient"
-    ) -> None:
-        if score not in GRADIENT_SCORES:
-            raise InvalidConfigError(f"score must be one of {sorted(GRADIENT_SCORES)}, got {score!r}")
-        self.batches, self.loss_fn, self.score = batches, loss_fn, score
-
-    def prepare(self, config: AdapterConfig) -> AdapterConfig:
-        if not isinstance(config, SHiRAConfig):
-            raise InvalidConfigError(f"SHiRAGradientMask initialises a SHiRA adapter; got a {type(config).__name__}")
-        return config.replace(mask_type=self.score)
-
-    def apply(self, model: AdaptedModel, name: str) -> None:
-        shira_gradient_masks(model, self.batches, self.loss_fn, adapter=name)

@@ -14,14 +14,8 @@ from torch import nn
 import peftkit as pk
 from peftkit.core.base import BaseView
 from peftkit.errors import InvalidConfigError
-from peftkit.methods.shira import (
-    MaskNotCalibratedError,
-    SHiRA,
-    SHiRAConfig,
-    SHiRAGradientMask,
-    random_mask,
-    shira_gradient_masks,
-)
+from peftkit.init.shira import SHiRAGradientMask, shira_gradient_masks
+from peftkit.methods.shira import MaskNotCalibratedError, SHiRA, SHiRAConfig, random_mask
 
 
 def _adapter(**kw: object) -> tuple[SHiRA, BaseView, nn.Linear]:
