@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from peftkit.core.errors import InvalidConfigError
+from peftkit.core.api import InvalidConfigError
 
 
 def grid_of(n: int, grid: tuple[int, int] | list[int] | None = None) -> tuple[int, int]:

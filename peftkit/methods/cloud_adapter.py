@@ -1,6 +1,6 @@
 """Cloud-Adapter: a CNN side branch that encodes the image once and rewrites the patch tokens of a few ViT
-blocks (spec ``shared/methods/adapters.md``, "Cloud-Adapter"; official XavierJiezou/Cloud-Adapter
-``cloud_adapter.py``, ``cloud_adapter_dinov2.py``).
+blocks ("Adapting Vision Foundation Models for Robust Cloud Segmentation in Remote Sensing Images", 2024;
+official code XavierJiezou/Cloud-Adapter, ``cloud_adapter.py``, ``cloud_adapter_dinov2.py``).
 
 * Spatial perception (``PMAAConvBlock``, hidden ``c``, ``depth`` stages), on the image ``I``: ``proj_1x1`` =
   depthwise 1×1 conv + BN + ReLU + pointwise 1×1 conv (``in→c``) + BN; ``stem`` = 3×3 conv + BN + ReLU + 1×1
@@ -40,14 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.context import ForwardContext
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    ForwardContext,
+    NonNegativeInt,
+    PositiveInt,
+    register,
+)
 from peftkit.methods._feature_maps import to_map
-
-ROLES = ("both", "perception", "interaction")
 
 
 @dataclass(kw_only=True)
@@ -68,24 +70,18 @@ class CloudAdapterConfig(AdapterConfig):
     """
 
     targets: list[str] | str = r"(.*\.)?layers\.(0|6|12|18)"
-    hidden: int = 256
-    depth: int = 4
+    hidden: PositiveInt = 256
+    depth: PositiveInt = 4
     role: Literal["both", "perception", "interaction"] = "both"
     residual: bool = False
-    prefix_tokens: int = 1
-    grid: list[int] | None = None
+    prefix_tokens: NonNegativeInt = 1
+    grid: list[PositiveInt] | None = None
     context: str = ""
 
     def __post_init__(self) -> None:
         if not self.context:
             self.context = uuid.uuid4().hex
         super().__post_init__()
-
-    def validate(self) -> None:
-        require_positive_int("hidden", self.hidden)
-        require_positive_int("depth", self.depth)
-        if self.role not in ROLES:
-            raise InvalidConfigError(f"role must be one of {ROLES}, got {self.role!r}")
 
     def replace(self, **changes: Any) -> CloudAdapterConfig:
         """A copy with some fields changed and (unless given) a fresh ``context`` key: a new adapter."""
@@ -176,19 +172,15 @@ class Interaction(nn.Module):
 
 
 @register("cloud_adapter", CloudAdapterConfig)
-class CloudAdapter(Adapter):
+class CloudAdapter(Adapter[CloudAdapterConfig]):
     """A CNN context branch and/or a token-rewriting interaction module; see the module docstring."""
 
-    config: CloudAdapterConfig
+    kinds = frozenset({"linear", "conv2d", None})  # the image conv, a Linear's tokens or a whole block
     uses_context = True  # perception publishes ctx in context.state for the interaction modules of the forward
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: not identity (the patch tokens are replaced, no residual)",
         "mergeable": "spec: not mergeable (CNN branch, sigmoid gate)",
     }
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", "conv2d", None)
 
     def __init__(self, base: BaseView, config: CloudAdapterConfig) -> None:
         super().__init__(base, config)

@@ -1,5 +1,6 @@
-"""DD-Adapter: depthwise-dilated convolutional adapter on a feature map (spec ``shared/methods/adapters.md``,
-"DD-Adapter"; official apple1986/DD-SAM2 ``sam2/adapter_ap.py``).
+"""DD-Adapter: depthwise-dilated convolutional adapter on a feature map ("Depthwise-Dilated Convolutional
+Adapters for Medical Object Tracking and Segmentation Using the Segment Anything Model 2", 2025; official code
+apple1986/DD-SAM2, ``sam2/adapter_ap.py``).
 
 On a layer or block output ``x`` (``C`` channels, even): ``h = GELU(pw1(x))`` with ``pw1: Conv1×1(C→C/2)``,
 ``u = GELU(dw1(h)) + GELU(dw3(h))`` with depthwise 3×3 convs of dilation 1 and 3 (padding 1 and 3),
@@ -22,10 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import UnsupportedLayerError
-from peftkit.core.protocol import Adapter, AdapterConfig
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    NonNegativeInt,
+    PositiveInt,
+    UnsupportedLayerError,
+    register,
+)
 from peftkit.methods._feature_maps import to_map
 
 
@@ -42,11 +48,11 @@ class DDAdapterConfig(AdapterConfig):
     """
 
     targets: list[str] | str = r".*conv.*"
-    dilations: list[int] = field(default_factory=lambda: [1, 3])
+    dilations: list[PositiveInt] = field(default_factory=lambda: [1, 3])
     zero_init: bool = False
-    prefix_tokens: int = 0
+    prefix_tokens: NonNegativeInt = 0
     channels_last: bool = False
-    grid: list[int] | None = None
+    grid: list[PositiveInt] | None = None
 
     @classmethod
     def tiny(cls) -> DDAdapterConfig:
@@ -58,18 +64,14 @@ class DDAdapterConfig(AdapterConfig):
 
 
 @register("dd_adapter", DDAdapterConfig)
-class DDAdapter(Adapter):
+class DDAdapter(Adapter[DDAdapterConfig]):
     """``y = x + GELU(pw2(GELU(dw1(h)) + GELU(dw3(h))))``, ``h = GELU(pw1(x))``; see the module docstring."""
 
-    config: DDAdapterConfig
+    kinds = frozenset({"linear", "conv2d", None})  # a Linear's tokens, a conv's map, or a whole block
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: not identity at init (torch default init everywhere)",
         "mergeable": "spec: not mergeable (GELU, depthwise convs)",
     }
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", "conv2d", None)
 
     def __init__(self, base: BaseView, config: DDAdapterConfig) -> None:
         super().__init__(base, config)

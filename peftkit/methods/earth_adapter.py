@@ -1,5 +1,6 @@
-"""Earth-Adapter: mixture-of-frequency adapter on ViT block outputs (spec ``shared/methods/adapters.md``,
-"Earth-Adapter"; official VisionXLab/Earth-Adapter ``earth_adapter.py``).
+"""Earth-Adapter: mixture-of-frequency adapter on ViT block outputs ("Earth-Adapter: Bridge the Geospatial
+Domain Gaps with Mixture of Frequency Adaptation", 2025; official code VisionXLab/Earth-Adapter,
+``earth_adapter.py``).
 
 On the patch tokens ``F`` of a block output (cls / prefix tokens unchanged), as a map ``B×d×H×W``:
 
@@ -30,10 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, Fraction, NonNegativeInt, PositiveInt, register
 from peftkit.methods._feature_maps import to_map
 
 
@@ -52,18 +50,13 @@ class EarthAdapterConfig(AdapterConfig):
     """
 
     targets: list[str] | str = r"(.*\.)?layers\.\d+"
-    r: int = 64
-    cutoff_ratio: float = 0.3
+    r: PositiveInt = 64
+    cutoff_ratio: Fraction = 0.3
     frequency: bool = True
     scale_init: float = 0.1
     zero_init_up: bool = False
-    prefix_tokens: int = 1
-    grid: list[int] | None = None
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        if not 0.0 <= self.cutoff_ratio <= 1.0:
-            raise InvalidConfigError(f"cutoff_ratio must lie in [0, 1], got {self.cutoff_ratio!r}")
+    prefix_tokens: NonNegativeInt = 1
+    grid: list[PositiveInt] | None = None
 
     @classmethod
     def tiny(cls) -> EarthAdapterConfig:
@@ -104,18 +97,14 @@ class _MLP(nn.Sequential):
 
 
 @register("earth_adapter", EarthAdapterConfig)
-class EarthAdapter(Adapter):
+class EarthAdapter(Adapter[EarthAdapterConfig]):
     """``F' = F + s · mixture of mlp experts on F, F_low, F_high``; see the module docstring."""
 
-    config: EarthAdapterConfig
+    kinds = frozenset({"linear", "conv2d", None})  # a Linear's tokens, a conv's map, or a whole block
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: not identity (up projections are Kaiming-initialised, s = 0.1 from step 0)",
         "mergeable": "spec: not mergeable (ReLU, FFT split, router)",
     }
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", "conv2d", None)
 
     def __init__(self, base: BaseView, config: EarthAdapterConfig) -> None:
         super().__init__(base, config)

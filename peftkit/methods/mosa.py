@@ -1,5 +1,6 @@
-"""MoSA: Split & Merge — sparse sub-adapters trained stochastically, merged into one adapter (spec
-``shared/methods/adapters.md``, "MoSA"; official Theia-4869/MoSA ``vit_mosa.py``, ``pruner.py``).
+"""MoSA: Split & Merge — sparse sub-adapters trained stochastically, merged into one adapter ("Split & Merge:
+Unlocking the Potential of Visual Adapters via Sparse Training", 2024; official code Theia-4869/MoSA,
+``vit_mosa.py``, ``pruner.py``).
 
 A parallel AdaptFormer-style adapter with a fresh input LayerNorm ``LN_a``, ``down: Linear(d_in→r)`` dense and
 shared, GELU, dropout 0.1, scale ``s = 0.1`` (share="down", all official scripts). Its up weight is split
@@ -38,9 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveInt, Probability, register
 from peftkit.methods.bottleneck import PRESETS, BottleneckBranch, ParallelConfig
 
 
@@ -56,15 +55,10 @@ class MoSAConfig(AdapterConfig):
     """
 
     targets: list[str] | str = PRESETS["parallel"]
-    r: int = 16
-    experts: int = 4
+    r: PositiveInt = 16
+    experts: PositiveInt = 4
     scale: float = 0.1
-    dropout: float = 0.1
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_positive_int("experts", self.experts)
-        require_probability("dropout", self.dropout)
+    dropout: Probability = 0.1
 
     @classmethod
     def tiny(cls) -> MoSAConfig:
@@ -86,15 +80,11 @@ def partition(score: Tensor, n: int) -> Tensor:
 
 
 @register("mosa", MoSAConfig)
-class MoSA(Adapter):
+class MoSA(Adapter[MoSAConfig]):
     """Parallel adapter whose up weight is split into ``N`` sparse experts; see the module docstring."""
 
-    config: MoSAConfig
     exempt: ClassVar[dict[str, str]] = {"mergeable": "spec: the adapter itself is not mergeable (GELU)"}
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", None)  # Linear / Conv1D, or a whole module ("module" kind)
+    kinds = frozenset({"linear", None})  # Linear / Conv1D, or a whole module ("module" kind)
 
     def __init__(self, base: BaseView, config: MoSAConfig) -> None:
         super().__init__(base, config)

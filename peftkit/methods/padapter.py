@@ -1,5 +1,5 @@
 """p-adapter (Wu et al., 2024, "p-Laplacian Adaptation for Generative Pre-trained Vision-Language Models";
-spec ``shared/methods/adapters.md``, "p-adapter"; official wuhy68/p-Adapter ``eff_blip/eff_modeling_blip.py``).
+official code wuhy68/p-Adapter, ``eff_blip/eff_modeling_blip.py``).
 
 p-Laplacian message passing over the attention graph, added to the attention output:
 
@@ -33,10 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError, UnsupportedLayerError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    UnsupportedLayerError,
+    register,
+)
 
 EPS = 1e-8  # official ε (added under the square root and inside the norm)
 
@@ -55,19 +61,11 @@ class PAdapterConfig(AdapterConfig):
     """
 
     targets: list[str] | str = r"(.*\.)?(attention\.output\.dense|attention\.o_proj|attn\.c_proj)"
-    reduction: int = 8
-    heads: int = 12
-    p: float = 1.25
+    reduction: PositiveInt = 8
+    heads: PositiveInt = 12
+    p: PositiveFloat = 1.25
     learnable_p: bool = True
-    mu: float = 0.1
-
-    def validate(self) -> None:
-        require_positive_int("reduction", self.reduction)
-        require_positive_int("heads", self.heads)
-        if self.p <= 0:
-            raise InvalidConfigError(f"p must be positive, got {self.p!r}")
-        if self.mu < 0:
-            raise InvalidConfigError(f"mu must be non-negative, got {self.mu!r}")
+    mu: NonNegativeFloat = 0.1
 
     @classmethod
     def tiny(cls) -> PAdapterConfig:
@@ -86,10 +84,9 @@ def p_laplacian_propagate(adjacency: Tensor, features: Tensor, p: Tensor, mu: Te
 
 
 @register("padapter", PAdapterConfig)
-class PAdapter(Adapter):
+class PAdapter(Adapter[PAdapterConfig]):
     """``h' = h + W_o(GELU(W_g(h)) ⊙ F')`` with ``F'`` the p-Laplacian propagation over the token graph."""
 
-    config: PAdapterConfig
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: BERT-style N(0, 0.02) init of W_i, W_g, W_o, not identity at init",
         "mergeable": "spec: not mergeable (graph propagation and GELU gate)",

@@ -1,6 +1,6 @@
 """Point-PEFT (Tang et al., 2024, "Point-PEFT: Parameter-Efficient Fine-Tuning for 3D Pre-trained Models";
-spec ``shared/methods/adapters.md``, "Point-PEFT"; official Ivan-Tang-3D/Point-PEFT
-``MAE/models/Point_Mask_Rev_FT_scan_cp.py``, ``MAE/models/adapter_super.py``).
+official code Ivan-Tang-3D/Point-PEFT, ``MAE/models/Point_Mask_Rev_FT_scan_cp.py``,
+``MAE/models/adapter_super.py``).
 
 Adapts a transformer block of a point-cloud encoder (Point-MAE-like: a cls token, then one token per point
 group). For a block ``f`` with input tokens ``x [B, n, d]``:
@@ -33,16 +33,23 @@ mergeable. Trainable: ``P·d_in + 2(2·d·h + h + d) + d² + d`` (``h`` = adapte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    Bound,
+    InvalidConfigError,
+    NonNegativeInt,
+    PositiveInt,
+    Probability,
+    register,
+)
 
 
 @dataclass(kw_only=True)
@@ -62,24 +69,14 @@ class PointPEFTConfig(AdapterConfig):
     """
 
     targets: list[str] | str = r"(.*\.)?blocks\.\d+"
-    num_prompts: int = 10
-    prompt_dropout: float = 0.1
-    skip_tokens: int = 1
-    adapter_dim: int = 16
+    num_prompts: NonNegativeInt = 10
+    prompt_dropout: Probability = 0.1
+    skip_tokens: NonNegativeInt = 1
+    adapter_dim: PositiveInt = 16
     adapter_scale: float = 0.7
     local_scale: float = 0.3
-    neighbours: int = 8
-    centre_ratio: float = 0.5
-
-    def validate(self) -> None:
-        for name in ("num_prompts", "skip_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise InvalidConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        require_positive_int("adapter_dim", self.adapter_dim)
-        require_positive_int("neighbours", self.neighbours)
-        require_probability("prompt_dropout", self.prompt_dropout)
-        if not 0.0 < self.centre_ratio <= 1.0:
-            raise InvalidConfigError(f"centre_ratio must lie in (0, 1], got {self.centre_ratio!r}")
+    neighbours: PositiveInt = 8
+    centre_ratio: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.5
 
     @classmethod
     def tiny(cls) -> PointPEFTConfig:
@@ -132,18 +129,14 @@ def _gather(tokens: Tensor, idx: Tensor) -> Tensor:
 
 
 @register("pointpeft", PointPEFTConfig)
-class PointPEFT(Adapter):
+class PointPEFT(Adapter[PointPEFTConfig]):
     """Prompted block + geometry-aware adapter (see the module docstring)."""
 
-    config: PointPEFTConfig
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: xavier-uniform adapters and prompt tokens, not identity at init",
         "mergeable": "spec: not mergeable (prompts, non-linear adapters, local aggregation)",
     }
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", None)
+    kinds = frozenset({"linear", None})
 
     def __init__(self, base: BaseView, config: PointPEFTConfig) -> None:
         super().__init__(base, config)

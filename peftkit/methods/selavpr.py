@@ -1,6 +1,5 @@
 """SelaVPR global adapters and local head (Lu et al., 2024, "Towards Seamless Adaptation of Pre-trained Models
-for Visual Place Recognition"; spec ``shared/methods/adapters.md``, "SelaVPR global/local adapters"; official
-Lu-Feng/SelaVPR ``backbone/dinov2/block.py``, ``network.py``).
+for Visual Place Recognition"; official code Lu-Feng/SelaVPR, ``backbone/dinov2/block.py``, ``network.py``).
 
 Global adaptation, per transformer block (``fc1: Linear(d_in→r)``, ``fc2: Linear(r→d_out)``, biases,
 ``r = ratio · d``, ratio 0.5):
@@ -25,15 +24,12 @@ Local adaptation: :class:`SelaVPRLocalHead` (a new, fully trained head: ``ConvTr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, Bound, InvalidConfigError, register
 from peftkit.methods.bottleneck import BottleneckBranch
 
 _TARGETS = r"(.*\.)?layers\.\d+\.(attention\.o_proj|mlp)|(.*\.)?blocks\.\d+\.(attn\.proj|mlp)"
@@ -51,12 +47,8 @@ class SelaVPRConfig(AdapterConfig):
     """
 
     targets: list[str] | str = _TARGETS
-    ratio: float = 0.5
+    ratio: Annotated[float, Bound(low=0, high=4, low_open=True)] = 0.5
     parallel_scale: float = 0.2
-
-    def validate(self) -> None:
-        if not 0.0 < self.ratio <= 4.0:
-            raise InvalidConfigError(f"ratio must lie in (0, 4], got {self.ratio!r}")
 
     def width(self, d: int) -> int:
         return max(1, round(self.ratio * d))
@@ -67,16 +59,12 @@ class SelaVPRConfig(AdapterConfig):
 
 
 @register("selavpr", SelaVPRConfig)
-class SelaVPRAdapter(Adapter):
+class SelaVPRAdapter(Adapter[SelaVPRConfig]):
     """Serial ``h + fc2(ReLU(fc1(h)))`` on a projection's output, or parallel
     ``F(x) + s · fc2(ReLU(fc1(x)))`` beside a whole module ``F`` (see the module docstring)."""
 
-    config: SelaVPRConfig
     exempt: ClassVar[dict[str, str]] = {"mergeable": "spec: not mergeable (ReLU bottleneck)"}
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", None)
+    kinds = frozenset({"linear", None})
 
     @staticmethod
     def _widths(base: BaseView) -> tuple[int, int, bool]:

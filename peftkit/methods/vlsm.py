@@ -1,6 +1,5 @@
 """VLSM-Adapter (Dhakal et al., 2024, "VLSM-Adapter: Finetuning Vision-Language Segmentation Efficiently with
-Lightweight Blocks"; spec ``shared/methods/adapters.md``, "VLSM-Adapter"; official naamiinepal/vlsm-adapter,
-``src/models/clipseg_adapter.py``).
+Lightweight Blocks"; official code naamiinepal/vlsm-adapter, ``src/models/clipseg_adapter.py``).
 
 A serial bottleneck on a sub-layer output ``o``: ``Ad(o) = o + ReLU(fc2(ReLU(fc1(o))))`` with
 ``fc1: Linear(d→r)``, ``fc2: Linear(r→d)`` (biases; ``2rd + r + d`` trainable). Note the ReLU after the
@@ -20,11 +19,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveInt, register
 from peftkit.methods.bottleneck import PRESETS, BottleneckBranch
 
 
@@ -38,10 +35,7 @@ class VLSMConfig(AdapterConfig):
     """
 
     targets: list[str] | str = PRESETS["houlsby"]
-    r: int = 64
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
+    r: PositiveInt = 64
 
     @classmethod
     def tiny(cls) -> VLSMConfig:
@@ -49,18 +43,14 @@ class VLSMConfig(AdapterConfig):
 
 
 @register("vlsm", VLSMConfig)
-class VLSMAdapter(Adapter):
+class VLSMAdapter(Adapter[VLSMConfig]):
     """``o' = o + ReLU(fc2(ReLU(fc1(o))))`` on the adapted module's output ``o``."""
 
-    config: VLSMConfig
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: torch default init on fc1 and fc2, not identity at init",
         "mergeable": "spec: not mergeable (ReLU on both sides of the bottleneck)",
     }
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", None)  # Linear / Conv1D, or a whole module
+    kinds = frozenset({"linear", None})  # Linear / Conv1D, or a whole module
 
     def __init__(self, base: BaseView, config: VLSMConfig) -> None:
         super().__init__(base, config)

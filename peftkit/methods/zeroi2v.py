@@ -1,6 +1,6 @@
-"""ZeroI2V linear adapters: zero-cost adaptation by structural re-parametrisation (spec
-``shared/methods/adapters.md``, "ZeroI2V — linear adapter"; official MCG-NJU/ZeroI2V ``vit_zero_clip.py``,
-``tools/weight_reparam.py``).
+"""ZeroI2V linear adapters: zero-cost adaptation by structural re-parametrisation ("ZeroI2V: Zero-Cost
+Adaptation of Pre-trained Transformers from Image to Video", 2024; official code MCG-NJU/ZeroI2V,
+``vit_zero_clip.py``, ``tools/weight_reparam.py``).
 
 A linear adapter ``A(h) = h + s · fc2(drop(fc1(h)))`` (no activation; ``fc1: d→r``, ``fc2: r→d``, biases;
 ``2rd + r + d`` trainable) next to a frozen linear ``(W, b)``. With ``M = I + s·W₂W₁`` and
@@ -34,15 +34,20 @@ applies it after the qkv projection (wiring it into HF attention classes is not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    Bound,
+    PositiveInt,
+    Probability,
+    register,
+)
 
 
 @dataclass(kw_only=True)
@@ -61,22 +66,11 @@ class ZeroI2VConfig(AdapterConfig):
     """
 
     side: Literal["output", "input"] = "output"
-    r: int | None = None
-    ratio: float = 0.25
+    r: PositiveInt | None = None
+    ratio: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.25
     scale: float = 0.5
-    dropout: float = 0.1
+    dropout: Probability = 0.1
     bias: bool | None = None
-
-    def validate(self) -> None:
-        if self.side not in ("output", "input"):
-            raise InvalidConfigError(f"side must be 'output' or 'input', got {self.side!r}")
-        if self.r is not None:
-            require_positive_int("r", self.r)
-        if not 0.0 < self.ratio <= 1.0:
-            raise InvalidConfigError(f"ratio must lie in (0, 1], got {self.ratio!r}")
-        require_probability("dropout", self.dropout)
-        if self.bias not in (None, True, False):
-            raise InvalidConfigError(f"bias must be None, True or False, got {self.bias!r}")
 
     def has_bias(self, base: BaseView) -> bool:
         """Whether the adapter on ``base`` has biases (``bias``, or ``None``: whether ``base`` has one)."""
@@ -112,10 +106,8 @@ def zeroi2v_config(
 
 
 @register("zeroi2v", ZeroI2VConfig)
-class ZeroI2V(Adapter):
+class ZeroI2V(Adapter[ZeroI2VConfig]):
     """A linear adapter beside a frozen linear, folded into it on merge; see the module docstring."""
-
-    config: ZeroI2VConfig
 
     def __init__(self, base: BaseView, config: ZeroI2VConfig) -> None:
         super().__init__(base, config)
