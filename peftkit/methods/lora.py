@@ -51,8 +51,7 @@ from peftkit.core.api import (
     BaseView,
     InvalidConfigError,
     LowRank,
-    PositiveInt,
-    Probability,
+    RankConfig,
     UnsupportedLayerError,
     add_lowrank,
     input_dropout,
@@ -62,8 +61,8 @@ from peftkit.core.api import (
 
 
 @dataclass(kw_only=True)
-class LoRAConfig(AdapterConfig):
-    """Settings of LoRA / rsLoRA.
+class LoRAConfig(RankConfig):
+    """Settings of LoRA / rsLoRA (:class:`RankConfig`'s ``r``, ``alpha``, ``dropout`` and defaults).
 
     Attributes:
         r: rank of the update.
@@ -79,11 +78,6 @@ class LoRAConfig(AdapterConfig):
             ``"loku"`` (factors written by :class:`peftkit.init.LoRAGA` / :class:`peftkit.init.LoKU`).
     """
 
-    r: PositiveInt = 8
-    # Not PositiveFloat (RankConfig's): CoLoRA redeclares it as ``float | None`` and the core applies an inherited
-    # bound to None too; the core checks every config's alpha > 0 anyway.
-    alpha: float = 8.0
-    dropout: Probability = 0.0
     rslora: bool = False
     bias: bool = False
     init: str = "kaiming"

@@ -79,12 +79,12 @@ def test_unknown_method_lists_close_matches() -> None:
 @pytest.mark.parametrize(
     ("fields", "word"),
     [
-        ({"r": 0}, "r must be a positive integer"),
-        ({"r": -3}, "r must be a positive integer"),
+        ({"r": 0}, r"r must lie in \[1, inf\), got 0"),
+        ({"r": -3}, r"r must lie in \[1, inf\), got -3"),
         ({"r": 2.5}, "r must be an integer"),
         ({"alpha": float("nan")}, "alpha must be finite"),
         ({"alpha": float("inf")}, "alpha must be finite"),
-        ({"alpha": -16}, "alpha must be positive"),
+        ({"alpha": -16}, "alpha must lie in .0, inf., got -16"),
         ({"alpha": "16"}, "alpha must be a number, got '16'"),
         ({"dropout": None}, "dropout must be a number"),
         ({"targets": None}, "targets is None"),
