@@ -309,8 +309,8 @@ def decode_step_times(engine: Engine, peft: Any, n: int, repeats: int) -> dict[s
     g = torch.Generator().manual_seed(n)
     names = [f"a{i}" for i in torch.randint(0, n, (BATCH,), generator=g).tolist()]
     for name in dict.fromkeys(names):
-        engine._install(engine.cache.get(name))
-        engine._adapter_id(name)  # marks it recently used, so installing the next one does not evict it
+        engine.slots.install(engine.cache.get(name), in_use=())
+        engine.slots.adapter_id(name)  # marks it recently used, so installing the next one does not evict it
     ids = torch.tensor([engine.model.adapter_names.index(name) for name in names])
     prompt = torch.randint(1000, 30000, (BATCH, 24), generator=g)
     token = torch.randint(1000, 30000, (BATCH, 1), generator=g)

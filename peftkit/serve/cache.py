@@ -10,7 +10,6 @@ the model) itself.
 
 from __future__ import annotations
 
-import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -27,41 +26,10 @@ from torch import Tensor
 from peftkit.core.errors import AdapterExistsError, AdapterNameError, AdapterNotFoundError, PeftkitError
 from peftkit.core.io import CONFIG_FILE, WEIGHTS_FILE, read_meta, read_tensors
 
-__all__ = [
-    "AdapterCache",
-    "AdapterLoadError",
-    "AdapterTooLargeError",
-    "CachedAdapter",
-    "check_adapter_name",
-]
+from .errors import AdapterLoadError, AdapterTooLargeError, check_adapter_name
+from .folders import inside
 
-# Same alphabet as AdaptedModel adapter names: no '/', '.', '\\' or spaces, so a name is never a path.
-_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
-
-
-class AdapterLoadError(PeftkitError, ValueError):
-    """One adapter could not be loaded (corrupt, truncated, or saved for another base model).
-
-    Attributes:
-        adapter: the adapter's registered name; other adapters are unaffected.
-    """
-
-    def __init__(self, adapter: str, message: str) -> None:
-        super().__init__(f"adapter {adapter!r} cannot be loaded: {message}")
-        self.adapter = adapter
-
-
-class AdapterTooLargeError(AdapterLoadError):
-    """An adapter whose tensors alone exceed the cache's byte budget."""
-
-
-def check_adapter_name(name: object) -> str:
-    """Return ``name`` if it is a valid adapter name (1-128 letters, digits, ``_`` or ``-``), else raise
-    :class:`~peftkit.errors.AdapterNameError`. Names never contain path separators or dots, so they cannot
-    escape the adapters folder."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
-    return name
+__all__ = ["AdapterCache", "AdapterLoadError", "AdapterTooLargeError", "CachedAdapter"]
 
 
 @dataclass
@@ -129,12 +97,7 @@ class AdapterCache:
         """``path`` resolved (symlinks too), a relative one against the root; ``AdapterNameError`` if it lies
         outside the root. The message quotes ``path`` only if it is relative (as a client gave it): it never
         names the server's own folders."""
-        given = Path(path)
-        folder = (self.root / given if self.root is not None and not given.is_absolute() else given).resolve()
-        if self.root is not None and not folder.is_relative_to(self.root):
-            what = "the adapter folder" if given.is_absolute() else f"adapter folder {str(path)!r}"
-            raise AdapterNameError(f"{what} lies outside the adapters folder")
-        return folder
+        return inside(self.root, path)
 
     def register(self, name: str, path: str | Path, *, replace: bool = True) -> None:
         """Register adapter ``name`` at folder ``path`` (relative paths are relative to the root; nothing is read
@@ -158,7 +121,7 @@ class AdapterCache:
             if sub.name.startswith(".") or not (sub.is_dir() and (sub / CONFIG_FILE).is_file()):
                 continue  # (hidden folders: leftovers of interrupted saves, editor and VCS folders)
             try:
-                self.register(check_adapter_name(sub.name), sub)
+                self.register(sub.name, sub)
             except AdapterNameError as exc:
                 warnings.warn(f"skipping adapter folder {sub.name!r}: {exc}", stacklevel=2)
                 continue
@@ -375,7 +338,6 @@ class AdapterCache:
         self._generation[name] = self._generation.get(name, 0) + 1
 
     def _require(self, name: str) -> None:
-        check_adapter_name(name)
         if name not in self._paths:
             raise AdapterNotFoundError(name, self._paths)
 

@@ -1,4 +1,5 @@
-"""Helpers of the serving tests: a character tokenizer, a tiny Llama, saved random adapters."""
+"""Helpers of the serving tests: a character tokenizer, a tiny Llama, saved random adapters, an engine over three
+saved adapters and the references its requests are checked against."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import tiny_gpt2
 from torch import nn
 
 import peftkit as pk
+from peftkit.serve.cache import AdapterCache
+from peftkit.serve.engine import Engine, Request
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789."  # 64 symbols = tiny vocab
 
@@ -155,3 +159,61 @@ def successor_llama(vocab_size: int, successor: dict[int, int], default: int, hi
             emb[token, d] = 1.0
             head[nxt, d] = 1.0
     return model
+
+
+# ------------------------------------------------------------------------------- engines and references
+BASES: dict[str, tuple[Callable[[], nn.Module], list[pk.AdapterConfig]]] = {
+    "gpt2": (
+        tiny_gpt2,
+        [
+            pk.LoRAConfig(r=2, alpha=4, targets=["c_attn"]),
+            pk.LoRAConfig(r=8, alpha=8, targets=["c_attn", "c_proj", "c_fc"]),
+            pk.DoRAConfig(r=4, targets=["c_fc"]),  # no low-rank form: the per-group path
+        ],
+    ),
+    "llama": (
+        tiny_llama,
+        [
+            pk.LoRAConfig(r=2, alpha=4, targets=["q_proj", "v_proj"]),
+            pk.LoRAConfig(r=6, alpha=3, targets="all-linear"),
+            pk.DoRAConfig(r=4, targets=["o_proj", "down_proj"]),
+        ],
+    ),
+}
+PROMPTS = ["a", "hello there", "The quick brown fox", "x1", "abc abc abc", "Q", "zz top 9", "lorem ipsum dolor"]
+
+
+def setup_engine(tmp: Path, kind: str, **engine_kw) -> tuple[Engine, dict[str, Path], Callable[[], nn.Module]]:
+    make, configs = BASES[kind]
+    paths = {f"ad{i}": random_adapter(make, c, tmp / f"ad{i}", seed=i) for i, c in enumerate(configs)}
+    cache = AdapterCache(max_bytes=1 << 24, root=tmp)
+    cache.register_dir(tmp)
+    return Engine(make(), CharTokenizer(), cache, record_logits=True, **engine_kw), paths, make
+
+
+def merged_reference(make: Callable[[], nn.Module], path: Path | None, prompt: str, n: int) -> tuple[list[int], list]:
+    """Greedy decoding without a KV cache on a plain model with the adapter merged into its weights."""
+    model = pk.load(make(), path).merge() if path is not None else make()
+    ids = CharTokenizer().encode(prompt)
+    out, logits = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            step = model(torch.tensor([ids + out])).logits[0, -1]
+            logits.append(step)
+            out.append(int(step.argmax()))
+    return out, logits
+
+
+def check(req: Request, ref: tuple[list[int], list]) -> None:
+    tokens, logits = ref
+    assert req.error is None, req.error
+    assert req.output_ids == tokens[: len(req.output_ids)]
+    assert len(req.output_ids) == len(tokens)
+    for got, want in zip(req.logits, logits):
+        assert (got - want).abs().max().item() <= 1e-4
+
+
+def warm(engine: Engine, *names: str) -> None:
+    """Load adapters into the cache first, so requests for them are admitted at the next step."""
+    for name in names:
+        engine.cache.get(name)

@@ -1,4 +1,6 @@
-"""Streaming with a byte-level BPE tokenizer: a UTF-8 character split across tokens reaches the client whole
+"""Text in and out (``peftkit.serve.text``): stop strings, end-of-sequence, what is held back while streaming.
+
+Streaming with a byte-level BPE tokenizer: a UTF-8 character split across tokens reaches the client whole
 (issue 12, item 19).
 
 The model is a 1-layer Llama whose greedy next token is a fixed function of the current one
@@ -14,10 +16,12 @@ import itertools
 from pathlib import Path
 
 import pytest
-from serve_util import byte_level_bpe, byte_to_unicode, start_server, successor_llama
+from serve_util import byte_level_bpe, byte_to_unicode, setup_engine, start_server, successor_llama
 
+from peftkit.errors import InvalidConfigError
 from peftkit.serve.cache import AdapterCache
 from peftkit.serve.engine import Engine, Request, SamplingParams
+from peftkit.serve.text import TextCodec, held_back, stop_cut
 
 FFFD = "\ufffd"
 BYTES = [ord("a"), *"¯中😀".encode(), ord("b"), 0xE5, ord("c")]
@@ -106,3 +110,51 @@ def test_logprob_offsets_of_split_characters(lm: tuple) -> None:
     assert [lp.token_id for lp in req.logprobs] == req.output_ids
     assert all(lp.top == [(lp.token_id, lp.token, lp.logprob)] for lp in req.logprobs)
     assert sum(lp.token == FFFD for lp in req.logprobs) == 9  # byte tokens decoded alone
+
+
+def test_stop_strings_max_tokens_and_eos(tmp_path: Path) -> None:
+    engine, _, _ = setup_engine(tmp_path, "gpt2")
+
+    def params(**kw) -> SamplingParams:
+        return SamplingParams(max_tokens=10, temperature=1.0, seed=3, **kw)
+
+    (free,) = engine.generate([Request("stop me", params=params())])
+    assert free.finish_reason == "length" and len(free.output_ids) == 10
+    stop = free.text[3:5]
+    (cut,) = engine.generate([Request("stop me", params=params(stop=[stop]))])
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
+    j = next(i for i, t in enumerate(free.output_ids) if t not in free.output_ids[:i] and i > 0)
+    engine.tokenizer.eos_token_id = free.output_ids[j]
+    (eos,) = engine.generate([Request("stop me", params=params())])
+    assert eos.finish_reason == "stop" and eos.output_ids == free.output_ids[:j]
+    streamed: list[str] = []
+    engine.tokenizer.eos_token_id = None
+    req = Request("stop me", params=params(stop=[stop]), on_event=lambda r, d, f: streamed.append(d))
+    engine.generate([req])
+    assert "".join(streamed) == cut.text
+
+
+def test_stop_cut_and_held_back() -> None:
+    assert stop_cut("hello world", ["lo", "wor"]) == 3 and stop_cut("hello", ["", "xyz"]) == -1
+    assert held_back("abc", ["stop", "no"]) == 3  # a stop string of 4 characters may start in the last 3
+    assert held_back("ab\ufffd\ufffd", []) == 2  # an unfinished UTF-8 character
+    assert held_back("abc", []) == 0
+
+
+def test_codec_takes_tokenizers_without_special_token_keywords() -> None:
+    class Plain:
+        eos_token_id = None
+
+        def encode(self, text: str) -> list[int]:
+            return [ord(c) for c in text]
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(map(chr, ids))
+
+    codec = TextCodec(Plain(), max_len=4)
+    assert codec.prompt_ids("hey", reserve=1) == [104, 101, 121] and codec.decode([104, 105]) == "hi"
+    assert codec.token_text(33) == "!" and codec.offsets([104, 105]) == [0, 1] and codec.pad_id == 0
+    with pytest.raises(InvalidConfigError, match="context is 4"):
+        codec.prompt_ids("hey", reserve=2)
+    with pytest.raises(InvalidConfigError, match="empty"):
+        codec.prompt_ids("")
