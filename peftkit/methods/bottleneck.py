@@ -1,5 +1,6 @@
 """Bottleneck adapters: Houlsby (serial, two per block), Pfeiffer (serial, one per block) and the parallel
-adapter / AdaptFormer (spec: ``shared/methods/adapters.md``, "Bottleneck adapters").
+adapter / AdaptFormer (Houlsby et al., 2019; Pfeiffer et al., 2021; Chen et al., 2022; official code
+adapter-hub/adapters and ShoufaChen/AdaptFormer).
 
 One shared branch, :class:`BottleneckBranch`: ``a(h) = s · up(drop(σ(down(LN?(h)))))`` with
 ``down: Linear(d_in→r)`` and ``up: Linear(r→d_out)`` (both with bias), an optional input LayerNorm and an
@@ -45,7 +46,7 @@ names), GPT-2-like (``h.N.attn.c_proj`` / ``h.N.mlp.c_proj``) and HF ViT (``laye
 
 Defaults: Houlsby/Pfeiffer ``r = d // 16`` (adapter-hub ``reduction_factor=16``), Houlsby σ = swish
 (adapter-hub ``double_seq_bn``), Pfeiffer σ = ReLU (``seq_bn``); parallel ``r = 64``, ``s = 0.1``, dropout 0.1,
-ReLU (AdaptFormer ``main_image.py``). *Decision*: the spec's "GELU for ViTs, swish for BERT-like" Houlsby default
+ReLU (AdaptFormer ``main_image.py``). *Decision*: a "GELU for ViTs, swish for BERT-like" Houlsby default
 is one default here (swish; pass ``activation="gelu"`` for ViTs): an adapter does not see the model family.
 """
 
@@ -61,10 +62,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError, TargetModuleNotFound
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int, require_probability
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    PositiveInt,
+    Probability,
+    TargetModuleNotFound,
+    register,
+)
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -72,7 +79,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "swish": F.silu,
     "identity": lambda h: h,
 }
-INITS = ("lora", "houlsby", "bert")
+Activation = Literal["relu", "gelu", "swish", "identity"]  # the keys of ACTIVATIONS
 
 _BERT_ATTN, _BERT_FFN = r"(.*\.)?layer\.\d+\.attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense"
 _GPT2_ATTN, _GPT2_FFN = r"(.*\.)?h\.\d+\.attn\.c_proj", r"(.*\.)?h\.\d+\.mlp\.c_proj"
@@ -103,7 +110,7 @@ def bottleneck_targets(model: nn.Module, placement: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- branch
 class BottleneckBranch(nn.Module):
-    """``a(h) = s · up(drop(σ(down(LN?(h)))))`` (spec "Common module ``BottleneckAdapter``")."""
+    """``a(h) = s · up(drop(σ(down(LN?(h)))))`` (the common bottleneck module of every variant)."""
 
     def __init__(
         self,
@@ -178,24 +185,14 @@ class BottleneckConfig(AdapterConfig):
     """
 
     targets: list[str] | str = PRESETS["houlsby"]
-    r: int | None = None
-    reduction_factor: int = 16
-    activation: str = "swish"
+    r: PositiveInt | None = None
+    reduction_factor: PositiveInt = 16
+    activation: Activation = "swish"
     init: Literal["lora", "houlsby", "bert"] = "lora"
     in_ln: bool = False
-    dropout: float = 0.0
+    dropout: Probability = 0.0
     scale: float = 1.0
     learnable_scale: bool = False
-
-    def validate(self) -> None:
-        if self.r is not None:
-            require_positive_int("r", self.r)
-        require_positive_int("reduction_factor", self.reduction_factor)
-        require_probability("dropout", self.dropout)
-        if self.activation not in ACTIVATIONS:
-            raise InvalidConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.init not in INITS:
-            raise InvalidConfigError(f"init must be one of {INITS}, got {self.init!r}")
 
     def width(self, d: int) -> int:
         """The bottleneck width for an adapted width ``d``."""
@@ -221,7 +218,7 @@ class PfeifferConfig(BottleneckConfig):
     """Pfeiffer: one serial adapter per block on the hidden state after the FFN's residual add (σ = ReLU, ``d/16``)."""
 
     targets: list[str] | str = PRESETS["pfeiffer"]
-    activation: str = "relu"
+    activation: Activation = "relu"
 
 
 @dataclass(kw_only=True)
@@ -229,23 +226,19 @@ class ParallelConfig(BottleneckConfig):
     """Parallel adapter / AdaptFormer: ``y = F(x) + s·up(drop(ReLU(down(x))))`` (r = 64, s = 0.1, dropout 0.1)."""
 
     targets: list[str] | str = PRESETS["parallel"]
-    r: int | None = 64
-    activation: str = "relu"
+    r: PositiveInt | None = 64
+    activation: Activation = "relu"
     dropout: float = 0.1
     scale: float = 0.1
 
 
 # ------------------------------------------------------------------------------------------------ adapters
-class _Bottleneck(Adapter):
+class _Bottleneck(Adapter[BottleneckConfig]):
     """The protocol around one :class:`BottleneckBranch`; subclasses choose what the branch reads."""
 
-    config: BottleneckConfig
     exempt: ClassVar[dict[str, str]] = {"mergeable": "spec: not mergeable (σ is non-linear)"}
     serial: ClassVar[bool] = True
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", None)  # Linear / Conv1D, or a whole module ("module" kind)
+    kinds = frozenset({"linear", None})  # Linear / Conv1D, or a whole module ("module" kind)
 
     @classmethod
     def _widths(cls, base: BaseView) -> tuple[int, int]:

@@ -1,7 +1,6 @@
 """ToonComposer's spatial low-rank adapter (DeRA) and spatial-only targeting for spatio-temporal models
-(Li et al., 2025, "ToonComposer: Streamlining Cartoon Production with Generative Post-Keyframing"; spec
-``shared/methods/adapters.md``, "ToonComposer spatial low-rank adapter (DeRA)"; official TencentARC/ToonComposer
-``model/dera.py``, ``model/dit.py``).
+(Li et al., 2025, "ToonComposer: Streamlining Cartoon Production with Generative Post-Keyframing"; official
+code TencentARC/ToonComposer, ``model/dera.py``, ``model/dit.py``).
 
 **DeRA** adds a low-rank branch parallel to a (spatio-temporal) self-attention module ``SelfAttn``:
 ``z = down(x)`` reshaped to ``(B·T) × (h·w) × R`` (one sequence per frame),
@@ -18,11 +17,11 @@ by its column (``θ = 10000``; pairs of adjacent channels rotate as complex numb
 The frame layout comes from ``grid = [h, w]`` (tokens of one frame, row-major; the sequence holds ``T`` frames
 one after another, ``T = n / (h·w)``). ``grid = None`` treats the whole sequence as one ``1 × n`` frame.
 *Decision (inferred)*: the input ``x`` is the attention module's own input; in Wan that is the modulated,
-normalised block input, as the spec says. Default ``R = 72`` (the code comment implies head dim 18; inferred).
+normalised block input. Default ``R = 72`` (the code comment implies head dim 18; inferred).
 
-**Spatial-only targeting** (the seed abstract's "LoRA only on spatial layers"; spec decision: offered besides
-DeRA): :func:`spatial_only_targets` lists the Linear layers inside spatial-attention modules of a factorised
-video model and never those inside temporal-attention modules; :func:`spatial_only_lora` builds a plain
+**Spatial-only targeting** ("LoRA only on spatial layers"; a decision: offered besides DeRA):
+:func:`spatial_only_targets` lists the Linear layers inside spatial-attention modules of a factorised video
+model and never those inside temporal-attention modules; :func:`spatial_only_lora` builds a plain
 :class:`~peftkit.methods.lora.LoRAConfig` on them. It is ordinary target matching (a list of module names), so
 it works for every method: pass the list as any config's ``targets``.
 """
@@ -36,10 +35,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError, TargetModuleNotFound
-from peftkit.core.protocol import Adapter, AdapterConfig, require_positive_int
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    PositiveInt,
+    TargetModuleNotFound,
+    layer_kind,
+    register,
+)
 
 #: A path component that names a spatial-attention module (factorised video transformers / U-Nets).
 SPATIAL_ATTENTION = r"(spatial|spatial_attn|attn_spatial|s_attn|attn_s|attn1|attn2)"
@@ -83,29 +88,22 @@ class DeRAConfig(AdapterConfig):
     Attributes:
         targets: the self-attention modules (default: ``self_attn`` / ``attn`` modules, whole-module kind).
         r: ``R``, width of the low-rank space (default 72, inferred from the released code).
-        heads: heads of the small attention (spec: 4; must divide ``R``).
+        heads: heads of the small attention (ToonComposer: 4; must divide ``R``).
         grid: ``[h, w]`` tokens per frame; ``None``: the whole sequence is one ``1 × n`` frame.
         theta: RoPE base.
     """
 
     targets: list[str] | str = r"(.*\.)?(self_attn|attn)"
-    r: int = 72
-    heads: int = 4
-    grid: list[int] | None = None
+    r: PositiveInt = 72
+    heads: PositiveInt = 4
+    grid: list[PositiveInt] | None = None
     theta: float = 10000.0
 
     def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_positive_int("heads", self.heads)
         if self.r % self.heads:
             raise InvalidConfigError(f"heads={self.heads} must divide r={self.r}")
-        if self.grid is not None:
-            if isinstance(self.grid, tuple):
-                self.grid = list(self.grid)
-            if len(self.grid) != 2:
-                raise InvalidConfigError(f"grid must be [h, w], got {self.grid!r}")
-            for g in self.grid:
-                require_positive_int("grid entries", g)
+        if self.grid is not None and len(self.grid) != 2:
+            raise InvalidConfigError(f"grid must be [h, w], got {self.grid!r}")
 
     @classmethod
     def tiny(cls) -> DeRAConfig:
@@ -131,15 +129,11 @@ def rope_2d(t: Tensor, rows: Tensor, cols: Tensor, theta: float) -> Tensor:
 
 
 @register("dera", DeRAConfig)
-class DeRA(Adapter):
+class DeRA(Adapter[DeRAConfig]):
     """``y = SelfAttn(x) + up(o(Attn₂D(q, k, v)(down(x))))`` per frame (see the module docstring)."""
 
-    config: DeRAConfig
     exempt: ClassVar[dict[str, str]] = {"mergeable": "spec: not mergeable (the branch contains attention)"}
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", None)
+    kinds = frozenset({"linear", None})
 
     def __init__(self, base: BaseView, config: DeRAConfig) -> None:
         super().__init__(base, config)

@@ -47,22 +47,25 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, require_positive_int, require_probability
-from peftkit.core.registry import register
+from peftkit.core.api import (
+    AdaptedModel,
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    LowRank,
+    PositiveInt,
+    Probability,
+    register,
+)
 from peftkit.methods.bottleneck import PRESETS
 
-if TYPE_CHECKING:
-    from peftkit.core.model import AdaptedModel
-
-BITS = (1, 2, 4, 8)
 QUANTISED = ("down", "up")  # the latent weights every 1-bit adapter quantises
 PACKED_KEYS = tuple(f"{n}_{part}" for n in QUANTISED for part in ("codes", "stats"))  # the packed form's tensors
 
@@ -106,16 +109,10 @@ class OneBitConfig(AdapterConfig):
         dropout: dropout on the branch (0.1 official; off in eval mode).
     """
 
-    r: int = 32
-    bits: int = 1
+    r: PositiveInt = 32
+    bits: Literal[1, 2, 4, 8] = 1
     scale: float = 1.0
-    dropout: float = 0.1
-
-    def validate(self) -> None:
-        require_positive_int("r", self.r)
-        require_probability("dropout", self.dropout)
-        if self.bits not in BITS:
-            raise InvalidConfigError(f"bits must be one of {BITS}, got {self.bits!r}")
+    dropout: Probability = 0.1
 
     @classmethod
     def tiny(cls) -> OneBitConfig:
@@ -140,11 +137,10 @@ class BiAdaptFormerConfig(OneBitConfig):
     targets: list[str] | str = PRESETS["parallel"]
 
 
-class _OneBit(Adapter):
+class _OneBit(Adapter[OneBitConfig]):
     """Latent weights ``down [r, d_in]``, ``up [d_out, r]``; saved as themselves (``saved_form == "latent"``) or
     as packed codes + ``[μ, σ]`` (``"packed"``, see :func:`save_packed`)."""
 
-    config: OneBitConfig
     exempt: ClassVar[dict[str, str]] = {
         "identity_at_init": "spec: not identity for b ≤ 8 (the quantised up weight is ±0.6745σ + μ, non-zero)"
     }
@@ -304,10 +300,7 @@ class BiAdaptFormer(_OneBit):
         **_OneBit.exempt,
         "mergeable": "spec: Bi-AdaptFormer is not mergeable (ReLU between the projections)",
     }
-
-    @classmethod
-    def supports(cls, base: nn.Module) -> bool:
-        return layer_kind(base) in ("linear", None)  # Linear / Conv1D, or a whole module ("module" kind)
+    kinds = frozenset({"linear", None})  # Linear / Conv1D, or a whole module ("module" kind)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
         hidden = self._drop(F.relu(x @ self.quantised("down").T))
