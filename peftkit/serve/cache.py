@@ -27,7 +27,7 @@ from peftkit.core.errors import AdapterExistsError, AdapterNameError, AdapterNot
 from peftkit.core.io import CONFIG_FILE, WEIGHTS_FILE, read_meta, read_tensors
 
 from .errors import AdapterLoadError, AdapterTooLargeError, check_adapter_name
-from .folders import inside
+from .folders import adapter_folder, discover, inside
 
 __all__ = ["AdapterCache", "AdapterLoadError", "AdapterTooLargeError", "CachedAdapter"]
 
@@ -94,10 +94,12 @@ class AdapterCache:
 
     # ------------------------------------------------------------------------------------------ registration
     def folder(self, path: str | Path) -> Path:
-        """``path`` resolved (symlinks too), a relative one against the root; ``AdapterNameError`` if it lies
-        outside the root. The message quotes ``path`` only if it is relative (as a client gave it): it never
-        names the server's own folders."""
-        return inside(self.root, path)
+        """``path`` resolved (symlinks too), a relative one against the root, and a training run folder taken to
+        the adapter it keeps (``RUN/adapter``); ``AdapterNameError`` if it lies outside the root. The message
+        quotes ``path`` only if it is relative (as a client gave it): it never names the server's own folders."""
+        found = inside(self.root, path)
+        run = adapter_folder(found)
+        return found if run == found else inside(self.root, run)  # (RUN/adapter may be a link leading out)
 
     def register(self, name: str, path: str | Path, *, replace: bool = True) -> None:
         """Register adapter ``name`` at folder ``path`` (relative paths are relative to the root; nothing is read
@@ -113,19 +115,19 @@ class AdapterCache:
             self._paths[name] = folder
 
     def register_dir(self, root: str | Path) -> list[str]:
-        """Register every sub-folder of ``root`` that holds an ``adapter.json`` and has a valid name. A folder
-        that cannot be registered (a symlink that leads outside the cache's root, an invalid name) is skipped
-        with a warning: one bad entry must not keep a server from starting."""
+        """Register every adapter that folder ``root`` holds: its adapter sub-folders (name = folder), a training
+        run folder or a parent folder of runs (name = run), a save of several adapters (their names); see
+        :mod:`peftkit.serve.folders`. An adapter that cannot be registered (a symlink that leads outside the
+        cache's root, an invalid name) is skipped with a warning: one bad entry must not keep a server from
+        starting. Returns the names registered."""
         found = []
-        for sub in sorted(Path(root).iterdir()):
-            if sub.name.startswith(".") or not (sub.is_dir() and (sub / CONFIG_FILE).is_file()):
-                continue  # (hidden folders: leftovers of interrupted saves, editor and VCS folders)
+        for name, folder in discover(root):
             try:
-                self.register(sub.name, sub)
+                self.register(name, folder)
             except AdapterNameError as exc:
-                warnings.warn(f"skipping adapter folder {sub.name!r}: {exc}", stacklevel=2)
+                warnings.warn(f"skipping adapter folder {self.shown(folder)!r}: {exc}", stacklevel=2)
                 continue
-            found.append(sub.name)
+            found.append(name)
         return found
 
     def unregister(self, name: str) -> None:
