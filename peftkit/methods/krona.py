@@ -88,9 +88,12 @@ class KronA(Adapter[KronAConfig]):
     def __init__(self, base: BaseView, config: KronAConfig) -> None:
         super().__init__(base, config)
         self.sizes = kron_sizes(base, config)
-        a1, a2, b1, b2 = self.sizes
-        self.A = nn.Parameter(torch.empty(a1, a2, device=base.device))
-        self.B = nn.Parameter(torch.empty(b1, b2, device=base.device))
+        self.allocate(*self.sizes, device=base.device)
+
+    def allocate(self, a1: int, a2: int, b1: int, b2: int, device: torch.device) -> None:
+        """The two factors for sizes ``(a1, a2, b1, b2)``: ``A [a1, a2]``, ``B [b1, b2]``."""
+        self.A = nn.Parameter(torch.empty(a1, a2, device=device))
+        self.B = nn.Parameter(torch.empty(b1, b2, device=device))
 
     def reset_parameters(self, base: BaseView) -> None:
         a1, a2, _, _ = self.sizes
@@ -115,15 +118,16 @@ class KronA(Adapter[KronAConfig]):
 
 
 @register("diffusekrona", DiffuseKronAConfig)
-class DiffuseKronA(Adapter[DiffuseKronAConfig]):
-    """``ΔW[u·a1+v, p·b2+q] = s · U[u, q] · D[p, v]`` (official layout); see the module docstring."""
+class DiffuseKronA(KronA):
+    """``ΔW[u·a1+v, p·b2+q] = s · U[u, q] · D[p, v]`` (official layout); see the module docstring. KronA's
+    factor sizes and count, its own layout and init."""
 
-    def __init__(self, base: BaseView, config: DiffuseKronAConfig) -> None:
-        super().__init__(base, config)
-        self.sizes = kron_sizes(base, config)
-        a1, a2, b1, b2 = self.sizes
-        self.down = nn.Parameter(torch.empty(a2, a1, device=base.device))
-        self.up = nn.Parameter(torch.empty(b1, b2, device=base.device))
+    config: DiffuseKronAConfig  # narrows KronA.config
+
+    def allocate(self, a1: int, a2: int, b1: int, b2: int, device: torch.device) -> None:
+        """``down = D [a2, a1]``, ``up = U [b1, b2]``."""
+        self.down = nn.Parameter(torch.empty(a2, a1, device=device))
+        self.up = nn.Parameter(torch.empty(b1, b2, device=device))
 
     def reset_parameters(self, base: BaseView) -> None:
         a1, a2, _, _ = self.sizes
@@ -141,8 +145,3 @@ class DiffuseKronA(Adapter[DiffuseKronAConfig]):
         xs = x.reshape(*x.shape[:-1], a2, b2).to(self.down.dtype)
         y = torch.matmul(self.up, torch.matmul(xs.transpose(-1, -2), self.down))  # [..., b1, a1]
         return base_out + self.config.scale * y.reshape(base_out.shape).to(base_out.dtype)
-
-    @classmethod
-    def expected_trainable(cls, base: BaseView, config: DiffuseKronAConfig) -> int:
-        a1, a2, b1, b2 = kron_sizes(base, config)
-        return a1 * a2 + b1 * b2
