@@ -16,6 +16,10 @@ Init (PEFT): ``w1_a``, ``w1_b``, ``w2_a`` (and the cores) Kaiming-uniform (``a=�
 at init. ``init="random"`` (PEFT ``init_weights=False``, tests only): everything Kaiming. Training extras:
 ``rank_dropout`` drops output rows of ``ΔW`` and rescales by the kept fraction (as PEFT), ``module_dropout``
 skips the adapter with that probability.
+
+What LoHa and LoKr (:mod:`peftkit.methods.lokr`) share, as PEFT's ``LycorisConfig`` / ``LycorisLayer`` do, is
+written once here: :class:`LyCORISConfig` (rank, scale, the two dropouts) and :class:`LyCORIS` (PEFT-named
+factor tensors, Kaiming-uniform but for the zeroed ones, the count, module and rank dropout).
 """
 
 from __future__ import annotations
@@ -31,17 +35,15 @@ from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveFloat, Po
 
 
 @dataclass(kw_only=True)
-class LoHaConfig(AdapterConfig):
-    """Settings of LoHa (PEFT ``LoHaConfig`` defaults).
+class LyCORISConfig(AdapterConfig):
+    """Settings LoHa and LoKr share (PEFT's ``LycorisConfig`` defaults).
 
     Attributes:
-        r: rank of each of the two factors (``ΔW`` has rank ≤ ``r²``).
+        r: rank of the factors.
         alpha: the update is scaled by ``alpha / r``. Default 8 (= r).
-        use_effective_conv2d: CP-decompose the factors of a non-1x1 Conv2d (``t1``, ``t2`` cores).
-        rank_dropout: in training, the probability of dropping each output row of ``ΔW`` (kept rows are
-            rescaled by ``1 / mean(kept)``, as PEFT).
+        use_effective_conv2d: CP-decompose the factors of a non-1x1 Conv2d.
+        rank_dropout: in training, the probability of dropping each output row of ``ΔW``.
         module_dropout: in training, the probability of skipping the adapter for a whole forward.
-        init: ``"peft"`` (``w2_b`` zero: identity) or ``"random"`` (everything Kaiming; tests).
     """
 
     r: PositiveInt = 8
@@ -49,11 +51,23 @@ class LoHaConfig(AdapterConfig):
     use_effective_conv2d: bool = False
     rank_dropout: Probability = 0.0
     module_dropout: Probability = 0.0
-    init: Literal["peft", "random"] = "peft"
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+
+@dataclass(kw_only=True)
+class LoHaConfig(LyCORISConfig):
+    """Settings of LoHa (PEFT ``LoHaConfig`` defaults): :class:`LyCORISConfig`'s, where ``r`` is the rank of each
+    of the two factors (``ΔW`` has rank ≤ ``r²``), ``use_effective_conv2d`` gives the ``t1``, ``t2`` cores and
+    the rows ``rank_dropout`` keeps are rescaled by ``1 / mean(kept)`` (as PEFT), and
+
+    Attributes:
+        init: ``"peft"`` (``w2_b`` zero: identity) or ``"random"`` (everything Kaiming; tests).
+    """
+
+    init: Literal["peft", "random"] = "peft"
 
     @classmethod
     def tiny(cls) -> LoHaConfig:
@@ -65,7 +79,7 @@ class LoHaConfig(AdapterConfig):
         return [t, t.replace(use_effective_conv2d=True, alpha=3.0)]
 
 
-def loha_shapes(base: BaseView, config: LoHaConfig) -> dict[str, tuple[int, ...]]:
+def loha_shapes(base: BaseView, config: LyCORISConfig) -> dict[str, tuple[int, ...]]:
     """The trainable tensors' names and shapes for ``base`` (PEFT's ``create_adapter_parameters``)."""
     r, out, k = config.r, base.out_features, base.kernel_size
     in_ch = base.weight_shape[1]
@@ -82,28 +96,73 @@ def loha_shapes(base: BaseView, config: LoHaConfig) -> dict[str, tuple[int, ...]
     return {"w1_a": (out, r), "w1_b": (r, fan_in), "w2_a": (out, r), "w2_b": (r, fan_in)}
 
 
-@register("loha", LoHaConfig)
-class LoHa(Adapter[LoHaConfig]):
-    """``y = base(x) + s · ((w1_a w1_b) ⊙ (w2_a w2_b)) x``; see the module docstring."""
+class LyCORIS(Adapter[LyCORISConfig]):
+    """What LoHa and LoKr share: the factor tensors named and shaped by :meth:`factor_shapes` (PEFT's names),
+    Kaiming-uniform (``a=√5``) but for :meth:`zeroed`, the count, and the training-time module / rank dropout."""
 
     kinds = frozenset({"linear", "conv2d"})
 
-    def __init__(self, base: BaseView, config: LoHaConfig) -> None:
+    @classmethod
+    def factor_shapes(cls, base: BaseView, config: LyCORISConfig) -> dict[str, tuple[int, ...]]:
+        """The trainable tensors' names and shapes for ``base``."""
+        raise NotImplementedError
+
+    def zeroed(self) -> set[str]:
+        """The tensors initialised to zero (the others are Kaiming-uniform)."""
+        return set()
+
+    def __init__(self, base: BaseView, config: LyCORISConfig) -> None:
         super().__init__(base, config)
         self.scale = config.scale
-        self.shapes = loha_shapes(base, config)
-        self.cp = "t1" in self.shapes
+        self.shapes = self.factor_shapes(base, config)
         for name, shape in self.shapes.items():
             setattr(self, name, nn.Parameter(torch.empty(shape)))
 
     @torch.no_grad()
     def reset_parameters(self, base: BaseView) -> None:
+        zero = self.zeroed()
         for name in self.shapes:
             p = getattr(self, name)
-            if name == "w2_b" and self.config.init == "peft":
+            if name in zero:
                 nn.init.zeros_(p)
             else:
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+
+    def module_dropped(self) -> bool:
+        """Module dropout: in training, skip the whole adapter with probability ``module_dropout`` (one draw)."""
+        p = self.config.module_dropout
+        return self.training and p > 0 and torch.rand(1).item() < p
+
+    def drop_rows(self, delta: Tensor, rescale: bool) -> Tensor:
+        """Rank dropout: each output row of ``delta`` dropped with probability ``rank_dropout``, the kept ones
+        rescaled by ``1 / mean(kept)`` when ``rescale``."""
+        drop = (torch.rand(delta.shape[0], device=delta.device) > self.config.rank_dropout).to(delta.dtype)
+        if rescale:
+            drop = drop / drop.mean().clamp_min(1e-12)
+        return delta * drop.view(-1, *[1] * (delta.dim() - 1))
+
+    @classmethod
+    def expected_trainable(cls, base: BaseView, config: LyCORISConfig) -> int:
+        return sum(math.prod(s) for s in cls.factor_shapes(base, config).values())
+
+
+@register("loha", LoHaConfig)
+class LoHa(LyCORIS):
+    """``y = base(x) + s · ((w1_a w1_b) ⊙ (w2_a w2_b)) x``; see the module docstring."""
+
+    config: LoHaConfig  # narrows LyCORIS.config
+
+    @classmethod
+    def factor_shapes(cls, base: BaseView, config: LyCORISConfig) -> dict[str, tuple[int, ...]]:
+        return loha_shapes(base, config)
+
+    def zeroed(self) -> set[str]:
+        return {"w2_b"} if self.config.init == "peft" else set()
+
+    @property
+    def cp(self) -> bool:
+        """Whether the factors are CP forms (``use_effective_conv2d`` on a non-1x1 conv)."""
+        return "t1" in self.shapes
 
     def delta_weight(self, base: BaseView) -> Tensor:
         if self.cp:
@@ -114,15 +173,9 @@ class LoHa(Adapter[LoHaConfig]):
         return (self.scale * (w1 * w2)).reshape(base.weight_shape)
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
-        if self.training and self.config.module_dropout > 0 and torch.rand(1).item() < self.config.module_dropout:
+        if self.module_dropped():
             return base_out
         delta = self.delta_weight(base)
         if self.training and self.config.rank_dropout > 0:
-            drop = (torch.rand(delta.shape[0], device=delta.device) > self.config.rank_dropout).to(delta.dtype)
-            drop = drop / drop.mean().clamp_min(1e-12)
-            delta = delta * drop.view(-1, *[1] * (delta.dim() - 1))
+            delta = self.drop_rows(delta, rescale=True)
         return base_out + base.apply(x, delta.to(x.dtype))
-
-    @classmethod
-    def expected_trainable(cls, base: BaseView, config: LoHaConfig) -> int:
-        return sum(math.prod(s) for s in loha_shapes(base, config).values())

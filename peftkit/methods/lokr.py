@@ -27,18 +27,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from peftkit.core.api import (
-    Adapter,
-    AdapterConfig,
-    BaseView,
-    InvalidConfigError,
-    PositiveFloat,
-    PositiveInt,
-    Probability,
-    register,
-)
+from peftkit.core.api import AdapterConfig, BaseView, InvalidConfigError, register
+
+from .loha import LyCORIS, LyCORISConfig
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -69,30 +62,22 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 @dataclass(kw_only=True)
-class LoKrConfig(AdapterConfig):
-    """Settings of LoKr (PEFT ``LoKrConfig`` defaults).
+class LoKrConfig(LyCORISConfig):
+    """Settings of LoKr (PEFT ``LoKrConfig`` defaults): :class:`~peftkit.methods.loha.LyCORISConfig`'s, where
+    ``r`` is the rank of the decomposed Kronecker factors (a factor is kept full when ``r`` is at least half its
+    larger side) and ``use_effective_conv2d`` CP-decomposes ``w2`` of a non-1x1 Conv2d (``t2``, ``w2_a``,
+    ``w2_b``), and
 
     Attributes:
-        r: rank of the decomposed Kronecker factors (a factor is kept full when ``r`` is at least half its
-            larger side).
-        alpha: the update is scaled by ``alpha / r``. Default 8 (= r).
         decompose_factor: ``factor`` of :func:`factorization` (``-1``: most square split).
         decompose_both: also decompose ``w1`` into ``w1_a @ w1_b`` when ``r`` is small enough.
-        use_effective_conv2d: CP-decompose ``w2`` of a non-1x1 Conv2d (``t2``, ``w2_a``, ``w2_b``).
-        rank_dropout: in training, the probability of dropping each output row of ``ΔW``.
-        rank_dropout_scale: rescale the kept rows by ``1 / mean(kept)``.
-        module_dropout: in training, the probability of skipping the adapter for a whole forward.
+        rank_dropout_scale: rescale the rows ``rank_dropout`` keeps by ``1 / mean(kept)``.
         init: ``"peft"`` (``w1`` zero), ``"lycoris"`` (``w2`` zero) or ``"random"`` (not identity; tests).
     """
 
-    r: PositiveInt = 8
-    alpha: PositiveFloat = 8.0
     decompose_factor: int = -1
     decompose_both: bool = False
-    use_effective_conv2d: bool = False
-    rank_dropout: Probability = 0.0
     rank_dropout_scale: bool = False
-    module_dropout: Probability = 0.0
     init: Literal["peft", "lycoris", "random"] = "peft"
 
     def validate(self) -> None:
@@ -100,10 +85,6 @@ class LoKrConfig(AdapterConfig):
             raise InvalidConfigError(
                 f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}"
             )
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
 
     @classmethod
     def tiny(cls) -> LoKrConfig:
@@ -141,30 +122,22 @@ def lokr_shapes(base: BaseView, config: LoKrConfig) -> dict[str, tuple[int, ...]
 
 
 @register("lokr", LoKrConfig)
-class LoKr(Adapter[LoKrConfig]):
+class LoKr(LyCORIS):
     """``y = base(x) + s · (w1 ⊗ w2) x``; see the module docstring."""
 
-    kinds = frozenset({"linear", "conv2d"})
+    config: LoKrConfig  # narrows LyCORIS.config
+
+    @classmethod
+    def factor_shapes(cls, base: BaseView, config: LyCORISConfig) -> dict[str, tuple[int, ...]]:
+        return lokr_shapes(base, config)  # type: ignore[arg-type]
+
+    def zeroed(self) -> set[str]:
+        return {"peft": {"w1", "w1_a"}, "lycoris": {"w2", "w2_b"}, "random": set()}[self.config.init]
 
     def __init__(self, base: BaseView, config: LoKrConfig) -> None:
         super().__init__(base, config)
         self.kind = base.kind
-        self.scale = config.scale
         self.kernel = base.kernel_size
-        self.shapes = lokr_shapes(base, config)
-        for name, shape in self.shapes.items():
-            setattr(self, name, nn.Parameter(torch.empty(shape)))
-
-    @torch.no_grad()
-    def reset_parameters(self, base: BaseView) -> None:
-        init = self.config.init
-        zero = {"peft": {"w1", "w1_a"}, "lycoris": {"w2", "w2_b"}, "random": set()}[init]
-        for name in self.shapes:
-            p = getattr(self, name)
-            if name in zero:
-                nn.init.zeros_(p)
-            else:
-                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
 
     # ------------------------------------------------------------------------------------------- weights
     def factors(self) -> tuple[Tensor, Tensor]:
@@ -183,14 +156,8 @@ class LoKr(Adapter[LoKrConfig]):
         w1 = w1.reshape(*w1.shape, *([1] * len(self.kernel)))
         return (self.scale * torch.kron(w1, w2.contiguous())).reshape(base.weight_shape)
 
-    def _rank_drop(self, delta: Tensor) -> Tensor:
-        drop = (torch.rand(delta.shape[0], device=delta.device) > self.config.rank_dropout).to(delta.dtype)
-        if self.config.rank_dropout_scale:
-            drop = drop / drop.mean().clamp_min(1e-12)
-        return delta * drop.view(-1, *[1] * (delta.dim() - 1))
-
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView) -> Tensor:
-        if self.training and self.config.module_dropout > 0 and torch.rand(1).item() < self.config.module_dropout:
+        if self.module_dropped():
             return base_out
         rank_drop = self.training and self.config.rank_dropout > 0
         if self.kind == "linear" and not rank_drop:
@@ -200,9 +167,5 @@ class LoKr(Adapter[LoKrConfig]):
             return base_out + self.scale * y.reshape(base_out.shape).to(base_out.dtype)
         delta = self.delta_weight(base)
         if rank_drop:
-            delta = self._rank_drop(delta)
+            delta = self.drop_rows(delta, rescale=self.config.rank_dropout_scale)
         return base_out + base.apply(x, delta.to(x.dtype))
-
-    @classmethod
-    def expected_trainable(cls, base: BaseView, config: LoKrConfig) -> int:
-        return sum(math.prod(s) for s in lokr_shapes(base, config).values())
