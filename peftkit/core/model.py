@@ -52,6 +52,15 @@ _PEFT_ATTRIBUTES = {
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 
 
+def check_adapter_name(name: object) -> str:
+    """Return ``name`` if it is a valid adapter name (1-128 letters, digits, ``_`` or ``-``), else raise
+    :class:`~peftkit.errors.AdapterNameError`. Names never contain path separators or dots, so an adapter saved
+    or served under its name cannot escape its folder."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
+    return name
+
+
 @dataclass(frozen=True)
 class TrainableReport:
     """Trainable and total parameter counts of an adapted model."""
@@ -405,8 +414,7 @@ class AdaptedModel(nn.Module):
         return cast(AdaptedLayer, inject.submodule(self.model, path))
 
     def _check_new_name(self, name: object) -> None:
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
+        check_adapter_name(name)
         if name in self.configs:
             raise AdapterExistsError(f"an adapter named {name!r} already exists; delete it first or pick another name")
 

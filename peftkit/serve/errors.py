@@ -3,9 +3,8 @@ the one check of adapter names (:func:`check_adapter_name`)."""
 
 from __future__ import annotations
 
-import re
-
-from peftkit.core.errors import AdapterNameError, InvalidConfigError, PeftkitError
+from peftkit.core.errors import InvalidConfigError, PeftkitError
+from peftkit.core.model import check_adapter_name
 
 __all__ = [
     "AdapterLoadError",
@@ -17,19 +16,6 @@ __all__ = [
 ]
 
 # Same alphabet as AdaptedModel adapter names: no '/', '.', '\\' or spaces, so a name is never a path.
-_NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
-
-
-def check_adapter_name(name: object) -> str:
-    """Return ``name`` if it is a valid adapter name (1-128 letters, digits, ``_`` or ``-``), else raise
-    :class:`~peftkit.errors.AdapterNameError`. Names never contain path separators or dots, so they cannot
-    escape the adapters folder. The registry (:class:`~peftkit.serve.cache.AdapterCache`) checks every name
-    it takes in here; nothing else in serving checks names."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdapterNameError(f"invalid adapter name {name!r}: use 1-128 letters, digits, '_' or '-'")
-    return name
-
-
 class AdapterLoadError(PeftkitError, ValueError):
     """One adapter could not be loaded (corrupt, truncated, or saved for another base model).
 

@@ -23,13 +23,15 @@ def test_invalid_names(name: object) -> None:
         check_adapter_name(name)
 
 
-def test_the_name_rule_is_written_once_in_serving() -> None:
-    """One adapter-name check: no other file of the serving package spells out the name pattern or calls the
-    check outside the registry (the cache) and its definition."""
+def test_the_name_rule_is_written_once() -> None:
+    """One adapter-name rule, in the core: no file of the serving package spells out the pattern, and only the
+    registry (the cache) calls the check."""
     folder = Path(peftkit.serve.__file__).parent
     pattern = [f.name for f in folder.glob("*.py") if "A-Za-z0-9_" in f.read_text()]
     callers = [f.name for f in folder.glob("*.py") if re.search(r"check_adapter_name\(", f.read_text())]
-    assert pattern == ["errors.py"] and sorted(callers) == ["cache.py", "errors.py"]
+    assert pattern == [] and sorted(callers) == ["cache.py"]
+    core = Path(peftkit.core.__file__).parent
+    assert [f.name for f in core.glob("*.py") if "A-Za-z0-9_" in f.read_text()] == ["model.py"]
 
 
 def test_error_kinds() -> None:
