@@ -1,5 +1,5 @@
 """What serving raises (each a :class:`~peftkit.errors.PeftkitError`; the server maps them to HTTP statuses), and
-the one check of adapter names (:func:`check_adapter_name`)."""
+the adapter-name check (the core's :func:`~peftkit.core.model.check_adapter_name`, which the registry applies)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = [
     "check_adapter_name",
 ]
 
-# Same alphabet as AdaptedModel adapter names: no '/', '.', '\\' or spaces, so a name is never a path.
+
 class AdapterLoadError(PeftkitError, ValueError):
     """One adapter could not be loaded (corrupt, truncated, or saved for another base model).
 
