@@ -1,27 +1,39 @@
 """LoRA on the real all-MiniLM-L6-v2 for Rotten Tomatoes sentiment (``make demo``), on CPU in a few minutes.
 
-Steps: load the packaged MiniLM and the review snippets (train / held-out split by movie), add a linear head
-(built from a fixed seed), measure held-out accuracy with the untrained head, train LoRA (r=8 on query and
-value) together with the head (``modules_to_save``) for one epoch, measure again, save the adapter, reload it
-into a freshly built base and check that the predictions are identical.
+The ``classify`` task of ``peftkit train`` from Python, on the Hugging Face classes: the packaged MiniLM
+loaded as ``BertForSequenceClassification`` (its encoder and pooler, plus a new ``classifier`` head drawn from
+the seed), the review snippets split by movie. Steps: measure held-out accuracy with the untrained head,
+train LoRA (r=8 on query and value) together with the head (``modules_to_save``) for one epoch, measure
+again, save the adapter, reload it into a freshly built base and check that the predictions are identical;
+with Hugging Face PEFT installed, also export the adapter and check that plain ``PeftModel.from_pretrained``
+gives the same logits.
 
     python examples/demo.py [--train 3000] [--held-out 1000] [--epochs 1] [--lr 2e-3]
+
+The same run from the command line (a run folder, resumable, evaluable): ``peftkit train``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 import peftkit as pk
-from peftkit.assets import load_minilm, rotten_tomatoes
-from peftkit.train import TrainConfig, Trainer
-from peftkit.train.tasks import SentenceClassifier, TextCollator, predict
+from peftkit.train import Trainer
+from peftkit.train.build import build, load_base
+from peftkit.train.run import settings_from
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
 def main() -> None:
@@ -37,43 +49,55 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="adapter folder (default: a temporary folder)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress lines appear in order
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices between PEFT and transformers
 
     t0, c0 = time.perf_counter(), time.process_time()
-    torch.manual_seed(args.seed)
-    split = rotten_tomatoes(seed=args.seed, max_train=args.train, max_held_out=args.held_out)
-    encoder, tokenizer = load_minilm()
-    collate = TextCollator(tokenizer, max_length=args.max_length)
-    print(f"data: {len(split.train)} train / {len(split.held_out)} held-out snippets (split by movie)")
-
-    config = pk.LoRAConfig(r=args.r, alpha=2 * args.r, targets=["query", "value"], modules_to_save=["head"])
-    model = pk.adapt(SentenceClassifier(encoder, num_labels=2, head_seed=args.seed), config)
+    spec = settings_from(
+        r=args.r, alpha=2 * args.r, targets="query,value", lr=args.lr, epochs=args.epochs,
+        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        max_train_samples=args.train, max_eval_samples=args.held_out, overrides={"log_every": None},
+    )  # fmt: skip
+    built = build(spec)  # packaged MiniLM + Rotten Tomatoes split by movie, tokenised
+    print(f"data: {len(built.train)} train / {len(built.held_out)} held-out snippets (split by movie)")
+    for note in built.notes:
+        print(note)
+    model = pk.adapt(built.model, built.adapter_config)
     report = model.trainable_parameters()
     print(f"trainable parameters: {report.trainable:,} of {report.total:,} ({report.percent:.2f}%)")
 
     t = time.perf_counter()
-    labels = torch.tensor([label for _, label in split.held_out])
-    before = (predict(model, split.held_out, collate) == labels).float().mean().item()
+    before = built.evaluate(model)["accuracy"]
     print(f"held-out accuracy, untrained head: {before:.3f}  ({time.perf_counter() - t:.0f} s)")
 
-    train_config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.06, seed=args.seed
-    )
-    result = Trainer(model, train_config, split.train, collate_fn=collate).fit()
+    result = Trainer(model, spec.train_config(), built.train, collate_fn=built.collate).fit()
     print(f"trained {result.global_step} steps in {result.seconds:.0f} s, last loss {result.history[-1]['loss']:.3f}")
 
     t = time.perf_counter()
-    preds = predict(model, split.held_out, collate)
-    after = (preds == labels).float().mean().item()
+    after = built.evaluate(model)["accuracy"]
     print(f"held-out accuracy, after LoRA + head: {after:.3f}  ({time.perf_counter() - t:.0f} s)")
 
+    probe = built.collate(built.held_out[:64])
+    expected = logits(model, probe)
     with tempfile.TemporaryDirectory() as tmp:
         path = model.save(args.out or Path(tmp) / "adapter")
         size = sum(f.stat().st_size for f in Path(path).iterdir())
-        fresh_encoder, _ = load_minilm()
-        reloaded = pk.load(SentenceClassifier(fresh_encoder, num_labels=2, head_seed=args.seed), path)
-        same = torch.equal(preds, predict(reloaded, split.held_out, collate))
-    assert same, "the adapter reloaded into a fresh base predicts differently"
-    print(f"adapter saved to {path} ({size / 1e6:.2f} MB); reloaded into a fresh base: identical predictions")
+        fresh, _, _ = load_base(spec, progress=False)  # the same base and seeded head, rebuilt
+        same = torch.equal(expected, logits(pk.load(fresh, path), probe))
+        assert same, "the adapter reloaded into a fresh base predicts differently"
+        print(f"adapter saved to {path} ({size / 1e6:.2f} MB); reloaded into a fresh base: identical logits")
+        if importlib.util.find_spec("peft") is not None:
+            from peft import PeftModel
+            from transformers import AutoModelForSequenceClassification
+            from transformers.utils import logging
+
+            logging.set_verbosity_error()  # its load report of the (replaced) random head
+
+            pk.export_peft(model, Path(tmp) / "peft", task_type="SEQ_CLS")
+            base = AutoModelForSequenceClassification.from_pretrained(fresh.config.name_or_path, num_labels=2)
+            peft_logits = logits(PeftModel.from_pretrained(base, Path(tmp) / "peft"), probe)
+            gap = float((peft_logits - expected).abs().max())
+            assert gap < 1e-4, f"plain PEFT gives other logits (max difference {gap:.2g})"
+            print(f"exported to PEFT; plain PeftModel.from_pretrained gives the same logits (max diff {gap:.1e})")
     assert after > before + 0.1, f"training did not help enough: {before:.3f} -> {after:.3f}"
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"total time: {wall:.0f} s wall, {cpu:.0f} s CPU on {torch.get_num_threads()} threads")

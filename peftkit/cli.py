@@ -128,6 +128,13 @@ def _metrics_line(metrics: dict[str, float], count: int) -> str:
     return f"held-out {shown} on {count} examples"
 
 
+def _log(message: str) -> None:
+    """A log line of a run, printed above its progress bar (``tqdm.write``), not into it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
+
+
 def _check_model(model: str | None) -> None:
     """A ``--model`` that names a path (not a Hub id) must exist: a usage error before any work."""
     from peftkit.train.build import resolve_model
@@ -169,38 +176,46 @@ def train(
     ] = None,
     task: Annotated[Task, typer.Option(help="classify (text + label columns) or causal-lm (JSONL).")] = Task.classify,
     method: Annotated[str, typer.Option(help="Adapter method (see 'peftkit methods').")] = "lora",
-    r: Annotated[int | None, typer.Option(min=1, help="Rank, for methods that have one [8].")] = None,
+    r: Annotated[int | None, typer.Option(min=1, help="Rank, for methods that have one (default: 8).")] = None,
     alpha: Annotated[
-        float | None, typer.Option(help="Scaling numerator: the update is scaled by alpha / r [16].")
+        float | None, typer.Option(help="Scaling numerator: the update is scaled by alpha / r (default: 16).")
     ] = None,
     targets: Annotated[
         str | None,
         typer.Option(
             help="Comma-separated module names to adapt (suffixes, e.g. query,value) or 'all-linear' "
-            "[the attention query and value projections]."
+            "(default: the attention query and value projections)."
         ),
     ] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate (AdamW, warmup, cosine) [classify 2e-3, causal-lm 2e-4].")
+        float | None,
+        typer.Option(help="Peak learning rate (AdamW, warmup, cosine) (default: classify 2e-3, causal-lm 2e-4)."),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training examples [1].")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training examples (default: 1).")] = None,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Examples per optimizer step [classify 32, causal-lm 8].")
+        int | None, typer.Option(min=1, help="Examples per optimizer step (default: classify 32, causal-lm 8).")
     ] = None,
     max_length: Annotated[
         int | None,
-        typer.Option(min=1, help="Truncate each example to this many tokens [classify 128, causal-lm 1024]."),
+        typer.Option(min=1, help="Truncate each example to this many tokens (default: classify 128, causal-lm 1024)."),
     ] = None,
     max_train_samples: Annotated[
-        int | None, typer.Option(min=1, help="Use at most this many training examples [demo 3000].")
+        int | None, typer.Option(min=1, help="Use at most this many training examples (default: demo 3000).")
     ] = None,
-    max_eval_samples: Annotated[int | None, typer.Option(min=1, help="Held-out examples to score [demo 1000].")] = None,
-    weight_decay: Annotated[float | None, typer.Option(min=0.0, help="AdamW weight decay on matrices [0].")] = None,
+    max_eval_samples: Annotated[
+        int | None, typer.Option(min=1, help="Held-out examples to score (default: demo 1000).")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(min=0.0, help="AdamW weight decay on matrices (default: 0).")
+    ] = None,
     warmup_ratio: Annotated[
-        float | None, typer.Option(min=0.0, max=1.0, help="Share of steps spent in linear warmup.")
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="Share of steps spent in linear warmup (default: classify 0.06, causal-lm 0.03)."
+        ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of the split, the data order, the head and the adapter init [0].")
+        int | None, typer.Option(help="Seed of the split, the data order, the head and the adapter init (default: 0).")
     ] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
     eval_every: Annotated[
@@ -210,7 +225,7 @@ def train(
         int | None, typer.Option(min=1, help="Also checkpoint every N steps (always: epoch ends, Ctrl-C).")
     ] = None,
     log_every: Annotated[
-        int | None, typer.Option(min=1, help="Log a line (and to metrics.jsonl) every N steps [10].")
+        int | None, typer.Option(min=1, help="Log a line (and to metrics.jsonl) every N steps (default: 10).")
     ] = None,
     set_: Annotated[
         list[str] | None,
@@ -263,7 +278,7 @@ def train(
                     + ", ".join("--" + k.replace("_", "-") for k in given or ["method"]),
                     param_hint="'--resume'",
                 )
-            result = resume_run(resume, model=model, progress=progress, log=typer.echo)
+            result = resume_run(resume, model=model, progress=progress, log=_log)
         else:
             if output_dir is None:
                 if data is not None or model is not None:
@@ -273,7 +288,7 @@ def train(
             _check_output_dir(output_dir, "'--output-dir'", inside)
             result = train_run(
                 output_dir, task=task.value, method=method, config=config, overrides=set_ or None,
-                progress=progress, log=typer.echo, **values,
+                progress=progress, log=_log, **values,
             )  # fmt: skip
     except TrainingInterrupted as stop:
         run = resume if resume is not None else output_dir

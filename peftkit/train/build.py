@@ -23,7 +23,7 @@ from peftkit.core.registry import get_method
 from peftkit.train import causal_lm, classify
 from peftkit.train.data import Row, file_sha256, read_rows, split_rows
 from peftkit.train.errors import DataError
-from peftkit.train.settings import RunSpec, build_spec
+from peftkit.train.settings import RunSpec, build_spec, canonical, section_fields
 
 TASKS: dict[str, ModuleType] = {classify.NAME: classify, causal_lm.NAME: causal_lm}
 # Built-in data (no --data): the packaged Rotten Tomatoes snippets, as many as the demo uses.
@@ -41,22 +41,28 @@ def task_module(name: str) -> ModuleType:
     return TASKS[name]
 
 
-def make_spec(values: Mapping[str, Any]) -> RunSpec:
-    """A :class:`RunSpec` from flat settings (see :mod:`peftkit.train.settings`), with the task's training
-    defaults and, for the built-in data, the demo's sample counts."""
-    task = task_module(str(values.get("task", classify.NAME)))
-    method = get_method(str(values.get("method", "lora")))
-    spec = build_spec(
-        values,
-        task_fields=[f.name for f in dataclasses.fields(task.Options)],
-        method_fields=[f.name for f in dataclasses.fields(method.config_class)],
-        train_defaults={"log_every": 10, **task.TRAIN_DEFAULTS},
-    )
-    task.Options(**spec.task_options)  # refuses unknown or mistyped task settings now
+def make_spec(*sources: Mapping[str, Any]) -> RunSpec:
+    """A :class:`RunSpec` from flat settings (see :mod:`peftkit.train.settings`), later sources overriding
+    earlier ones, on top of the task's training defaults and, for the built-in data, the demo's sample counts."""
+    merged: dict[str, Any] = {}
+    for source in sources:
+        merged.update(source)
+    task = task_module(str(merged.get("task", classify.NAME)))
+    method = get_method(str(merged.get("method", "lora")))
+    task_fields = [f.name for f in dataclasses.fields(task.Options)]
+    method_fields = [f.name for f in dataclasses.fields(method.config_class)]
+    fields = section_fields(task_fields, method_fields)
+    values: dict[str, Any] = {}
+    for source in sources:
+        values.update(canonical(source, fields))
+    spec = build_spec(values, task_fields=task_fields, method_fields=method_fields,
+                      train_defaults={"log_every": 10, **task.TRAIN_DEFAULTS})  # fmt: skip
+    task.Options(**spec.task_options)  # refuses mistyped task settings now
     if spec.data is None:
         for key, value in BUILTIN_SAMPLES.items():
             if getattr(spec, key) is None:
                 setattr(spec, key, value)
+    spec.train.setdefault("seed", spec.seed)
     return spec
 
 

@@ -11,7 +11,7 @@ import csv
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,47 +57,46 @@ def read_rows(path: str | Path) -> list[Row]:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(_lines(fh, path), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(value, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, found {type(value).__name__}")
-            rows.append(Row(value, number))
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, found {type(value).__name__}")
+        rows.append(Row(value, number))
     return rows
 
 
 def _read_csv(path: Path, delimiter: str) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(_lines(fh, path), delimiter=delimiter)
-        header = reader.fieldnames
-        if header is None:
-            return []
-        rows = []
-        for record in reader:
-            if None in record:  # more cells than header names
-                raise DataError(
-                    f"{path}, line {reader.line_num}: {len(header) + len(record[None])} cells but the header names "
-                    f"{len(header)} columns ({', '.join(header)})"
-                )
-            rows.append(Row(dict(record), reader.line_num))
+    reader = csv.DictReader((line for _, line in _lines(path)), delimiter=delimiter)
+    header = reader.fieldnames
+    if header is None:
+        return []
+    rows = []
+    for record in reader:
+        if None in record:  # more cells than header names
+            raise DataError(
+                f"{path}, line {reader.line_num}: {len(header) + len(record[None])} cells but the header names "
+                f"{len(header)} columns ({', '.join(header)})"
+            )
+        rows.append(Row(dict(record), reader.line_num))
     if not rows:
         raise DataError(f"data file {path} has a header ({', '.join(header)}) but no rows")
     return rows
 
 
-def _lines(fh: Iterable[str], path: Path) -> Iterable[str]:
-    """The file's lines, turning a decoding error into a DataError naming the line."""
-    number = 0
-    try:
-        for number, line in enumerate(fh, start=1):  # noqa: B007  (number is read in the handler)
-            yield line
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}, line {number + 1}: not UTF-8 text ({exc.reason})") from None
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file (a leading byte-order mark dropped), decoded line by line so
+    that a decoding error names its line."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not UTF-8 text ({exc.reason})") from None
 
 
 def require_columns(row: Row, columns: Sequence[str], path: str | Path, hint: str = "") -> None:

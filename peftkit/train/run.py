@@ -79,16 +79,15 @@ def settings_from(
     *, config: str | Path | None = None, overrides: Mapping[str, Any] | Sequence[str] | None = None, **named: Any
 ) -> RunSpec:
     """The :class:`RunSpec` of ``train``'s arguments: config file, then named options, then ``overrides``."""
-    values: dict[str, Any] = read_config_file(config) if config is not None else {}
     unknown = sorted(set(named) - set(NAMED))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; options: {sorted(NAMED)}")
-    values.update({NAMED[k]: v for k, v in named.items() if v is not None})
-    if overrides:
-        values.update(parse_assignments(overrides) if not isinstance(overrides, Mapping) else overrides)
-    spec = make_spec(values)
-    spec.train.setdefault("seed", spec.seed)
-    return spec
+    from_file = read_config_file(config) if config is not None else {}
+    from_options = {NAMED[k]: v for k, v in named.items() if v is not None}
+    from_set = (
+        (parse_assignments(overrides) if not isinstance(overrides, Mapping) else dict(overrides)) if overrides else {}
+    )
+    return make_spec(from_file, from_options, from_set)
 
 
 def train(

@@ -9,7 +9,7 @@ that several sections have must name its section (``method.seed``). A config fil
 such keys, or of sections holding mappings (``{"train": {"lr": 1e-4}, "method": {"r": 16}}``).
 
 Precedence, lowest first: the defaults, the task's training defaults, the config file, the named command-line
-options (``--lr`` ...), ``--set``.
+options (``--lr`` ...), ``--set`` (``lr`` and ``train.lr`` name the same setting in any of them).
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The flat ``{key: value}`` of a JSON or YAML config file (sections flattened to ``section.key``)."""
     path = Path(path)
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"{path}: a config file is .json, .yaml or .yml")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
@@ -124,13 +126,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
-    elif path.suffix.lower() == ".json":
+    else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    else:
-        raise ValueError(f"{path}: a config file is .json, .yaml or .yml")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -142,6 +142,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             flat[str(key)] = value
     return flat
+
+
+def canonical(values: Mapping[str, Any], fields: Mapping[str, set[str]]) -> dict[str, Any]:
+    """``values`` with every key in its full form (``section.key``, or the run field's name), so that sources
+    merged later override earlier ones whatever form each used (``lr`` and ``train.lr`` are one setting)."""
+    out = {}
+    for key, value in values.items():
+        section, name = where(key, fields)
+        out[f"{section}.{name}" if section else name] = value
+    return out
 
 
 def build_spec(
@@ -156,7 +166,7 @@ def build_spec(
     Raises:
         ValueError: an unknown key (with the closest known ones), an ambiguous one, or a run-time field.
     """
-    fields = {"train": set(train_fields()), "task": set(task_fields), "method": set(method_fields)}
+    fields = section_fields(task_fields, method_fields)
     spec = RunSpec(train=dict(train_defaults or {}))
     sections = {"train": spec.train, "task": spec.task_options, "method": spec.method_options}
     for key, value in values.items():
@@ -168,6 +178,11 @@ def build_spec(
                 value = [t.strip() for t in value.split(",") if t.strip()]
             sections[section][name] = value
     return spec
+
+
+def section_fields(task_fields: Iterable[str], method_fields: Iterable[str]) -> dict[str, set[str]]:
+    """The names each section takes: TrainConfig's (stored ones), the task's options, the method config's."""
+    return {"train": set(train_fields()), "task": set(task_fields), "method": set(method_fields)}
 
 
 def where(key: str, fields: Mapping[str, set[str]]) -> tuple[str | None, str]:

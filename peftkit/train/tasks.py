@@ -1,4 +1,8 @@
-"""The sentence-classification task shared by the demo, the CLI and the tests.
+"""A mean-pooling sentence classifier on a Hugging Face encoder (the benchmarks' demo task).
+
+``peftkit train`` and ``make demo`` use the ``classify`` task on the Hugging Face classes instead
+(:mod:`peftkit.train.classify`: ``AutoModelForSequenceClassification``, so exports load with plain PEFT and
+merged models with ``Auto*`` classes); this module stays for the benchmarks, whose numbers it defines.
 
 A :class:`SentenceClassifier` is a Hugging Face encoder, attention-mask-weighted mean pooling over tokens
 and a linear ``head``. The head is built from a fixed seed, so a fresh base rebuilt later has the identical

@@ -86,6 +86,8 @@ def test_prompt_completion_data_with_packing_and_config_file(lm_dir: Path, tmp_p
     result = train(tmp_path / "run", model=str(lm_dir), data=str(data), task="causal-lm", config=str(config),
                    overrides=["task.max_new_tokens=2", "batch_size=2"], **QUIET)  # fmt: skip
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["task_options"]["packing"] is True and run["train"]["batch_size"] == 2 and run["method_options"]["r"] == 2
+    assert (
+        run["task_options"]["packing"] is True and run["train"]["batch_size"] == 2 and run["method_options"]["r"] == 2
+    )
     assert result.train_result.global_step == 3 and "exact_match" in result.metrics
     assert any(note.startswith("packing: ") for note in result.notes)
