@@ -28,6 +28,9 @@ from peftkit.train.settings import RunSpec, build_spec, canonical, section_field
 TASKS: dict[str, ModuleType] = {classify.NAME: classify, causal_lm.NAME: causal_lm}
 # Built-in data (no --data): the packaged Rotten Tomatoes snippets, as many as the demo uses.
 BUILTIN_SAMPLES = {"max_train_samples": 3000, "max_eval_samples": 1000}
+# Method settings of a run unless given (those of the methods that have them): the demo's LoRA r=8, alpha=16,
+# as `peftkit train` has always used.
+METHOD_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0}
 # Attention projections adapted when targets are not given: the first group whose names all occur in the model
 # (the defaults Hugging Face PEFT uses for BERT / RoBERTa, Llama / Mistral / Qwen / OPT, DistilBERT, GPT-2,
 # GPT-NeoX); other models get "all-linear".
@@ -265,13 +268,17 @@ def _classify_rows(spec: RunSpec, eval_only: bool) -> tuple[list[Row], list[Row]
 
 def adapter_config(spec: RunSpec, model: nn.Module, extra_saved: list[str]) -> AdapterConfig:
     """The method's config from ``spec.method_options``, with the defaults a run adds: the attention
-    projections as targets (:data:`DEFAULT_TARGETS`), the new head in ``modules_to_save`` and the run's seed.
+    projections as targets (:data:`DEFAULT_TARGETS`), :data:`METHOD_DEFAULTS`, the new head in
+    ``modules_to_save`` and the run's seed.
     ``spec.method_options`` is replaced by the complete config (what the run records)."""
     config_class = get_method(spec.method).config_class
     options = dict(spec.method_options)
     names = {f.name for f in dataclasses.fields(config_class)}
     if "targets" not in options:
         options["targets"] = default_targets(model)
+    for key, value in METHOD_DEFAULTS.items():
+        if key in names and key not in options:
+            options[key] = value
     if extra_saved and "modules_to_save" in names:
         options["modules_to_save"] = sorted(set(options.get("modules_to_save") or []) | set(extra_saved))
     if "seed" in names and options.get("seed") is None:

@@ -38,6 +38,18 @@ def test_default_targets_follow_the_architecture() -> None:
     assert default_targets(torch.nn.Sequential(torch.nn.Linear(2, 2))) == "all-linear"
 
 
+def test_a_run_defaults_to_the_demos_lora_settings(tmp_path: Path) -> None:
+    # Before this fix the run took LoRAConfig's own alpha (8), not the alpha 16 `peftkit train` always used.
+    from peftkit.train.build import adapter_config
+
+    spec = settings_from(task="causal-lm", model="m")
+    config = adapter_config(spec, model(64), [])
+    assert (config.r, config.alpha, config.targets, config.seed) == (8, 16.0, ["q_proj", "v_proj"], 0)
+    spec = settings_from(task="causal-lm", model="m", alpha=4, targets="all-linear")
+    config = adapter_config(spec, model(64), [])
+    assert (config.alpha, config.targets) == (4.0, "all-linear") and spec.method_options["alpha"] == 4.0
+
+
 def test_model_digest_tells_other_weights_apart() -> None:
     a, b = model(64, seed=0), model(64, seed=0)
     assert model_digest(a) == model_digest(b)
