@@ -1,7 +1,7 @@
 """Tiny models for training tests, built in code (no assets): a 2-layer Llama with a real byte-level BPE tokenizer
 trained here on a small corpus with multi-byte characters, carrying SmolLM2's ChatML chat template (same
 special tokens: ``<|im_start|>`` / ``<|im_end|>``, end-of-sequence ``<|im_end|>``); and a tiny BERT folder with
-a 64-word WordPiece vocabulary (:func:`save_bert`)."""
+a 64-word WordPiece vocabulary (:func:`save_bert`); token data for ``conftest.TinyNet`` (:func:`token_dataset`)."""
 
 from __future__ import annotations
 
@@ -140,3 +140,17 @@ def save_bert(path: Path) -> Path:
     BertTokenizer(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
     tiny_bert().save_pretrained(path)
     return path
+
+
+def token_dataset(n: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Token sequences for ``conftest.TinyNet``; the label says whether the mean token id is high (learnable
+    through mean pooling)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 40, (n, 6), generator=g)
+    return [(row, (row.float().mean() > 19.5).long()) for row in ids]
+
+
+def token_loss(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of ``model(ids)`` on a :func:`token_dataset` batch."""
+    ids, labels = batch
+    return torch.nn.functional.cross_entropy(model(ids), labels)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _tiny_lm import token_dataset, token_loss
 from conftest import make_tiny_net
 from safetensors.torch import load_file
 
@@ -26,15 +26,10 @@ from peftkit.train import (
 
 
 def dataset(n: int = 64, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Token sequences; the label says whether the mean token id is high (learnable through mean pooling)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 40, (n, 6), generator=g)
-    return [(row, (row.float().mean() > 19.5).long()) for row in ids]
+    return token_dataset(n, seed)
 
 
-def loss_fn(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
-    ids, labels = batch
-    return F.cross_entropy(model(ids), labels)
+loss_fn = token_loss
 
 
 def adapted() -> pk.AdaptedModel:
