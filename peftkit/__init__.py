@@ -11,6 +11,7 @@ from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
 from peftkit.core.registry import get_config, get_method, list_methods, register
 from peftkit.core.version import __version__
 from peftkit.interop import export_peft, import_peft
+from peftkit.merge import merge_adapters
 from peftkit.methods.dora import DoRAConfig
 from peftkit.methods.lora import LoRAConfig
 
@@ -34,5 +35,6 @@ __all__ = [
     "init",
     "list_methods",
     "load",
+    "merge_adapters",
     "register",
 ]

@@ -1,1 +1,28 @@
-"""merge."""
+"""Merging adapters in weight space, and what builds on it.
+
+* :mod:`~peftkit.merge.merge`: :func:`merge_adapters` (``pk.merge_adapters``): task arithmetic, TIES, DARE,
+  magnitude pruning and KnOTS on the adapters' dense updates, returned as an exact (or SVD-truncated) LoRA;
+* :mod:`~peftkit.merge.combine`: the element-wise merges of stacked task tensors;
+* :mod:`~peftkit.merge.knots`: KnOTS' shared-basis alignment;
+* :mod:`~peftkit.merge.lowrank`: exact / truncated low-rank forms (float64 SVD);
+* :mod:`~peftkit.merge.sources`: reading and checking the adapters to merge;
+* :mod:`~peftkit.merge.rmm`: reversible merging (a shared basis and per-task coefficients);
+* :mod:`~peftkit.merge.lorahub`: LoraHub, gradient-free search of the merge weights (:mod:`~peftkit.merge.cma`);
+* :mod:`~peftkit.merge.errors`: the errors of bad merge requests.
+
+Inference-time composition (diffusion LoRA Switch / Composite / CMLoRA, AutoLoRA) and LoRA generation or transfer
+(SG-LoRA, Trans-LoRA) belong in their own modules here, one file per method.
+"""
+
+from peftkit.merge.errors import MergeError, MergeOptionError, MergeWeightsError, TargetMismatchError
+from peftkit.merge.merge import METHODS, MergeResult, merge_adapters
+
+__all__ = [
+    "METHODS",
+    "MergeError",
+    "MergeOptionError",
+    "MergeResult",
+    "MergeWeightsError",
+    "TargetMismatchError",
+    "merge_adapters",
+]
