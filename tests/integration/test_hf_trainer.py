@@ -339,6 +339,7 @@ def test_gradient_checkpointing_keeps_the_adapter_gradients(kind: str, reentrant
 def test_gradient_checkpointing_with_per_row_adapter_ids(reentrant: bool) -> None:
     """The backward recomputes checkpointed blocks after forward returned: they must run with the same
     per-row adapters (AdaptedModel keeps a forward's context until the next call when gradients are on)."""
+
     def two() -> pk.AdaptedModel:
         model = nonzero_b(causal_model("llama"))
         model.add_adapter("b", pk.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], seed=1))
