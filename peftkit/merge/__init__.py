@@ -15,14 +15,21 @@ Inference-time composition (diffusion LoRA Switch / Composite / CMLoRA, AutoLoRA
 """
 
 from peftkit.merge.errors import MergeError, MergeOptionError, MergeWeightsError, TargetMismatchError
+from peftkit.merge.lorahub import LoraHubResult, lorahub
 from peftkit.merge.merge import METHODS, MergeResult, merge_adapters
+from peftkit.merge.rmm import ReversibleMerge, rmm, rmm_report
 
 __all__ = [
     "METHODS",
+    "LoraHubResult",
     "MergeError",
     "MergeOptionError",
     "MergeResult",
     "MergeWeightsError",
+    "ReversibleMerge",
     "TargetMismatchError",
+    "lorahub",
     "merge_adapters",
+    "rmm",
+    "rmm_report",
 ]
