@@ -19,6 +19,7 @@ from .errors import (
     TargetModuleNotFound,
     UnsupportedLayerError,
 )
+from .inject import find_targets
 from .model import AdaptedModel
 from .protocol import (
     Adapter,
@@ -29,6 +30,7 @@ from .protocol import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
+    PositiveFraction,
     PositiveInt,
     Probability,
     RankConfig,
@@ -38,6 +40,7 @@ from .protocol import (
     input_dropout,
     lowrank_pair,
     require_rank_fits,
+    seeded_generator,
 )
 from .registry import register
 
@@ -59,6 +62,7 @@ __all__ = [
     "NotMergeableError",
     "PeftkitError",
     "PositiveFloat",
+    "PositiveFraction",
     "PositiveInt",
     "Probability",
     "RankConfig",
@@ -66,10 +70,12 @@ __all__ = [
     "TargetModuleNotFound",
     "UnsupportedLayerError",
     "add_lowrank",
+    "find_targets",
     "init_lora_pair",
     "input_dropout",
     "layer_kind",
     "lowrank_pair",
     "register",
     "require_rank_fits",
+    "seeded_generator",
 ]

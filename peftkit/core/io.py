@@ -117,11 +117,12 @@ def write_files(folder: str | Path, files: Sequence[tuple[str, bytes]], *, keep:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return folder
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (fsync the folder itself)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -134,20 +135,22 @@ def _remove_leftovers(folder: Path, names: Iterable[str]) -> None:
     for name in names:
         for tmp in folder.glob(f".{name}.tmp-*"):
             pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-            if not (pid.isdigit() and _alive(int(pid))):
+            if not pid.isdigit() or stale_writer(int(pid)):
                 tmp.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def stale_writer(pid: int) -> bool:
+    """Whether temporary files written by process ``pid`` are leftovers: that process is gone, or it is this
+    one (which writes one save at a time per folder, so its own temporary files are from a failed write)."""
     if pid == os.getpid():
-        return False  # this process writes one save at a time per folder: its own leftovers are stale
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _remove_legacy_leftovers(folder: Path) -> None:

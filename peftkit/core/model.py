@@ -14,7 +14,7 @@ import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +32,14 @@ from .errors import (
     BaseModelMismatch,
     NoAdaptersError,
     NotMergeableError,
+    UnsupportedAdapterError,
 )
 from .layer import AdaptedLayer, Routing
 from .protocol import Adapter, AdapterConfig, Initializer, skip_init
 from .registry import initializer, method_of
 from .schedule import ScheduleWatch
 
+A = TypeVar("A", bound=Adapter)
 DEFAULT_ADAPTER = "default"
 # PEFT attribute names people type by habit that have no same-named peftkit attribute: what to use instead.
 _PEFT_ATTRIBUTES = {
@@ -434,6 +436,20 @@ class AdaptedModel(nn.Module):
     def layers(self) -> Iterator[AdaptedLayer]:
         for _, layer in inject.adapted_layers(self.model):
             yield layer
+
+    def modules_of(self, name: str | None, cls: type[A]) -> dict[str, A]:
+        """``{module path: module}`` of adapter ``name`` (default: the one active adapter) whose modules are
+        ``cls`` instances (a method's helper functions use it: a ``modules_to_save`` head is left out).
+
+        Raises:
+            UnsupportedAdapterError: the adapter has no ``cls`` module (it is another method).
+        """
+        name = self.resolve(name)
+        found = {path: m for path, m in self.adapter_modules(name).items() if isinstance(m, cls)}
+        if not found:
+            method = type(self.configs[name]).method
+            raise UnsupportedAdapterError(f"adapter {name!r} is a {method!r} adapter, not a {cls.__name__}")
+        return found
 
     def adapter_modules(self, name: str) -> dict[str, Adapter]:
         """``{module path: Adapter}`` of one adapter."""

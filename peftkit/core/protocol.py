@@ -121,6 +121,7 @@ PositiveFloat = typing.Annotated[float, Bound(low=0, low_open=True)]
 NonNegativeFloat = typing.Annotated[float, Bound(low=0)]
 Probability = typing.Annotated[float, Bound(low=0, high=1, high_open=True)]  # dropout-like rates, in [0, 1)
 Fraction = typing.Annotated[float, Bound(low=0, high=1)]  # shares, densities, energies, in [0, 1]
+PositiveFraction = typing.Annotated[float, Bound(low=0, high=1, low_open=True)]  # in (0, 1]
 
 
 @functools.cache
@@ -161,6 +162,9 @@ def _type_error(name: str, value: object, kind: Any) -> str | None:
         for member, reason in zip(args, reasons):  # a list (or dict) given: say what is wrong inside it
             if isinstance(value, (list, dict)) and typing.get_origin(member) is type(value):
                 return reason
+        others = [r for a, r in zip(args, reasons) if a is not type(None)]
+        if value is not None and len(others) == 1:  # an optional field given a wrong value: the value's reason
+            return others[0]
         return f"{name} must be one of {' | '.join(getattr(a, '__name__', str(a)) for a in args)}, got {value!r}"
     if kind is type(None):
         return None if value is None else f"{name} must be None, got {value!r}"
@@ -290,15 +294,22 @@ class AdapterConfig(metaclass=_ConfigType):
     def validate(self) -> None:
         """Check method-specific fields; raise :class:`InvalidConfigError` naming the bad field."""
 
+    # Small settings the conformance suite runs (targets are filled in by the suite), and the changes to them
+    # that make each further variant it checks: class data, so most methods need no tiny() code.
+    tiny_fields: ClassVar[dict[str, Any]] = {}
+    variant_fields: ClassVar[list[dict[str, Any]]] = []
+
     @classmethod
     def tiny(cls) -> AdapterConfig:
-        """Small settings the conformance suite uses for this method (targets are filled in by the suite)."""
-        return cls()
+        """Small settings the conformance suite uses for this method: ``cls(**tiny_fields)`` unless overridden."""
+        return cls(**cls.tiny_fields)
 
     @classmethod
     def tiny_variants(cls) -> list[AdapterConfig]:
-        """Every variant the conformance suite should check (defaults to ``[tiny()]``)."""
-        return [cls.tiny()]
+        """Every variant the conformance suite checks: :meth:`tiny`, then ``tiny().replace(**changes)`` for each
+        entry of ``variant_fields``."""
+        tiny = cls.tiny()
+        return [tiny, *(tiny.replace(**changes) for changes in cls.variant_fields)]
 
     def export_config(self) -> AdapterConfig:
         """The config of the form this adapter takes in foreign formats (Hugging Face PEFT): by default itself.
@@ -542,6 +553,12 @@ def require_probability(name: str, value: float) -> None:
     """Config validation shared by methods: ``value`` must lie in ``[0, 1)`` (dropout-like rates)."""
     if not 0.0 <= value < 1.0:
         raise InvalidConfigError(f"{name} must lie in [0, 1), got {value!r}")
+
+
+def seeded_generator(seed: int | None) -> torch.Generator | None:
+    """A CPU generator seeded with ``seed`` (reproducible draws independent of the global RNG), or ``None`` to
+    draw from the global RNG (which the core seeds with ``config.seed`` around construction)."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 def lowrank_pair(base: BaseView, r: int) -> tuple[nn.Parameter, nn.Parameter]:

@@ -93,7 +93,7 @@ def write_checkpoint(root: str | Path, step: int, write: Any) -> Path:
         if old is not None and not final.exists():
             os.rename(old, final)
         raise
-    io._fsync_dir(root)  # the rename is durable (the core's folder-format helper)
+    io.fsync_dir(root)  # the rename is durable (the core's folder-format helper)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -113,7 +113,7 @@ def _remove_dead_temporaries(root: Path) -> None:
     """Hidden folders of checkpoint writers that died (their pid is gone) before renaming them into place."""
     for entry in root.glob(".step-*"):
         pid = re.search(r"\.(?:tmp|old)-(\d+)-", entry.name)
-        if entry.is_dir() and pid and not io._alive(int(pid.group(1))):
+        if entry.is_dir() and pid and io.stale_writer(int(pid.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 

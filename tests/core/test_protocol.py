@@ -30,7 +30,7 @@ def test_overrides_give_modules_their_own_settings(tmp_path) -> None:
 
 
 def test_overrides_are_checked_when_the_config_is_made() -> None:
-    with pytest.raises(pk.errors.InvalidConfigError, match=r"overrides\['query'\].*r must be a positive integer"):
+    with pytest.raises(pk.errors.InvalidConfigError, match=r"overrides\['query'\].*r must lie in \[1, inf\), got 0"):
         pk.LoRAConfig(overrides={"query": {"r": 0}})
     with pytest.raises(pk.errors.InvalidConfigError, match=r"sets \['targets'\], which cannot vary per module"):
         pk.LoRAConfig(overrides={"query": {"targets": ["key"]}})
