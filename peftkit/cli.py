@@ -1,4 +1,5 @@
-"""``peftkit`` on the command line: list methods, train / resume / evaluate / merge / export runs, serve.
+"""``peftkit`` on the command line: list methods, train / resume / evaluate / merge / export runs, merge several
+runs' adapters (``merge-adapters``), serve.
 
 ``peftkit train --model DIR_OR_HUB_ID --data FILE --task causal-lm|classify --method NAME --output-dir RUN``
 trains an adapter on a user's data (:mod:`peftkit.train.run`; without ``--data``, the built-in demo: the
@@ -351,6 +352,45 @@ def merge(
     tokenizer.save_pretrained(out)
     auto = "AutoModelForSequenceClassification" if spec.task == Task.classify.value else "AutoModelForCausalLM"
     typer.echo(f"merged model saved to {out} (load it with transformers.{auto}.from_pretrained)")
+
+
+@app.command("merge-adapters")
+def merge_adapters(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run folders from 'peftkit train' (or checkpoint / adapter folders) to merge.")
+    ],
+    output_dir: Annotated[Path, typer.Option(help="Run folder for the merged adapter: run.json and adapter/.")],
+    method: Annotated[
+        str, typer.Option(help="task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune or knots.")
+    ] = "task_arithmetic",
+    weights: Annotated[str | None, typer.Option(help="One weight per run, comma-separated (default 1 each).")] = None,
+    rank: Annotated[int | None, typer.Option(min=1, help="Truncate the merged LoRA to this rank (default exact).")] = (
+        None
+    ),
+    density: Annotated[float | None, typer.Option(help="Share of entries kept (ties, dare_*, magnitude_prune).")] = (
+        None
+    ),
+    seed: Annotated[int | None, typer.Option(help="Seed of DARE's random masks.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model folder or Hub id (default: the first run's).")] = None,
+) -> None:
+    """Merge the adapters of several runs into one LoRA adapter (peftkit.merge_adapters), saved as a run folder."""
+    from peftkit.merge.runs import merge_runs
+
+    try:
+        parsed = None if weights is None else [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{weights!r} is not a comma-separated list of numbers", param_hint="'--weights'"
+        ) from None
+    _check_output_dir(output_dir, "'--output-dir'")
+    _check_model(model)
+    options = {k: v for k, v in {"density": density, "seed": seed}.items() if v is not None}
+    result = merge_runs(runs, output_dir, weights=parsed, method=method, rank=rank, model=model, **options)
+    ranks = sorted(set(result.ranks.values()))
+    typer.echo(
+        f"merged {len(runs)} adapters by {result.method} into {output_dir} (rank {ranks[0]}-{ranks[-1]}, relative "
+        f"error {result.error:.2e}); evaluate, export or serve it like any run"
+    )
 
 
 @app.command()
