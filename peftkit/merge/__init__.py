@@ -8,6 +8,7 @@
 * :mod:`~peftkit.merge.sources`: reading and checking the adapters to merge;
 * :mod:`~peftkit.merge.rmm`: reversible merging (a shared basis and per-task coefficients);
 * :mod:`~peftkit.merge.lorahub`: LoraHub, gradient-free search of the merge weights (:mod:`~peftkit.merge.cma`);
+* :mod:`~peftkit.merge.runs`: merging training runs' adapters into a run folder (``peftkit merge-adapters``);
 * :mod:`~peftkit.merge.errors`: the errors of bad merge requests.
 
 Inference-time composition (diffusion LoRA Switch / Composite / CMLoRA, AutoLoRA) and LoRA generation or transfer
