@@ -21,7 +21,7 @@ Supported: ``nn.Linear`` and GPT-2 ``Conv1D``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -75,13 +75,8 @@ class ALLoRAConfig(AdapterConfig):
     eps: PositiveFloat = 1e-3
     grad_scaling: bool = True
 
-    @classmethod
-    def tiny(cls) -> ALLoRAConfig:
-        return cls(r=2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(grad_scaling=False)]
+    tiny_fields: ClassVar[dict] = {"r": 2}
+    variant_fields: ClassVar[list[dict]] = [{"grad_scaling": False}]
 
 
 @register("allora", ALLoRAConfig)

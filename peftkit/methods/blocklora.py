@@ -15,13 +15,13 @@ is refused with ``UnsupportedLayerError``). Supported: ``nn.Linear`` and GPT-2 `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from peftkit.core.api import (
     Adapter,
-    AdapterConfig,
     BaseView,
     LowRank,
     PositiveInt,
@@ -50,13 +50,8 @@ class BlockLoRAConfig(RankConfig):
     dropout: float = 0.25
     n: PositiveInt = 8
 
-    @classmethod
-    def tiny(cls) -> BlockLoRAConfig:
-        return cls(r=2, alpha=2.0, n=4, dropout=0.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(n=2, dropout=0.25)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 2.0, "n": 4, "dropout": 0.0}
+    variant_fields: ClassVar[list[dict]] = [{"n": 2, "dropout": 0.25}]
 
 
 @register("blocklora", BlockLoRAConfig)

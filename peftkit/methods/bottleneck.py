@@ -198,14 +198,10 @@ class BottleneckConfig(AdapterConfig):
         """The bottleneck width for an adapted width ``d``."""
         return self.r if self.r is not None else max(1, d // self.reduction_factor)
 
-    @classmethod
-    def tiny(cls) -> BottleneckConfig:
-        return cls(r=4)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(in_ln=True, learnable_scale=True, dropout=0.1, activation="gelu")]
+    tiny_fields: ClassVar[dict] = {"r": 4}
+    variant_fields: ClassVar[list[dict]] = [
+        {"in_ln": True, "learnable_scale": True, "dropout": 0.1, "activation": "gelu"}
+    ]
 
 
 @dataclass(kw_only=True)

@@ -87,14 +87,9 @@ class CloudAdapterConfig(AdapterConfig):
         """A copy with some fields changed and (unless given) a fresh ``context`` key: a new adapter."""
         return dataclasses.replace(self, **{"context": "", **changes})
 
-    @classmethod
-    def tiny(cls) -> CloudAdapterConfig:
-        # a fixed key, so the suite's test ids are stable (the suite's replace() gives each adapter a fresh one)
-        return cls(hidden=4, depth=1, context="tiny")
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(hidden=4, depth=2, residual=True, context="tiny")]
+    # a fixed key, so the suite's test ids are stable (the suite's replace() gives each adapter a fresh one)
+    tiny_fields: ClassVar[dict] = {"hidden": 4, "depth": 1, "context": "tiny"}
+    variant_fields: ClassVar[list[dict]] = [{"depth": 2, "residual": True, "context": "tiny"}]
 
 
 def cloud_adapter_config(

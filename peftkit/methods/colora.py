@@ -22,12 +22,12 @@ import copy
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.api import AdaptedModel, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, register
+from peftkit.core.api import AdaptedModel, BaseView, InvalidConfigError, PositiveInt, register
 
 from .lora import LoRA, LoRAConfig
 
@@ -56,13 +56,8 @@ class CoLoRAConfig(LoRAConfig):
     def scale(self) -> float:
         return 1.0 if self.alpha is None else self.alpha / self.r
 
-    @classmethod
-    def tiny(cls) -> CoLoRAConfig:
-        return cls(r=2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(r=3, alpha=6.0, dropout=0.1)]
+    tiny_fields: ClassVar[dict] = {"r": 2}
+    variant_fields: ClassVar[list[dict]] = [{"r": 3, "alpha": 6.0, "dropout": 0.1}]
 
 
 @register("colora", CoLoRAConfig)

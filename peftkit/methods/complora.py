@@ -25,14 +25,13 @@ the saved shapes (:meth:`CompLoRA.fit_state`). Supported: Linear, GPT-2 Conv1D.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from peftkit.core.api import (
     Adapter,
-    AdapterConfig,
     BaseView,
     Bound,
     InvalidConfigError,
@@ -72,14 +71,8 @@ class CompLoRAConfig(RankConfig):
         if self.k_top is not None and self.complement_energy is not None:
             raise InvalidConfigError("set k_top or complement_energy, not both")
 
-    @classmethod
-    def tiny(cls) -> CompLoRAConfig:
-        return cls(r=2, alpha=2.0, dropout=0.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(k_top=3, dropout=0.25), t.replace(complement_energy=0.5)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 2.0, "dropout": 0.0}
+    variant_fields: ClassVar[list[dict]] = [{"k_top": 3, "dropout": 0.25}, {"complement_energy": 0.5}]
 
 
 def principal_count(s: Tensor, config: CompLoRAConfig) -> int:

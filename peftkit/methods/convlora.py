@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, RankConfig, register
+from peftkit.core.api import Adapter, BaseView, InvalidConfigError, RankConfig, register
 
 
 @dataclass(kw_only=True)
@@ -43,13 +44,8 @@ class ConvLoRAConfig(RankConfig):
         if self.dropout:
             raise InvalidConfigError("dropout must be 0 for ConvLoRA (the update is a weight delta)")
 
-    @classmethod
-    def tiny(cls) -> ConvLoRAConfig:
-        return cls(r=1, alpha=2.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(r=2, alpha=2.0)]
+    tiny_fields: ClassVar[dict] = {"r": 1, "alpha": 2.0}
+    variant_fields: ClassVar[list[dict]] = [{"r": 2}]
 
 
 @register("convlora", ConvLoRAConfig)

@@ -54,13 +54,7 @@ class DDAdapterConfig(AdapterConfig):
     channels_last: bool = False
     grid: list[PositiveInt] | None = None
 
-    @classmethod
-    def tiny(cls) -> DDAdapterConfig:
-        return cls()
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls(), cls(prefix_tokens=1, dilations=[1, 2])]
+    variant_fields: ClassVar[list[dict]] = [{"prefix_tokens": 1, "dilations": [1, 2]}]
 
 
 @register("dd_adapter", DDAdapterConfig)

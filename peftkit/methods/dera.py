@@ -105,9 +105,7 @@ class DeRAConfig(AdapterConfig):
         if self.grid is not None and len(self.grid) != 2:
             raise InvalidConfigError(f"grid must be [h, w], got {self.grid!r}")
 
-    @classmethod
-    def tiny(cls) -> DeRAConfig:
-        return cls(r=24, heads=4)
+    tiny_fields: ClassVar[dict] = {"r": 24, "heads": 4}
 
 
 def rope_2d(t: Tensor, rows: Tensor, cols: Tensor, theta: float) -> Tensor:

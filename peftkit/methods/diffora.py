@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from peftkit.core.api import (
     AdaptedModel,
     Adapter,
-    AdapterConfig,
     BaseView,
     Bound,
     LowRank,
@@ -61,13 +60,8 @@ class DiffoRAConfig(RankConfig):
     keep_ratio: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.5
     search_ratio: Annotated[float, Bound(low=0, high=1, low_open=True, high_open=True)] = 0.1
 
-    @classmethod
-    def tiny(cls) -> DiffoRAConfig:
-        return cls(r=2, alpha=4.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(phase="finetune", dropout=0.1)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}
+    variant_fields: ClassVar[list[dict]] = [{"phase": "finetune", "dropout": 0.1}]
 
 
 @register("diffora", DiffoRAConfig)

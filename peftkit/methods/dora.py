@@ -21,11 +21,12 @@ Supported: ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d`` (groups=1). Merge: ``Î
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.api import AdapterConfig, BaseView, InvalidConfigError, register
+from peftkit.core.api import BaseView, InvalidConfigError, register
 
 from .lora import LoRA, LoRAConfig
 
@@ -39,10 +40,7 @@ class DoRAConfig(LoRAConfig):
         if self.bias:
             raise InvalidConfigError("DoRA does not support bias=True (PEFT's use_dora excludes lora_bias too)")
 
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(rslora=True, dropout=0.1)]
+    variant_fields: ClassVar[list[dict]] = [{"rslora": True, "dropout": 0.1}]
 
 
 @register("dora", DoRAConfig)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from peftkit.core.api import (
     Adapter,
-    AdapterConfig,
     BaseView,
     LowRank,
     NonNegativeInt,
@@ -57,13 +57,8 @@ class DVLoRAConfig(RankConfig):
     alpha: float = 4.0
     warm_up_step: NonNegativeInt | None = 20_000
 
-    @classmethod
-    def tiny(cls) -> DVLoRAConfig:
-        return cls(r=2, alpha=4.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(warm_up_step=None, dropout=0.1)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}
+    variant_fields: ClassVar[list[dict]] = [{"warm_up_step": None, "dropout": 0.1}]
 
 
 @register("dvlora", DVLoRAConfig)

@@ -34,13 +34,13 @@ Supported layers: ``nn.Linear`` and GPT-2 ``Conv1D``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from peftkit.core.api import (
     Adapter,
-    AdapterConfig,
     BaseView,
     InvalidConfigError,
     LowRank,
@@ -80,14 +80,11 @@ class DyLoRAConfig(RankConfig):
         if self.eval_rank is not None and self.eval_rank > self.r:
             raise InvalidConfigError(f"eval_rank must lie in [1, r={self.r}], got {self.eval_rank!r}")
 
-    @classmethod
-    def tiny(cls) -> DyLoRAConfig:
-        return cls(r=3, alpha=6.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(eval_rank=2, dropout=0.1), t.replace(update_all_below=True, eval_rank=1)]
+    tiny_fields: ClassVar[dict] = {"r": 3, "alpha": 6.0}
+    variant_fields: ClassVar[list[dict]] = [
+        {"eval_rank": 2, "dropout": 0.1},
+        {"update_all_below": True, "eval_rank": 1},
+    ]
 
 
 @register("dylora", DyLoRAConfig)

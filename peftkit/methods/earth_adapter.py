@@ -58,13 +58,8 @@ class EarthAdapterConfig(AdapterConfig):
     prefix_tokens: NonNegativeInt = 1
     grid: list[PositiveInt] | None = None
 
-    @classmethod
-    def tiny(cls) -> EarthAdapterConfig:
-        return cls(r=4, cutoff_ratio=0.5)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(r=4, frequency=False, prefix_tokens=0)]
+    tiny_fields: ClassVar[dict] = {"r": 4, "cutoff_ratio": 0.5}
+    variant_fields: ClassVar[list[dict]] = [{"frequency": False, "prefix_tokens": 0, "cutoff_ratio": 0.3}]
 
 
 def earth_adapter_config(n_blocks: int, fft_blocks: Iterable[int] = range(6), **fields: Any) -> EarthAdapterConfig:

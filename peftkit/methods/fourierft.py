@@ -44,14 +44,8 @@ class FourierFTConfig(AdapterConfig):
     random_loc_seed: int = 777
     init: Literal["randn", "zeros"] = "randn"
 
-    @classmethod
-    def tiny(cls) -> FourierFTConfig:
-        return cls(n_frequency=24, scaling=10.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(init="zeros", random_loc_seed=3)]
+    tiny_fields: ClassVar[dict] = {"n_frequency": 24, "scaling": 10.0}
+    variant_fields: ClassVar[list[dict]] = [{"init": "zeros", "random_loc_seed": 3}]
 
 
 def spectral_indices(d_out: int, d_in: int, n: int, seed: int) -> Tensor:

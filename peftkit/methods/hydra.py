@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,14 +47,8 @@ class HydraConfig(AdapterConfig):
     learnable_scale: bool = False
     init: Literal["lora", "adaptformer"] = "lora"
 
-    @classmethod
-    def tiny(cls) -> HydraConfig:
-        return cls(r=2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(learnable_scale=True, scale=0.5, init="adaptformer")]
+    tiny_fields: ClassVar[dict] = {"r": 2}
+    variant_fields: ClassVar[list[dict]] = [{"learnable_scale": True, "scale": 0.5, "init": "adaptformer"}]
 
 
 @register("hydra", HydraConfig)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -113,14 +113,8 @@ class IncreLoRAConfig(AdapterConfig):
         """Components per allocation (``incre_rank_num``)."""
         return self.incre_rank_num or max(1, self.target_rank // 2)
 
-    @classmethod
-    def tiny(cls) -> IncreLoRAConfig:
-        return cls(r=1, target_rank=2, alpha=4.0, advance_learn=False, init_std=0.2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(r=2, target_rank=4, dropout=0.1)]
+    tiny_fields: ClassVar[dict] = {"r": 1, "target_rank": 2, "alpha": 4.0, "advance_learn": False, "init_std": 0.2}
+    variant_fields: ClassVar[list[dict]] = [{"r": 2, "target_rank": 4, "dropout": 0.1}]
 
 
 @register("increlora", IncreLoRAConfig)

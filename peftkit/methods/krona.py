@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -46,13 +47,7 @@ class KronAConfig(AdapterConfig):
     a2: PositiveInt | None = None
     scale: float = 1.0
 
-    @classmethod
-    def tiny(cls) -> KronAConfig:
-        return cls()
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(a1=4, a2=2, scale=2.0)]
+    variant_fields: ClassVar[list[dict]] = [{"a1": 4, "a2": 2, "scale": 2.0}]
 
 
 @dataclass(kw_only=True)
@@ -62,13 +57,8 @@ class DiffuseKronAConfig(KronAConfig):
     a1: PositiveInt | None = 64
     a2: PositiveInt | None = 8
 
-    @classmethod
-    def tiny(cls) -> DiffuseKronAConfig:
-        return cls(a1=4, a2=2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(a1=None, a2=None, seed=1)]
+    tiny_fields: ClassVar[dict] = {"a1": 4, "a2": 2}
+    variant_fields: ClassVar[list[dict]] = [{"a1": None, "a2": None, "seed": 1}]
 
 
 def kron_sizes(base: BaseView, config: KronAConfig) -> tuple[int, int, int, int]:

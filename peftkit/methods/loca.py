@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -106,14 +106,8 @@ class LoCAConfig(AdapterConfig):
     loc_steps: PositiveInt = 1
     loc_lr: PositiveFloat = 1.0
 
-    @classmethod
-    def tiny(cls) -> LoCAConfig:
-        return cls(n_frequency=24, alpha=2.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(seed=3, total_steps=20, coef_steps=1)]
+    tiny_fields: ClassVar[dict] = {"n_frequency": 24, "alpha": 2.0}
+    variant_fields: ClassVar[list[dict]] = [{"seed": 3, "total_steps": 20, "coef_steps": 1}]
 
 
 @register("loca", LoCAConfig)

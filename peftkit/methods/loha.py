@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -69,14 +69,8 @@ class LoHaConfig(LyCORISConfig):
 
     init: Literal["peft", "random"] = "peft"
 
-    @classmethod
-    def tiny(cls) -> LoHaConfig:
-        return cls(r=2, alpha=4.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(use_effective_conv2d=True, alpha=3.0)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}
+    variant_fields: ClassVar[list[dict]] = [{"use_effective_conv2d": True, "alpha": 3.0}]
 
 
 def loha_shapes(base: BaseView, config: LyCORISConfig) -> dict[str, tuple[int, ...]]:

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from peftkit.core.api import AdapterConfig, BaseView, InvalidConfigError, register
+from peftkit.core.api import BaseView, InvalidConfigError, register
 
 from .loha import LyCORIS, LyCORISConfig
 
@@ -86,18 +86,11 @@ class LoKrConfig(LyCORISConfig):
                 f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor!r}"
             )
 
-    @classmethod
-    def tiny(cls) -> LoKrConfig:
-        return cls(r=2, alpha=4.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [
-            t,
-            t.replace(r=1, decompose_both=True, use_effective_conv2d=True),
-            t.replace(r=16, decompose_factor=2, init="lycoris"),
-        ]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}
+    variant_fields: ClassVar[list[dict]] = [
+        {"r": 1, "decompose_both": True, "use_effective_conv2d": True},
+        {"r": 16, "decompose_factor": 2, "init": "lycoris"},
+    ]
 
 
 def lokr_shapes(base: BaseView, config: LoKrConfig) -> dict[str, tuple[int, ...]]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +94,8 @@ class LoLDUConfig(AdapterConfig):
     train_scaling: bool = False
     eps: PositiveFloat = PIVOT_EPS
 
-    @classmethod
-    def tiny(cls) -> LoLDUConfig:
-        return cls(r=2, alpha=2.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(train_scaling=True)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 2.0}
+    variant_fields: ClassVar[list[dict]] = [{"train_scaling": True}]
 
 
 def loldu_rank(base: BaseView, config: LoLDUConfig) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,6 @@ from torch import Tensor, nn
 
 from peftkit.core.api import (
     Adapter,
-    AdapterConfig,
     BaseView,
     InvalidConfigError,
     LowRank,
@@ -108,20 +108,13 @@ class LoRAConfig(RankConfig):
         alpha = self.alpha * (math.sqrt(2.0) if self.rslora else 2.0)
         return self.replace(r=2 * self.r, alpha=alpha, init="kaiming", overrides={})
 
-    @classmethod
-    def tiny(cls) -> LoRAConfig:
-        return cls(r=2, alpha=4.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [
-            t,
-            t.replace(rslora=True),
-            t.replace(bias=True, dropout=0.1),
-            t.replace(init="gaussian"),
-            t.replace(init="pissa"),
-        ]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}
+    variant_fields: ClassVar[list[dict]] = [
+        {"rslora": True},
+        {"bias": True, "dropout": 0.1},
+        {"init": "gaussian"},
+        {"init": "pissa"},
+    ]
 
 
 #: Inits that keep a residual offset ``B₀A₀`` (besides ``"pissa_niter_<K>"``).

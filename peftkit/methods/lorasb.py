@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peftkit.core.api import AdapterConfig, InvalidConfigError, register
+from peftkit.core.api import InvalidConfigError, register
 
 from .loraxs import LoRAXS, LoRAXSConfig
 
@@ -43,13 +43,8 @@ class LoRASBConfig(LoRAXSConfig):
         if self.alpha != self.r:
             raise InvalidConfigError(f"LoRA-SB forces alpha = r (scale 1), got alpha={self.alpha!r} with r={self.r}")
 
-    @classmethod
-    def tiny(cls) -> LoRASBConfig:
-        return cls(r=2, alpha=2.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny()]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 2.0}
+    variant_fields: ClassVar[list[dict]] = []
 
 
 @register("lorasb", LoRASBConfig)

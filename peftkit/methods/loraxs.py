@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from peftkit.core.api import (
     Adapter,
-    AdapterConfig,
     BaseView,
     LowRank,
     RankConfig,
@@ -65,13 +64,8 @@ class LoRAXSConfig(RankConfig):
         dropout: dropout probability on the adapter branch's input (off in eval mode).
     """
 
-    @classmethod
-    def tiny(cls) -> LoRAXSConfig:
-        return cls(r=2, alpha=4.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(dropout=0.1)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}
+    variant_fields: ClassVar[list[dict]] = [{"dropout": 0.1}]
 
 
 @register("loraxs", LoRAXSConfig)

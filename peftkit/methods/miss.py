@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +60,12 @@ class MiSSConfig(AdapterConfig):
     dropout: Probability = 0.0
     init: Literal["zeros", "kaiming"] = "zeros"
 
-    @classmethod
-    def tiny(cls) -> MiSSConfig:
-        return cls(r=3)  # 16 % 3 != 0: the padded (partial last shard) case
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(r=4, dropout=0.1), t.replace(mode="mini", mini_r=2), t.replace(r=4, mode="bat")]
+    tiny_fields: ClassVar[dict] = {"r": 3}  # 16 % 3 != 0: the padded (partial last shard) case
+    variant_fields: ClassVar[list[dict]] = [
+        {"r": 4, "dropout": 0.1},
+        {"mode": "mini", "mini_r": 2},
+        {"r": 4, "mode": "bat"},
+    ]
 
 
 def block_shape(base: BaseView, config: MiSSConfig) -> tuple[int, ...]:

@@ -60,13 +60,8 @@ class MoSAConfig(AdapterConfig):
     scale: float = 0.1
     dropout: Probability = 0.1
 
-    @classmethod
-    def tiny(cls) -> MoSAConfig:
-        return cls(r=4, experts=3, dropout=0.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(r=4, experts=2, dropout=0.1)]
+    tiny_fields: ClassVar[dict] = {"r": 4, "experts": 3, "dropout": 0.0}
+    variant_fields: ClassVar[list[dict]] = [{"experts": 2, "dropout": 0.1}]
 
 
 def partition(score: Tensor, n: int) -> Tensor:

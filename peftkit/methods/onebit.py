@@ -114,13 +114,8 @@ class OneBitConfig(AdapterConfig):
     scale: float = 1.0
     dropout: Probability = 0.1
 
-    @classmethod
-    def tiny(cls) -> OneBitConfig:
-        return cls(r=2, dropout=0.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(r=3, bits=2, dropout=0.1)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "dropout": 0.0}
+    variant_fields: ClassVar[list[dict]] = [{"r": 3, "bits": 2, "dropout": 0.1}]
 
 
 @dataclass(kw_only=True)

@@ -38,6 +38,7 @@ Supported layers: ``nn.Linear`` and GPT-2 ``Conv1D`` (the spec's targets). Defau
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -77,14 +78,8 @@ class PaCAConfig(AdapterConfig):
     def scale(self) -> float:
         return self.alpha / self.r
 
-    @classmethod
-    def tiny(cls) -> PaCAConfig:
-        return cls(r=2, alpha=4.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(r=3, alpha=3.0, column_seed=5)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}
+    variant_fields: ClassVar[list[dict]] = [{"r": 3, "alpha": 3.0, "column_seed": 5}]
 
 
 def column_indices(d_in: int, r: int, seed: int | None = None) -> Tensor:

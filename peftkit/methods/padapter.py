@@ -67,9 +67,7 @@ class PAdapterConfig(AdapterConfig):
     learnable_p: bool = True
     mu: NonNegativeFloat = 0.1
 
-    @classmethod
-    def tiny(cls) -> PAdapterConfig:
-        return cls(reduction=4, heads=2)
+    tiny_fields: ClassVar[dict] = {"reduction": 4, "heads": 2}
 
 
 def p_laplacian_propagate(adjacency: Tensor, features: Tensor, p: Tensor, mu: Tensor) -> Tensor:

@@ -78,13 +78,8 @@ class PointPEFTConfig(AdapterConfig):
     neighbours: PositiveInt = 8
     centre_ratio: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.5
 
-    @classmethod
-    def tiny(cls) -> PointPEFTConfig:
-        return cls(num_prompts=2, adapter_dim=4, neighbours=3)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(num_prompts=0, skip_tokens=0)]
+    tiny_fields: ClassVar[dict] = {"num_prompts": 2, "adapter_dim": 4, "neighbours": 3}
+    variant_fields: ClassVar[list[dict]] = [{"num_prompts": 0, "skip_tokens": 0}]
 
 
 class GeometryAdapter(nn.Module):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -92,14 +92,8 @@ class PolyConfig(AdapterConfig):
     def scale(self) -> float:
         return (self.alpha if self.scaling == "alpha/r" else 1.0) / self.r
 
-    @classmethod
-    def tiny(cls) -> PolyConfig:
-        return cls(r=2, n_skills=3, train_routing="sigmoid")
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(n_splits=2, scaling="alpha/r", alpha=4.0)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "n_skills": 3, "train_routing": "sigmoid"}
+    variant_fields: ClassVar[list[dict]] = [{"n_splits": 2, "scaling": "alpha/r", "alpha": 4.0}]
 
 
 @register("poly", PolyConfig)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -98,13 +98,10 @@ class QWHAConfig(AdapterConfig):
     def budget(self, d_out: int, d_in: int) -> int:
         return self.n_frequency if self.n_frequency is not None else self.r * (d_in + d_out)
 
-    @classmethod
-    def tiny(cls) -> QWHAConfig:
-        return cls(r=1, scaling=20.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(n_frequency=40, scaling=5.0, random_loc_seed=3, init="qwha")]
+    tiny_fields: ClassVar[dict] = {"r": 1, "scaling": 20.0}
+    variant_fields: ClassVar[list[dict]] = [
+        {"r": 64, "n_frequency": 40, "scaling": 5.0, "random_loc_seed": 3, "init": "qwha"}
+    ]
 
 
 @register("qwha", QWHAConfig)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,6 @@ from torch import Tensor, nn
 
 from peftkit.core.api import (
     Adapter,
-    AdapterConfig,
     BaseView,
     InvalidConfigError,
     PositiveInt,
@@ -83,18 +83,11 @@ class RandLoRAConfig(RankConfig):
                 f"projection_shape must be [d_out, d_in] of positive ints, got {self.projection_shape!r}"
             )
 
-    @classmethod
-    def tiny(cls) -> RandLoRAConfig:
-        return cls(r=4, alpha=8.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [
-            t,
-            t.replace(sparse=True, dropout=0.1, projection_prng_key=3),
-            t.replace(very_sparse=True, scale_by_sqrt_bases=True, projection_shape=[128, 48]),
-        ]
+    tiny_fields: ClassVar[dict] = {"r": 4, "alpha": 8.0}
+    variant_fields: ClassVar[list[dict]] = [
+        {"sparse": True, "dropout": 0.1, "projection_prng_key": 3},
+        {"very_sparse": True, "scale_by_sqrt_bases": True, "projection_shape": [128, 48]},
+    ]
 
 
 def n_bases(d_min: int, r: int) -> int:

@@ -74,13 +74,8 @@ class SALTConfig(AdapterConfig):
     r: PositiveInt = 4
     zero_init_Y: bool = False
 
-    @classmethod
-    def tiny(cls) -> SALTConfig:
-        return cls(r=2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(k=2, zero_init_Y=True)]
+    tiny_fields: ClassVar[dict] = {"r": 2}
+    variant_fields: ClassVar[list[dict]] = [{"k": 2, "zero_init_Y": True}]
 
 
 def salt_sizes(base: BaseView, config: SALTConfig) -> tuple[int, int]:

@@ -53,9 +53,7 @@ class SelaVPRConfig(AdapterConfig):
     def width(self, d: int) -> int:
         return max(1, round(self.ratio * d))
 
-    @classmethod
-    def tiny(cls) -> SelaVPRConfig:
-        return cls(ratio=0.25)
+    tiny_fields: ClassVar[dict] = {"ratio": 0.25}
 
 
 @register("selavpr", SelaVPRConfig)

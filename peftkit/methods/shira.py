@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -88,14 +88,8 @@ class SHiRAConfig(AdapterConfig):
     scale: float = 1.0
     init: Literal["zeros", "randn"] = "zeros"
 
-    @classmethod
-    def tiny(cls) -> SHiRAConfig:
-        return cls(r=1)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        t = cls.tiny()
-        return [t, t.replace(mask_type="magnitude", scale=2.0), t.replace(random_seed=5)]
+    tiny_fields: ClassVar[dict] = {"r": 1}
+    variant_fields: ClassVar[list[dict]] = [{"mask_type": "magnitude", "scale": 2.0}, {"random_seed": 5}]
 
 
 def random_mask(d_out: int, d_in: int, n: int, seed: int | None) -> Tensor:

@@ -74,13 +74,8 @@ class SNELLConfig(AdapterConfig):
         if self.low_rank_dim % HEADS:
             raise InvalidConfigError(f"low_rank_dim must be a positive multiple of {HEADS}, got {self.low_rank_dim!r}")
 
-    @classmethod
-    def tiny(cls) -> SNELLConfig:
-        return cls(low_rank_dim=4, init_thres=0.3)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(low_rank_dim=2, seed=5, zero_start=True)]
+    tiny_fields: ClassVar[dict] = {"low_rank_dim": 4, "init_thres": 0.3}
+    variant_fields: ClassVar[list[dict]] = [{"low_rank_dim": 2, "init_thres": 0.0, "seed": 5, "zero_start": True}]
 
 
 @dataclass(kw_only=True)
@@ -102,13 +97,8 @@ class SNELLAConfig(SNELLConfig):
     beta1: Probability = 0.85
     beta2: Probability = 0.85
 
-    @classmethod
-    def tiny(cls) -> SNELLAConfig:
-        return cls(low_rank_dim=4, init_thres=0.2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(low_rank_dim=2, seed=5)]
+    tiny_fields: ClassVar[dict] = {"low_rank_dim": 4, "init_thres": 0.2}
+    variant_fields: ClassVar[list[dict]] = [{"low_rank_dim": 2, "init_thres": 0.0, "seed": 5}]
 
 
 def kernel(in_qs: Tensor, out_qs: Tensor) -> Tensor:

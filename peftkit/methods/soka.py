@@ -26,7 +26,7 @@ Not implemented: ``init_source="grad"`` and dynamic re-selection during training
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +50,8 @@ class SoKAConfig(AdapterConfig):
     k_max: PositiveInt = 8
     k: PositiveInt | None = None
 
-    @classmethod
-    def tiny(cls) -> SoKAConfig:
-        return cls(k_max=3)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(k=2)]
+    tiny_fields: ClassVar[dict] = {"k_max": 3}
+    variant_fields: ClassVar[list[dict]] = [{"k_max": 8, "k": 2}]
 
 
 def kron_dims(d_out: int, d_in: int) -> tuple[int, int, int, int]:

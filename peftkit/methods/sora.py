@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,6 @@ from torch import Tensor, nn
 from peftkit.core.api import (
     AdaptedModel,
     Adapter,
-    AdapterConfig,
     BaseView,
     LowRank,
     NonNegativeFloat,
@@ -67,13 +67,8 @@ class SoRAConfig(RankConfig):
     prox_lambda: NonNegativeFloat = 3e-4
     proximal_in_step: bool = True
 
-    @classmethod
-    def tiny(cls) -> SoRAConfig:
-        return cls(r=3, alpha=6.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls.tiny().replace(dropout=0.1)]
+    tiny_fields: ClassVar[dict] = {"r": 3, "alpha": 6.0}
+    variant_fields: ClassVar[list[dict]] = [{"dropout": 0.1}]
 
 
 @register("sora", SoRAConfig)

@@ -25,7 +25,7 @@ Hyperbolic (Lorentz) layers are not implemented.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -61,13 +61,8 @@ class SSTConfig(AdapterConfig):
     round_steps: PositiveInt = 200
     enhanced_grad: bool = True
 
-    @classmethod
-    def tiny(cls) -> SSTConfig:
-        return cls(r=4, round_steps=2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(r=100, round_steps=1, enhanced_grad=False, seed=1)]
+    tiny_fields: ClassVar[dict] = {"r": 4, "round_steps": 2}
+    variant_fields: ClassVar[list[dict]] = [{"r": 100, "round_steps": 1, "enhanced_grad": False, "seed": 1}]
 
 
 def _rank(base: BaseView, config: SSTConfig) -> tuple[int, int]:

@@ -31,7 +31,7 @@ GPT-2 ``Conv1D`` (spec: Linear).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -70,13 +70,8 @@ class SVFitConfig(AdapterConfig):
     r: PositiveInt = 16
     energy: Annotated[float, Bound(low=0, high=1, low_open=True)] | None = None
 
-    @classmethod
-    def tiny(cls) -> SVFitConfig:
-        return cls(r=2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(energy=0.5)]
+    tiny_fields: ClassVar[dict] = {"r": 2}
+    variant_fields: ClassVar[list[dict]] = [{"r": 16, "energy": 0.5}]
 
 
 def energy_rank(singular_values: Tensor, energy: float) -> int:

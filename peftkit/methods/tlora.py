@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -101,13 +102,8 @@ class TLoRAConfig(AdapterConfig):
     rank_transform: PositiveInt = 4
     rank_residual: PositiveInt = 8
 
-    @classmethod
-    def tiny(cls) -> TLoRAConfig:
-        return cls(rank_transform=2, rank_residual=2)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(num_cores=2, rank_transform=3, rank_residual=1, seed=4)]
+    tiny_fields: ClassVar[dict] = {"rank_transform": 2, "rank_residual": 2}
+    variant_fields: ClassVar[list[dict]] = [{"num_cores": 2, "rank_transform": 3, "rank_residual": 1, "seed": 4}]
 
 
 def _shapes(base: BaseView, config: TLoRAConfig) -> tuple[list, list]:

@@ -37,9 +37,7 @@ class VLSMConfig(AdapterConfig):
     targets: list[str] | str = PRESETS["houlsby"]
     r: PositiveInt = 64
 
-    @classmethod
-    def tiny(cls) -> VLSMConfig:
-        return cls(r=4)
+    tiny_fields: ClassVar[dict] = {"r": 4}
 
 
 @register("vlsm", VLSMConfig)

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from peftkit.core.api import (
     Adapter,
-    AdapterConfig,
     BaseView,
     InvalidConfigError,
     LowRank,
@@ -70,13 +70,8 @@ class WaRAConfig(RankConfig):
     alpha: float = 16.0
     explicit: bool = False
 
-    @classmethod
-    def tiny(cls) -> WaRAConfig:
-        return cls(r=2, alpha=4.0)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(r=3, alpha=3.0, seed=2)]
+    tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}
+    variant_fields: ClassVar[list[dict]] = [{"r": 3, "alpha": 3.0, "seed": 2}]
 
 
 @register("wara", WaRAConfig)

@@ -34,7 +34,7 @@ applies it after the qkv projection (wiring it into HF attention classes is not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -79,13 +79,8 @@ class ZeroI2VConfig(AdapterConfig):
     def width(self, d: int) -> int:
         return self.r if self.r is not None else max(1, round(self.ratio * d))
 
-    @classmethod
-    def tiny(cls) -> ZeroI2VConfig:
-        return cls(r=4)
-
-    @classmethod
-    def tiny_variants(cls) -> list[AdapterConfig]:
-        return [cls.tiny(), cls(r=4, side="input", dropout=0.0)]
+    tiny_fields: ClassVar[dict] = {"r": 4}
+    variant_fields: ClassVar[list[dict]] = [{"side": "input", "dropout": 0.0}]
 
 
 def zeroi2v_config(
