@@ -3,7 +3,7 @@ merged by every method; accuracy of the merged model on both tasks next to each 
 ``add_weighted_adapter`` with the same weights; the exactness of each merge against the exact weighted ``ΔW``;
 merge times; LoraHub on a third task from a few examples.
 
-    python benchmarks/bench_merge.py            # ~4-6 min on 2 busy cores
+    python benchmarks/bench_merge.py            # ~19 min on the shared 2-core CPU at load 6-9 (committed run)
     python benchmarks/bench_merge.py --quick    # smoke run (a few steps, tiny splits)
 
 Writes ``benchmarks/results/merge.{json,md}`` and ``merge_accuracy.png``, ``merge_exactness.png``.
