@@ -108,23 +108,16 @@ class DiffoRA(Adapter[DiffoRAConfig]):
         return config.r * (base.in_features + base.out_features) + (2 if config.phase == "search" else 0)
 
 
-def _modules(model: AdaptedModel, name: str) -> dict[str, DiffoRA]:
-    found = {p: m for p, m in model.adapter_modules(name).items() if isinstance(m, DiffoRA)}
-    if not found:
-        raise ValueError(f"adapter {name!r} holds no DiffoRA module")
-    return found
-
-
 def diffora_parameters(model: AdaptedModel, name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(LoRA weights, architecture logits θ)`` of DiffoRA adapter ``name``, for two optimizers."""
-    mods = _modules(model, name).values()
+    mods = model.modules_of(name, DiffoRA).values()
     weights = [p for m in mods for p in (m.A, m.B)]
     return weights, [m.theta for m in mods if m.theta is not None]
 
 
 def gammas(model: AdaptedModel, name: str) -> dict[str, float]:
     """``{module path: γ}`` of a search-phase adapter."""
-    return {p: float(m.gamma().detach()) for p, m in _modules(model, name).items() if m.theta is not None}
+    return {p: float(m.gamma().detach()) for p, m in model.modules_of(name, DiffoRA).items() if m.theta is not None}
 
 
 class DiffoRASearch:
@@ -181,7 +174,7 @@ def discretize(model: AdaptedModel, name: str, new_name: str | None = None) -> D
     g = gammas(model, name)
     n_keep = max(1, round(config.keep_ratio * len(g)))
     keep = sorted(g, key=lambda p: g[p], reverse=True)[:n_keep]
-    mods = _modules(model, name)
+    mods = model.modules_of(name, DiffoRA)
     saved = {p: (mods[p].A.detach().clone(), mods[p].B.detach().clone()) for p in keep}
     was_active = name in model.active_adapters
     new_name = new_name or name
@@ -190,7 +183,7 @@ def discretize(model: AdaptedModel, name: str, new_name: str | None = None) -> D
     targets = "|".join(rf"^{re.escape(p)}$" for p in keep)
     new = config.replace(phase="finetune", targets=targets)
     model.add_adapter(new_name, new, activate=was_active or None)
-    for p, m in _modules(model, new_name).items():
+    for p, m in model.modules_of(new_name, DiffoRA).items():
         m.A.copy_(saved[p][0])
         m.B.copy_(saved[p][1])
     return new

@@ -54,6 +54,8 @@ from peftkit.core.api import (
     require_rank_fits,
 )
 
+from .lora import modules_in_all_adapters
+
 
 @dataclass(kw_only=True)
 class DyLoRAConfig(RankConfig):
@@ -196,7 +198,8 @@ class DyLoRA(Adapter[DyLoRAConfig]):
 
 
 def _modules(model: nn.Module) -> list[DyLoRA]:
-    found = [m for m in model.modules() if isinstance(m, DyLoRA)]
+    """The DyLoRA modules of every adapter of ``model``: the helpers below act on all of them at once."""
+    found = modules_in_all_adapters(model, DyLoRA)
     if not found:
         raise ValueError("the model holds no DyLoRA adapter")
     return found

@@ -248,14 +248,6 @@ class IncreLoRA(Adapter[IncreLoRAConfig]):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _modules(model: AdaptedModel, adapter: str | None) -> dict[str, IncreLoRA]:
-    name = model.resolve(adapter)
-    found = {p: m for p, m in model.adapter_modules(name).items() if isinstance(m, IncreLoRA)}
-    if not found:
-        raise ValueError(f"adapter {name!r} holds no IncreLoRA module")
-    return found
-
-
 class IncreLoRAAllocator:
     """The model-level allocator: call :meth:`step` after every optimizer step (after
     ``model.step_adapters``); it returns the parameters it created, for the optimizer.
@@ -269,7 +261,7 @@ class IncreLoRAAllocator:
     """
 
     def __init__(self, model: AdaptedModel, adapter: str | None = None) -> None:
-        self.modules = _modules(model, adapter)
+        self.modules = model.modules_of(adapter, IncreLoRA)
         self.config: IncreLoRAConfig = next(iter(self.modules.values())).config
         self.target_total = self.config.target_rank * len(self.modules)
         self.history: list[dict[str, Any]] = []
@@ -313,7 +305,7 @@ class IncreLoRAAllocator:
 def increlora_orth_penalty(model: AdaptedModel, adapter: str | None = None) -> Tensor:
     """``reg_orth_coef · mean ||P Pᵀ − I||_F`` over the adapter's ``A`` / ``B`` tensors (add it to the loss);
     per rank-1 vector (official) or per whole matrix, by the config's ``orth_mode``."""
-    modules = list(_modules(model, adapter).values())
+    modules = list(model.modules_of(adapter, IncreLoRA).values())
     cfg = modules[0].config
     terms: list[Tensor] = []
     for m in modules:

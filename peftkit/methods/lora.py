@@ -40,13 +40,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftkit.core.api import (
+    AdaptedModel,
     Adapter,
     BaseView,
     InvalidConfigError,
@@ -322,3 +323,19 @@ class LoRA(Adapter[LoRAConfig]):
     def expected_trainable(cls, base: BaseView, config: LoRAConfig) -> int:
         fan_in = base.in_features * math.prod(base.kernel_size)
         return config.r * (fan_in + base.out_features) + (base.out_features if config.bias else 0)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+A = TypeVar("A", bound=Adapter)
+
+
+def modules_in_all_adapters(model: nn.Module, cls: type[A]) -> list[A]:
+    """Every ``cls`` module of every adapter of ``model`` (an ``AdaptedModel``, or a module holding some: a DDP
+    wrapper, a model with several adapted parts), adapter by adapter in the order they were added, each layer by
+    layer. For the helpers of rank-adaptive LoRAs that act on all adapters of their method at once (DyLoRA's
+    :func:`~peftkit.methods.dylora.set_rank`, SoRA's sparsity terms); one adapter's modules are
+    ``model.modules_of(name, cls)``. Empty when there is none."""
+    adapted = [m for m in model.modules() if isinstance(m, AdaptedModel)]
+    return [
+        m for a in adapted for name in a.adapter_names for m in a.adapter_modules(name).values() if isinstance(m, cls)
+    ]

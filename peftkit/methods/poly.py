@@ -48,7 +48,6 @@ from peftkit.core.api import (
     AdapterIdsError,
     BaseView,
     ForwardContext,
-    InvalidConfigError,
     LowRank,
     NotMergeableError,
     PositiveFloat,
@@ -230,27 +229,20 @@ class Poly(Adapter[PolyConfig]):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
-def _poly_modules(model: AdaptedModel, name: str) -> dict[str, Poly]:
-    """The Poly modules of adapter ``name`` (its ``modules_to_save`` heads are dense deltas, not Poly)."""
-    modules = {p: m for p, m in model.adapter_modules(name).items() if isinstance(m, Poly)}
-    if not modules:
-        raise InvalidConfigError(f"adapter {name!r} is not a Poly adapter (method {model.configs[name].method!r})")
-    return modules
-
-
 def set_task(model: AdaptedModel, name: str, task: int | None) -> None:
     """Fix the task of adapter ``name``: rows without task ids use it and :meth:`AdaptedModel.merge` folds its
     mixture (exact, eval-mode weights). ``None`` clears it (then task ids are required). Not saved."""
+    modules = model.modules_of(name, Poly)
     n_tasks = model.configs[name].n_tasks  # type: ignore[attr-defined]
     if task is not None and not 0 <= task < n_tasks:
         raise AdapterIdsError(f"task {task} out of range: adapter {name!r} has n_tasks={n_tasks}")
-    for module in _poly_modules(model, name).values():
+    for module in modules.values():
         module.task = task
 
 
 def routing_table(model: AdaptedModel, name: str) -> dict[str, Tensor]:
     """``{module path: eval-mode mixing weights [T, Q, S]}`` of Poly adapter ``name``."""
-    return {path: m.routing_weights() for path, m in _poly_modules(model, name).items()}
+    return {path: m.routing_weights() for path, m in model.modules_of(name, Poly).items()}
 
 
 @torch.no_grad()
@@ -259,8 +251,8 @@ def mhr_z(model: AdaptedModel, source: str, name: str, n_tasks: int = 1, *, seed
     ``n_tasks`` new tasks; only the router trains. The new adapter becomes the active one."""
     config = model.configs[source].replace(n_tasks=n_tasks, freeze_skills=True, seed=seed)
     model.add_adapter(name, config, activate=True)
-    new = _poly_modules(model, name)
-    for path, old in _poly_modules(model, source).items():
+    new = model.modules_of(name, Poly)
+    for path, old in model.modules_of(source, Poly).items():
         new[path].A.copy_(old.A)
         new[path].B.copy_(old.B)
 
@@ -272,7 +264,7 @@ def mhr_mu(model: AdaptedModel, source: str, name: str) -> None:
     same scale; it becomes the active adapter, to be fine-tuned as ordinary LoRA."""
     from peftkit.methods.lora import LoRAConfig
 
-    poly = _poly_modules(model, source)
+    poly = model.modules_of(source, Poly)
     config: PolyConfig = model.configs[source]  # type: ignore[assignment]
     lora = LoRAConfig(r=config.r, alpha=config.scale * config.r, targets=list(poly))
     model.add_adapter(name, lora, activate=True)

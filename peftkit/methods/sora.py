@@ -46,7 +46,7 @@ from peftkit.core.api import (
     require_rank_fits,
 )
 
-from .lora import LoRA, LoRAConfig
+from .lora import LoRA, LoRAConfig, modules_in_all_adapters
 
 
 @dataclass(kw_only=True)
@@ -135,23 +135,24 @@ class SoRA(Adapter[SoRAConfig]):
         return lora
 
 
-def _sora_modules(model: nn.Module, trainable_only: bool = False) -> list[SoRA]:
-    found = [m for m in model.modules() if isinstance(m, SoRA) and (m.gate.requires_grad or not trainable_only)]
+def _trainable_modules(model: nn.Module) -> list[SoRA]:
+    """The SoRA modules being trained, of every adapter of ``model`` (the sparsity terms act on all of them)."""
+    found = [m for m in modules_in_all_adapters(model, SoRA) if m.gate.requires_grad]
     if not found:
-        raise ValueError("the model holds no (trainable) SoRA adapter")
+        raise ValueError("the model holds no trainable SoRA adapter")
     return found
 
 
 def sora_proximal_step(model: nn.Module, threshold: float | None = None) -> int:
     """Soft-threshold the gates of every trainable SoRA module (``threshold``: each module's ``prox_lambda``
     when ``None``). Returns the number of nonzero gates left."""
-    return sum(m.proximal(m.config.prox_lambda if threshold is None else threshold) for m in _sora_modules(model, True))
+    return sum(m.proximal(m.config.prox_lambda if threshold is None else threshold) for m in _trainable_modules(model))
 
 
 def sora_l1_penalty(model: nn.Module, lam: float | None = None) -> Tensor:
     """``λ · Σ|g| / #gates`` over every gate entry of the trainable SoRA modules (add it to the loss);
     ``lam``: the modules' ``l1_lambda`` when ``None``."""
-    modules = _sora_modules(model, True)
+    modules = _trainable_modules(model)
     lam = modules[0].config.l1_lambda if lam is None else lam
     gates = torch.cat([m.gate for m in modules])
     return lam * gates.abs().sum() / gates.numel()
@@ -172,7 +173,7 @@ def prune_to_lora(model: AdaptedModel, name: str, new_name: str) -> LoRAConfig:
     config = model.configs[name]
     if config.modules_to_save:
         raise ValueError("prune_to_lora does not carry modules_to_save over; prune the SoRA layers only")
-    modules = model.adapter_modules(name)
+    modules = model.modules_of(name, SoRA)
     pruned = {path: m.prune(model.base_view(path)) for path, m in modules.items()}
     r = max([p.config.r for p in pruned.values() if p is not None], default=1)
     targets = "|".join(re.escape(p) for p in modules)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_bert
 
 import peftkit as pk
+from peftkit.errors import UnsupportedAdapterError
 from peftkit.methods.diffora import DiffoRASearch, discretize, gammas
 
 IDS = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(0))
@@ -55,3 +57,11 @@ def test_gamma_scales_the_lora_branch() -> None:
     gamma = torch.softmax(torch.tensor([1.0, -1.0]), 0)[0]
     got = m(x, torch.zeros(3, 32), None)
     torch.testing.assert_close(got, gamma * m.config.scale * (x @ m.A.T @ m.B.T))
+
+
+def test_helpers_refuse_another_methods_adapter_naming_it() -> None:
+    """gammas / discretize on a LoRA adapter: UnsupportedAdapterError naming its method (was a bare ValueError
+    'holds no DiffoRA module')."""
+    model = pk.adapt(tiny_bert(), pk.get_config("lora", r=2, targets=["query"]))
+    with pytest.raises(UnsupportedAdapterError, match="'lora' adapter, not a DiffoRA"):
+        gammas(model, "default")

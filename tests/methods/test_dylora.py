@@ -194,3 +194,25 @@ def test_files_saved_without_the_eval_rank_still_load() -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids), model(input_ids=ids), rtol=0, atol=0)
     assert all(m.effective_rank() == 3 for m in loaded.adapter_modules("default").values())
+
+
+class _Wrapper(nn.Module):  # as DDP holds a model: under .module
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_set_rank_covers_every_adapter_and_sample_rank_the_trained_ones() -> None:
+    """set_rank sets every DyLoRA module of the model (all adapters, also through a wrapper); sample_rank sets
+    the modules that train (the active adapter's) and leaves the others."""
+    model = pk.adapt(make_tiny_net(), DyLoRAConfig(r=4, targets=["fc1", "fc2"], seed=3))
+    model.add_adapter("b", DyLoRAConfig(r=3, targets=["fc1"], seed=4))
+    set_rank(_Wrapper(model), 2)
+    mods = [*model.adapter_modules("default").values(), *model.adapter_modules("b").values()]
+    assert [m.effective_rank() for m in mods] == [2, 2, 2]
+    b_rank = model.adapter_modules("b")["fc1"].train_rank  # r = 3: the seed below draws k = 2
+    k = sample_rank(_Wrapper(model), torch.Generator().manual_seed(1))
+    assert all(m.train_rank == k for m in model.adapter_modules("default").values())
+    assert model.adapter_modules("b")["fc1"].train_rank == b_rank
+    with pytest.raises(ValueError, match="no DyLoRA adapter"):
+        set_rank(pk.adapt(make_tiny_net(), pk.get_config("lora", r=2, targets=["fc1"])), 1)

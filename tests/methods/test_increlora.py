@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_bert
 
 import peftkit as pk
+from peftkit.errors import UnsupportedAdapterError
 from peftkit.methods.increlora import IncreLoRAAllocator, increlora_orth_penalty
 from peftkit.train import TrainConfig, Trainer
 from peftkit.train.callbacks import GrowthCallback
@@ -154,3 +155,13 @@ def test_growth_under_our_trainer_and_rank_report() -> None:
     assert [h["step"] for h in alloc.history] == [2, 3]
     assert len(trainer.params) == n0 + 2 * 2 * 3
     assert sum(rank_report(model).values()) == alloc.total_rank == 6 + 4
+
+
+def test_helpers_refuse_another_methods_adapter_naming_it() -> None:
+    """The allocator and the penalty on a LoRA adapter: UnsupportedAdapterError naming its method (was a bare
+    ValueError 'holds no IncreLoRA module')."""
+    model = pk.adapt(tiny_bert(), pk.get_config("lora", r=2, targets=["query"]))
+    with pytest.raises(UnsupportedAdapterError, match="'lora' adapter, not a IncreLoRA"):
+        IncreLoRAAllocator(model)
+    with pytest.raises(UnsupportedAdapterError, match="'lora' adapter"):
+        increlora_orth_penalty(model)

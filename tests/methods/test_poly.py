@@ -11,7 +11,13 @@ from torch import nn
 
 import peftkit as pk
 from peftkit.core.base import BaseView
-from peftkit.errors import AdapterIdsError, InvalidConfigError, NotMergeableError, UnsupportedLayerError
+from peftkit.errors import (
+    AdapterIdsError,
+    InvalidConfigError,
+    NotMergeableError,
+    UnsupportedAdapterError,
+    UnsupportedLayerError,
+)
 from peftkit.methods.poly import Poly, PolyConfig, mhr_mu, mhr_z, routing_table, set_task
 
 
@@ -243,3 +249,16 @@ def test_same_seed_gives_peft_init(n_splits: int) -> None:
         assert torch.equal(a.A, layer.poly_lora_A["default"]), path
         assert torch.equal(a.B, layer.poly_lora_B["default"]), path
         assert torch.equal(a.module_logits, layer.poly_router["default"].module_logits), path
+
+
+def test_helpers_refuse_another_methods_adapter_naming_it() -> None:
+    """set_task / routing_table / mhr_mu on a LoRA adapter: UnsupportedAdapterError naming its method (set_task
+    raised AttributeError on the config's n_tasks, routing_table an InvalidConfigError)."""
+    model = pk.adapt(tiny_bert(), pk.get_config("lora", r=2, targets=["query"]))
+    with pytest.raises(UnsupportedAdapterError, match="'lora' adapter, not a Poly"):
+        set_task(model, "default", 0)
+    with pytest.raises(UnsupportedAdapterError, match="'lora' adapter, not a Poly"):
+        routing_table(model, "default")
+    with pytest.raises(UnsupportedAdapterError, match="'lora' adapter, not a Poly"):
+        mhr_mu(model, "default", "mu")
+    assert model.adapter_names == ["default"]

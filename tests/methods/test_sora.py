@@ -3,12 +3,14 @@ nonzero gates non-increasing under pure proximal steps, L1 term."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_tiny_net
 from torch import nn
 
 import peftkit as pk
 from peftkit.core.base import BaseView
+from peftkit.errors import UnsupportedAdapterError
 from peftkit.methods.sora import SoRA, SoRAConfig, prune_to_lora, sora_l1_penalty, sora_proximal_step
 
 
@@ -124,3 +126,36 @@ def test_prune_to_lora_keeps_per_module_alpha_and_rank_overrides() -> None:
 def test_prune_to_lora_without_overrides_writes_none() -> None:
     model = _adapted()
     assert prune_to_lora(model, "default", "pruned").overrides == {}
+
+
+class _Wrapper(nn.Module):  # as DDP holds a model: under .module
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_sparsity_terms_act_on_every_trainable_sora_adapter_of_the_model() -> None:
+    """The proximal step and the L1 term cover the gates of every trainable SoRA module, of all adapters (two
+    active here), not the inactive one, also through a wrapper; with one adapter the L1 term is bit-identical to
+    the mean over its gates in layer order."""
+    model = _adapted(prox_lambda=0.1)
+    one = torch.cat([m.gate for m in model.adapter_modules("default").values()])
+    assert torch.equal(sora_l1_penalty(model), 10.0 * one.abs().sum() / one.numel())
+    model.add_adapter("b", SoRAConfig(r=2, targets=["fc1"], seed=1))
+    model.add_adapter("off", SoRAConfig(r=3, targets=["fc2"], seed=2))
+    model.set_adapter(["default", "b"])
+    trained = [*model.adapter_modules("default").values(), *model.adapter_modules("b").values()]
+    gates = torch.cat([m.gate for m in trained])
+    torch.testing.assert_close(sora_l1_penalty(_Wrapper(model)), 10.0 * gates.abs().mean(), rtol=1e-6, atol=0)
+    off = model.adapter_modules("off")["fc2"].gate.detach().clone()
+    assert sora_proximal_step(_Wrapper(model), threshold=100.0) == 0
+    assert all((m.gate == 0).all() for m in trained)
+    assert torch.equal(model.adapter_modules("off")["fc2"].gate, off)
+
+
+def test_helpers_refuse_models_without_sora() -> None:
+    model = pk.adapt(make_tiny_net(), pk.get_config("lora", r=2, targets=["fc1"]))
+    with pytest.raises(ValueError, match="no trainable SoRA adapter"):
+        sora_l1_penalty(model)
+    with pytest.raises(UnsupportedAdapterError, match="'lora' adapter, not a SoRA"):  # was an AttributeError
+        prune_to_lora(model, "default", "pruned")
