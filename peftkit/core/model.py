@@ -220,7 +220,7 @@ class AdaptedModel(nn.Module):
         ``activate=True``. ``init``: a data-aware initialiser (:mod:`peftkit.init`, e.g. ``"pissa"`` or
         ``pk.init.LoRAGA(batches)``): ``init.prepare(config)`` gives the config the adapter is built with and
         ``init.apply(model, name)`` then writes its initial values (if that fails, the adapter is removed)."""
-        self._check_new_name(name)
+        self.check_new_name(name)
         if init is not None:
             init = initializer(init)
             config = init.prepare(config)
@@ -283,7 +283,7 @@ class AdaptedModel(nn.Module):
         and merged state stay as they are. A server reuses an evicted adapter's modules this way for a new
         adapter with the same config, instead of deleting one and building the other."""
         self.require(old)
-        self._check_new_name(new)
+        self.check_new_name(new)
         for path in self.layer_paths[old]:
             layer = self._layer(path)
             layer.add(new, layer.adapters.pop(old))
@@ -415,7 +415,9 @@ class AdaptedModel(nn.Module):
     def _layer(self, path: str) -> AdaptedLayer:
         return cast(AdaptedLayer, inject.submodule(self.model, path))
 
-    def _check_new_name(self, name: object) -> None:
+    def check_new_name(self, name: object) -> None:
+        """Raise unless ``name`` is a valid adapter name the model does not hold yet (``AdapterNameError`` /
+        ``AdapterExistsError``): what :meth:`add_adapter` checks first, for callers that do work before adding."""
         check_adapter_name(name)
         if name in self.configs:
             raise AdapterExistsError(f"an adapter named {name!r} already exists; delete it first or pick another name")

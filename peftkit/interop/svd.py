@@ -24,6 +24,7 @@ from peftkit.core.base import BaseView
 from peftkit.core.dense import Full, FullConfig
 from peftkit.core.errors import NotMergeableError
 from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank
+from peftkit.lowrank import dense_svd, truncate
 from peftkit.methods.lora import LoRAConfig
 
 from .configs import exact_targets
@@ -44,22 +45,17 @@ class SVDFactors(NamedTuple):
 
 @torch.no_grad()
 def svd_factors(delta: Tensor, rank: int) -> SVDFactors:
-    """The rank-``rank`` truncated SVD of ``delta`` (``[out, in]``; more dims are flattened into ``in``), in float32.
-
-    ``k = min(rank, min(out, in))``; ``error = ‖delta − up·down‖_F / ‖delta‖_F`` (0 for a zero ``delta``).
+    """The rank-``rank`` truncated SVD of ``delta`` (``[out, in]``; more dims are flattened into ``in``):
+    ``min(rank, out, in)`` triplets (:func:`peftkit.lowrank.truncate`, float64, returned in float32), and
+    ``error = ‖delta − up·down‖_F / ‖delta‖_F`` (0 for a zero ``delta``).
 
     Raises:
         ValueError: ``rank < 1``.
     """
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    matrix = delta.detach().reshape(delta.shape[0], -1).float()
-    u, sv, vh = torch.linalg.svd(matrix, full_matrices=False)
-    k = min(rank, sv.numel())
-    total = float(sv.square().sum())
-    error = float(sv[k:].square().sum() / total) ** 0.5 if total > 0 else 0.0
-    root = sv[:k].sqrt()
-    return SVDFactors(root[:, None] * vh[:k], u[:, :k] * root, error)
+    factors = truncate(dense_svd(delta), rank, cut_at_numerical_rank=False)
+    return SVDFactors(factors.down, factors.up, factors.error)
 
 
 class SVDLowRank(Adapter):

@@ -4,7 +4,7 @@
   magnitude pruning and KnOTS on the adapters' dense updates, returned as an exact (or SVD-truncated) LoRA;
 * :mod:`~peftkit.merge.combine`: the element-wise merges of stacked task tensors;
 * :mod:`~peftkit.merge.knots`: KnOTS' shared-basis alignment;
-* :mod:`~peftkit.merge.lowrank`: exact / truncated low-rank forms (float64 SVD);
+* :mod:`~peftkit.lowrank`: exact / truncated low-rank forms (float64 SVD);
 * :mod:`~peftkit.merge.sources`: reading and checking the adapters to merge;
 * :mod:`~peftkit.merge.rmm`: reversible merging (a shared basis and per-task coefficients);
 * :mod:`~peftkit.merge.lorahub`: LoraHub, gradient-free search of the merge weights (:mod:`~peftkit.merge.cma`);

@@ -3,7 +3,7 @@
 
 Per layer, the tasks' updates (scale included; a bias change appended as a last column) are concatenated along
 the input axis, ``M = [ΔW_1 | … | ΔW_n]``, and decomposed ``M = U S Vᵀ`` (thin SVD in float64, singular values
-above :data:`~peftkit.merge.lowrank.RANK_TOL` ``· σ_max`` kept: ``k ≤ Σ r_i``). With ``Vᵀ`` split column-wise into
+above :data:`~peftkit.lowrank.RANK_TOL` ``· σ_max`` kept: ``k ≤ Σ r_i``). With ``Vᵀ`` split column-wise into
 ``Vᵀ_i``, task ``i`` is ``Z_i = S Vᵀ_i`` (``k × in``) and ``ΔW_i = U Z_i`` exactly. Any element-wise merge
 (:mod:`peftkit.merge.combine`) then runs on the ``Z_i``, over all layers at once by default (``scope="model"``, as
 the official code flattens every layer's ``Z_i`` into one vector per task), and ``ΔW = U Z_merged``: a LoRA of
@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .lowrank import SVD, dense_svd, factored_svd, numerical_rank
+from peftkit.lowrank import SVD, dense_svd, factored_svd, numerical_rank
+
 from .sources import Source
 
 __all__ = ["Aligned", "align"]

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from peftkit.core.model import AdaptedModel
+from peftkit.lowrank import Factors
 
 from .cma import cma_es
 from .errors import MergeError, MergeOptionError
-from .lowrank import Factors
 from .merge import Merged
 from .sources import Source, check_request, collect
 

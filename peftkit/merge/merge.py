@@ -32,12 +32,12 @@ from torch import Tensor
 from peftkit.core import inject
 from peftkit.core.model import AdaptedModel
 from peftkit.interop.configs import exact_targets
+from peftkit.lowrank import Factors, from_dense, from_factors
 from peftkit.methods.lora import LoRAConfig
 
 from . import knots
 from .combine import ELEMENTWISE, Options, combine, parse_options
 from .errors import MergeOptionError
-from .lowrank import Factors, from_dense, from_factors
 from .sources import Source, check_request, collect, refuse_unmergeable
 
 __all__ = ["METHODS", "MergeResult", "Merged", "merge_adapters", "merged_lora"]
@@ -58,7 +58,7 @@ class MergeResult:
         weights: one per source adapter.
         ranks: the LoRA rank of each module (saved dense modules are not listed).
         errors: per module, the relative Frobenius error of the LoRA against the method's merged ``ΔW`` (0 where
-            exact; see :mod:`peftkit.merge.lowrank`).
+            exact; see :mod:`peftkit.lowrank`).
         error: the same over all modules together: ``√(Σ_p e_p² ‖ΔW_p‖²) / √(Σ_p ‖ΔW_p‖²)``.
         seconds: wall time of the merge.
         config: the new adapter's config.

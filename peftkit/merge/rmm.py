@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from peftkit.core.model import AdaptedModel
+from peftkit.lowrank import from_dense, from_factors
 
 from .errors import MergeError, MergeOptionError
-from .lowrank import from_dense, from_factors
 from .merge import Merged
 from .sources import Source, check_request, collect, refuse_unmergeable
 

@@ -1,11 +1,11 @@
-"""``peftkit.merge.lowrank``: exact and truncated low-rank forms (float64 SVD)."""
+"""``peftkit.lowrank``: exact and truncated low-rank forms (float64 SVD)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peftkit.merge.lowrank import dense_svd, factored_svd, from_factors
+from peftkit.lowrank import dense_svd, factored_svd, from_factors
 
 
 def test_lowrank_helpers_are_exact() -> None:

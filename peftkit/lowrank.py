@@ -1,6 +1,6 @@
-"""Exact and truncated low-rank forms of merged updates, in float64.
-
-A merged update is returned as a LoRA (``ΔW = up · down``, scale 1). Two ways in:
+"""Exact and truncated low-rank forms of weight updates, in float64: the one home of the SVD that turns an
+update into LoRA factors (``ΔW = up · down``, scale 1), used by merging (:mod:`peftkit.merge`) and by the
+conversion of any mergeable adapter to LoRA (:mod:`peftkit.interop.svd`). Two ways in:
 
 * :func:`factored_svd`: the thin SVD of a product ``up · down`` given by its factors (``[out, R]``, ``[R, in]``),
   from two QR decompositions and the SVD of the small ``R × R`` core: ``up = Q_u R_u``, ``downᵀ = Q_d R_d``,
@@ -9,11 +9,10 @@ A merged update is returned as a LoRA (``ΔW = up · down``, scale 1). Two ways 
 
 :func:`truncate` keeps the leading ``k`` singular triplets, ``k`` the numerical rank (singular values above
 ``RANK_TOL · σ_max``; KnOTS keeps ``σ > 1e-5`` the same way) or ``min(rank, numerical rank)``, and splits ``√S`` over
-both factors (as :mod:`peftkit.interop.svd`). By Eckart & Young (1936, "The approximation of one matrix by another
+both factors. By Eckart & Young (1936, "The approximation of one matrix by another
 of lower rank") that is the best rank-``k`` approximation in the Frobenius norm, with relative error
 ``√(Σ_{i>k} σ_i² / Σ_i σ_i²)``, which is what it reports. The SVDs run in float64 so that an exact form is exact to
-float32 precision (interop's ``svd_factors`` runs in float32, ~1e-6 relative error, too loose for the exactness the
-merge promises).
+float32 precision (a float32 SVD leaves ~1e-6 relative error, too loose for the exactness merging promises).
 """
 
 from __future__ import annotations
@@ -76,11 +75,14 @@ def numerical_rank(s: Tensor) -> int:
     return max(1, int((s > RANK_TOL * s[0]).sum())) if s.numel() and s[0] > 0 else 1
 
 
-def truncate(svd: SVD, rank: int | None = None) -> Factors:
+def truncate(svd: SVD, rank: int | None = None, *, cut_at_numerical_rank: bool = True) -> Factors:
     """The leading ``k`` triplets of ``svd`` as factors: ``k`` = the numerical rank, or ``min(rank, numerical
-    rank)``; at least 1 (a zero update gives zero factors of rank 1). ``error`` is relative to ``‖ΔW‖_F``."""
+    rank)`` (``min(rank, all triplets)`` with ``cut_at_numerical_rank=False``: a fixed rank asked for, zero
+    singular values included); at least 1 (a zero update gives zero factors of rank 1). ``error`` is relative
+    to ``‖ΔW‖_F``."""
     s = svd.s
-    k = numerical_rank(s) if rank is None else min(rank, numerical_rank(s))
+    available = numerical_rank(s) if cut_at_numerical_rank or rank is None else max(1, s.numel())
+    k = available if rank is None else min(rank, available)
     total = float(s.square().sum())
     error = float(s[k:].square().sum() / total) ** 0.5 if total > 0 else 0.0
     root = s[:k].sqrt()
