@@ -16,7 +16,7 @@ from torch import Tensor
 
 from peftkit.core.base import BaseView
 from peftkit.core.dense import Full, FullConfig
-from peftkit.core.errors import AdapterExistsError, NotMergeableError
+from peftkit.core.errors import NotMergeableError
 from peftkit.core.model import AdaptedModel
 from peftkit.core.protocol import Adapter
 
@@ -87,7 +87,7 @@ def check_request(
         MergeError: no adapter, or one named twice.
         AdapterNotFoundError: a name the model does not hold.
         MergeWeightsError: ``weights`` of another length than ``names``, or not finite numbers.
-        AdapterExistsError: ``new_name`` is in use.
+        AdapterNameError: ``new_name`` is not a valid name; AdapterExistsError: it is in use.
     """
     if not isinstance(model, AdaptedModel):
         raise TypeError(f"merging needs an AdaptedModel (pk.adapt / pk.load), got {type(model).__name__}")
@@ -107,8 +107,8 @@ def check_request(
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
     if bad:
         raise MergeWeightsError(f"weights must be finite numbers, got {list(weights)}")
-    if new_name in model.configs:
-        raise AdapterExistsError(f"an adapter named {new_name!r} already exists; delete it first or pick another name")
+    if new_name:  # ("" from callers that add no adapter)
+        model.check_new_name(new_name)
     return [float(w) for w in weights]
 
 
