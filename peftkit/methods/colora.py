@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.api import AdaptedModel, BaseView, InvalidConfigError, PositiveInt, register
+from peftkit.core.api import AdaptedModel, BaseView, InvalidConfigError, PositiveInt, find_targets, register
 
 from .lora import LoRA, LoRAConfig
 
@@ -99,11 +99,9 @@ def pilot_contributions(
     """Contributions from a short pilot full fine-tuning of the target layers' weights (on a copy of
     ``model``; the original is untouched): one AdamW step per batch. ``mode="grad_norm"`` averages
     ``||∂L/∂W_l||_F`` over the batches instead (no update)."""
-    from peftkit.core import inject  # TODO(core.api): the target paths a config selects on a plain model
-
     pilot = copy.deepcopy(model)
     pilot.train()
-    paths = inject.find_targets(pilot, CoLoRAConfig(targets=targets), CoLoRA)
+    paths = find_targets(pilot, CoLoRAConfig(targets=targets), CoLoRA)
     weights = {p: BaseView(pilot.get_submodule(p)).module.weight for p in paths}
     for p in pilot.parameters():
         p.requires_grad_(False)

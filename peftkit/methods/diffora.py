@@ -33,6 +33,7 @@ from peftkit.core.api import (
     BaseView,
     Bound,
     LowRank,
+    PositiveFraction,
     RankConfig,
     init_lora_pair,
     input_dropout,
@@ -57,7 +58,7 @@ class DiffoRAConfig(RankConfig):
 
     alpha: float = 16.0
     phase: Literal["search", "finetune"] = "search"
-    keep_ratio: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.5
+    keep_ratio: PositiveFraction = 0.5
     search_ratio: Annotated[float, Bound(low=0, high=1, low_open=True, high_open=True)] = 0.1
 
     tiny_fields: ClassVar[dict] = {"r": 2, "alpha": 4.0}

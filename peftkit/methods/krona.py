@@ -29,7 +29,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, register
+from peftkit.core.api import (
+    Adapter,
+    AdapterConfig,
+    BaseView,
+    InvalidConfigError,
+    PositiveInt,
+    register,
+    seeded_generator,
+)
 from peftkit.methods.lokr import factorization
 
 
@@ -87,7 +95,7 @@ class KronA(Adapter[KronAConfig]):
 
     def reset_parameters(self, base: BaseView) -> None:
         a1, a2, _, _ = self.sizes
-        g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
+        g = seeded_generator(self.config.seed)
         bound = 1.0 / math.sqrt(a2)  # kaiming_uniform_(a=√5) bound
         self.A.copy_(torch.rand(a1, a2, generator=g) * 2 * bound - bound)
         self.B.zero_()
@@ -121,7 +129,7 @@ class DiffuseKronA(KronA):
 
     def reset_parameters(self, base: BaseView) -> None:
         a1, a2, _, _ = self.sizes
-        g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
+        g = seeded_generator(self.config.seed)
         self.down.copy_(torch.randn(a2, a1, generator=g) / a1)
         self.up.zero_()
 

@@ -54,6 +54,7 @@ from peftkit.core.api import (
     PositiveInt,
     add_lowrank,
     register,
+    seeded_generator,
 )
 
 
@@ -85,8 +86,7 @@ class PaCAConfig(AdapterConfig):
 def column_indices(d_in: int, r: int, seed: int | None = None) -> Tensor:
     """``r`` distinct input columns, ``randperm(d_in)[:r]``: from a CPU generator seeded by ``seed``, or from
     torch's current (CPU) RNG when ``seed`` is ``None`` (inside adapter construction: the adapter's seeded RNG)."""
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return torch.randperm(d_in, generator=generator)[:r]
+    return torch.randperm(d_in, generator=seeded_generator(seed))[:r]
 
 
 @register("paca", PaCAConfig)

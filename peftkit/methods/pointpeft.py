@@ -33,7 +33,7 @@ mergeable. Trainable: ``P·d_in + 2(2·d·h + h + d) + d² + d`` (``h`` = adapte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +43,9 @@ from peftkit.core.api import (
     Adapter,
     AdapterConfig,
     BaseView,
-    Bound,
     InvalidConfigError,
     NonNegativeInt,
+    PositiveFraction,
     PositiveInt,
     Probability,
     register,
@@ -76,7 +76,7 @@ class PointPEFTConfig(AdapterConfig):
     adapter_scale: float = 0.7
     local_scale: float = 0.3
     neighbours: PositiveInt = 8
-    centre_ratio: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.5
+    centre_ratio: PositiveFraction = 0.5
 
     tiny_fields: ClassVar[dict] = {"num_prompts": 2, "adapter_dim": 4, "neighbours": 3}
     variant_fields: ClassVar[list[dict]] = [{"num_prompts": 0, "skip_tokens": 0}]

@@ -47,6 +47,7 @@ from peftkit.core.api import (
     Probability,
     input_dropout,
     register,
+    seeded_generator,
 )
 
 HEADS = 2
@@ -136,7 +137,7 @@ class SNELL(Adapter[SNELLConfig]):
             self.register_buffer("K0", torch.empty(d_in, d_out, device=base.device))
 
     def reset_parameters(self, base: BaseView) -> None:
-        g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
+        g = seeded_generator(self.config.seed)
         for p in (self.In_Qs, self.Out_Qs):
             cpu = torch.empty(p.shape)
             nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=g)

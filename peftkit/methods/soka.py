@@ -26,13 +26,13 @@ Not implemented: ``init_source="grad"`` and dynamic re-selection during training
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.api import Adapter, AdapterConfig, BaseView, Bound, PositiveInt, register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveFraction, PositiveInt, register
 from peftkit.methods.lokr import factorization
 
 
@@ -46,7 +46,7 @@ class SoKAConfig(AdapterConfig):
         k: a fixed number of terms (``None``: energy/elbow selection); clamped to the KPSVD rank.
     """
 
-    tau: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.9
+    tau: PositiveFraction = 0.9
     k_max: PositiveInt = 8
     k: PositiveInt | None = None
 

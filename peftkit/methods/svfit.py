@@ -31,7 +31,7 @@ GPT-2 ``Conv1D`` (spec: Linear).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -40,8 +40,8 @@ from peftkit.core.api import (
     Adapter,
     AdapterConfig,
     BaseView,
-    Bound,
     LowRank,
+    PositiveFraction,
     PositiveInt,
     add_lowrank,
     register,
@@ -68,7 +68,7 @@ class SVFitConfig(AdapterConfig):
     """
 
     r: PositiveInt = 16
-    energy: Annotated[float, Bound(low=0, high=1, low_open=True)] | None = None
+    energy: PositiveFraction | None = None
 
     tiny_fields: ClassVar[dict] = {"r": 2}
     variant_fields: ClassVar[list[dict]] = [{"r": 16, "energy": 0.5}]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveInt, register
+from peftkit.core.api import Adapter, AdapterConfig, BaseView, PositiveInt, register, seeded_generator
 
 
 def balanced_factors(d: int, k: int) -> list[int]:
@@ -126,7 +126,7 @@ class TLoRA(Adapter[TLoRAConfig]):
 
     def reset_parameters(self, base: BaseView) -> None:
         config = self.config
-        g = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        g = seeded_generator(config.seed)
         for cores, rank in zip((self.transform, self.residual), (config.rank_transform, config.rank_residual)):
             for i, core in enumerate(cores):
                 if i == len(cores) - 1:

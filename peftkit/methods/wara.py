@@ -36,6 +36,7 @@ from peftkit.core.api import (
     RankConfig,
     input_dropout,
     register,
+    seeded_generator,
 )
 
 _SQRT2 = math.sqrt(2.0)
@@ -89,7 +90,7 @@ class WaRA(Adapter[WaRAConfig]):
         self.dropout = input_dropout(config.dropout)
 
     def reset_parameters(self, base: BaseView) -> None:
-        g = torch.Generator().manual_seed(self.config.seed) if self.config.seed is not None else None
+        g = seeded_generator(self.config.seed)
         bound = 1.0 / math.sqrt(self.A.shape[1])  # kaiming_uniform_(a=√5)
         self.A.copy_(torch.rand(self.A.shape, generator=g) * 2 * bound - bound)
         self.B.zero_()

@@ -34,7 +34,7 @@ applies it after the qkv projection (wiring it into HF attention classes is not 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ from peftkit.core.api import (
     Adapter,
     AdapterConfig,
     BaseView,
-    Bound,
+    PositiveFraction,
     PositiveInt,
     Probability,
     register,
@@ -67,7 +67,7 @@ class ZeroI2VConfig(AdapterConfig):
 
     side: Literal["output", "input"] = "output"
     r: PositiveInt | None = None
-    ratio: Annotated[float, Bound(low=0, high=1, low_open=True)] = 0.25
+    ratio: PositiveFraction = 0.25
     scale: float = 0.5
     dropout: Probability = 0.1
     bias: bool | None = None

@@ -164,3 +164,11 @@ def test_bad_config() -> None:
         SVFitConfig(r=0)
     with pytest.raises(pk.errors.InvalidConfigError, match="r=9 is larger"):
         _adapter(r=9)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5])
+def test_energy_is_a_positive_fraction(bad: float) -> None:
+    """``energy`` lies in (0, 1] (``None``: fixed r); a wrong value names the bound."""
+    assert SVFitConfig(energy=1.0).energy == 1.0 and SVFitConfig().energy is None
+    with pytest.raises(pk.errors.InvalidConfigError, match=r"energy must lie in \(0, 1\], got"):
+        SVFitConfig(energy=bad)
