@@ -126,9 +126,9 @@ def bench_switch(repeats: int) -> dict[str, Any]:
             p.normal_()  # B = 0 at init: give the fuse real values (the timing does not depend on them)
     pairs = []
     for path, adapter in shira.adapter_modules("default").items():
-        rows, cols = adapter._index()  # the stored indices: what a SHiRA switch scatters
-        weight = shira._layer(path).base.weight
-        pairs.append((weight, (rows, cols), adapter.config.scale * adapter.values.detach()))
+        view = shira.base_view(path)  # view.weight is the base module's weight itself ([out, in] for a Linear)
+        delta = adapter.sparse_delta(view)  # the stored indices and scaled values: what a SHiRA switch scatters
+        pairs.append((view.weight, delta.positions, delta.values.detach()))
 
     def lora_fuse() -> None:
         lora.merge(unload=False)
