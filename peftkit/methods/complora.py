@@ -45,7 +45,7 @@ from peftkit.core.api import (
     register,
 )
 
-from .loraxs import svd_signed
+from .loraxs import energy_rank, svd_signed
 
 
 @dataclass(kw_only=True)
@@ -78,8 +78,7 @@ class CompLoRAConfig(RankConfig):
 def principal_count(s: Tensor, config: CompLoRAConfig) -> int:
     """``k_top`` for singular values ``s`` (descending) under ``config``."""
     if config.complement_energy is not None:
-        energy = (s**2).cumsum(0) / (s**2).sum()
-        return int((energy < config.complement_energy).sum()) + 1
+        return energy_rank(s, config.complement_energy)
     return s.numel() // 2 if config.k_top is None else config.k_top
 
 

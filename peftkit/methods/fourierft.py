@@ -50,7 +50,7 @@ class FourierFTConfig(AdapterConfig):
 
 def spectral_indices(d_out: int, d_in: int, n: int, seed: int) -> Tensor:
     """PEFT's locations: ``[2, n]`` (rows, cols) of ``randperm(d_out·d_in)[:n]`` from a generator seeded by
-    ``seed``."""
+    ``seed`` (LoCA's and QWHA's initial locations too)."""
     idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([idx // d_in, idx % d_in])
 

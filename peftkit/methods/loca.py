@@ -48,6 +48,8 @@ from peftkit.core.api import (
     register,
 )
 
+from .fourierft import spectral_indices
+
 
 def dct_matrix(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """The orthonormal DCT-II matrix ``C_n`` (``[k, t]``); for tests and reference only."""
@@ -130,8 +132,7 @@ class LoCA(Adapter[LoCAConfig]):
     def reset_parameters(self, base: BaseView) -> None:
         d_out, d_in = self.shape
         seed = 777 if self.config.seed is None else self.config.seed
-        idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[: self.coefficients.numel()]
-        self.locations.copy_(torch.stack([idx // d_in, idx % d_in]))
+        self.locations.copy_(spectral_indices(d_out, d_in, self.coefficients.numel(), seed))
         if self.config.init == "randn":
             self.coefficients.normal_(generator=torch.Generator().manual_seed(seed + 1))
         else:

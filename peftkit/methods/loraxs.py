@@ -33,6 +33,8 @@ from peftkit.core.api import (
     require_rank_fits,
 )
 
+from .lora import fix_signs
+
 R_INIT_STD = 1e-5  # spec: R ~ N(0, (1e-5)²)
 
 
@@ -41,16 +43,23 @@ def svd_signed(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Full (thin) SVD ``W = U diag(S) Vh`` in float64 with a deterministic sign per singular pair.
 
     The entry of largest magnitude in each column of ``U`` is made positive and the matching row of ``Vh`` is
-    flipped with it, so the factors do not depend on the LAPACK backend's sign choice.
+    flipped with it (:func:`~peftkit.methods.lora.fix_signs`, the convention of peftkit's SVD inits), so the
+    factors do not depend on the LAPACK backend's sign choice.
 
     Returns:
         ``U [out, q]``, ``S [q]``, ``Vh [q, in]`` in float64, ``q = min(out, in)``.
     """
     u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
-    idx = u.abs().argmax(dim=0)
-    sign = torch.sign(u[idx, torch.arange(u.shape[1], device=u.device)])
-    sign[sign == 0] = 1.0
-    return u * sign, s, vh * sign[:, None]
+    u, vh = fix_signs(u, vh)
+    return u, s, vh
+
+
+def energy_rank(singular_values: Tensor, energy: float) -> int:
+    """The smallest ``r`` with ``Σ_{i≤r} σ_i² / Σ σ² ≥ energy`` (at least 1, at most ``len(σ)``), in float64: SVFit's
+    energy rank and Comp-LoRA's energy-chosen ``k_top``."""
+    squares = singular_values.detach().double().square()
+    kept = squares.cumsum(0) / squares.sum()
+    return max(1, min(int((kept < energy).sum()) + 1, squares.numel()))
 
 
 @dataclass(kw_only=True)

@@ -38,6 +38,8 @@ from torch import Tensor, nn
 
 from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, register
 
+from .fourierft import spectral_indices
+
 
 def fwht(x: Tensor) -> Tensor:
     """``x H`` along the last axis (natural-order Sylvester ``H``; length a power of two), ``O(d log d)``."""
@@ -122,10 +124,8 @@ class QWHA(Adapter[QWHAConfig]):
             )
         self.shape = (d_out, d_in)
         self.factor = config.scaling / (d_in * math.sqrt(d_out))
-        idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(config.random_loc_seed))[:n]
-        self.register_buffer(
-            "indices", torch.stack([idx // d_in, idx % d_in]).to(base.device), persistent=config.init == "qwha"
-        )
+        indices = spectral_indices(d_out, d_in, n, config.random_loc_seed).to(base.device)
+        self.register_buffer("indices", indices, persistent=config.init == "qwha")
         self.spectrum = nn.Parameter(torch.empty(n, device=base.device))
 
     def reset_parameters(self, base: BaseView) -> None:

@@ -48,7 +48,7 @@ from peftkit.core.api import (
     require_rank_fits,
 )
 
-from .loraxs import svd_signed
+from .loraxs import energy_rank, svd_signed
 
 
 def float_dtype(base: BaseView) -> torch.dtype:
@@ -72,13 +72,6 @@ class SVFitConfig(AdapterConfig):
 
     tiny_fields: ClassVar[dict] = {"r": 2}
     variant_fields: ClassVar[list[dict]] = [{"r": 16, "energy": 0.5}]
-
-
-def energy_rank(singular_values: Tensor, energy: float) -> int:
-    """The smallest ``r`` with ``Σ_{i≤r} σ_i² / Σ σ² ≥ energy`` (at least 1, at most ``len(σ)``), in float64."""
-    squares = singular_values.detach().double().square()
-    kept = squares.cumsum(0) / squares.sum()
-    return max(1, min(int((kept < energy).sum()) + 1, squares.numel()))
 
 
 @register("svfit", SVFitConfig)

@@ -101,3 +101,13 @@ def test_learned_locations_saved(tmp_path) -> None:
     loaded = pk.load(make_tiny_net(), tmp_path / "l")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), want, atol=0, rtol=0)
+
+
+def test_initial_locations_are_fourierfts_recipe() -> None:
+    """``randperm(d_out·d_in)[:n]`` of a generator seeded by the config's seed (777 when unset), as rows
+    ``idx // d_in`` and columns ``idx % d_in``: the FourierFT / PEFT recipe."""
+    for seed, used in ((5, 5), (None, 777)):
+        a, base, _ = _adapter(n_frequency=50, seed=seed)
+        d_out, d_in = base.out_features, base.in_features
+        idx = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(used))[:50]
+        assert torch.equal(a.locations, torch.stack([idx // d_in, idx % d_in]))

@@ -87,3 +87,13 @@ def test_merge_and_validation() -> None:
         _adapter(d_in=24)
     with pytest.raises(InvalidConfigError, match="larger than"):
         _adapter(n_frequency=12 * 16 + 1)
+
+
+def test_initial_indices_are_fourierfts_recipe() -> None:
+    """``randperm(d_out·d_in)[:n]`` of a generator seeded by ``random_loc_seed``, as rows ``idx // d_in`` and
+    columns ``idx % d_in`` (FourierFT's locations); saved only with ``init="qwha"``."""
+    for init, saved in (("zero", False), ("qwha", True)):
+        a, _, _ = _adapter(n_frequency=40, random_loc_seed=3, init=init)
+        idx = torch.randperm(12 * 16, generator=torch.Generator().manual_seed(3))[:40]
+        assert torch.equal(a.indices, torch.stack([idx // 16, idx % 16]))
+        assert ("indices" in a.state_dict()) == saved
