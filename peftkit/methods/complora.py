@@ -45,6 +45,7 @@ from peftkit.core.api import (
     register,
 )
 
+from .lora import float_dtype
 from .loraxs import energy_rank, svd_signed
 
 
@@ -104,8 +105,7 @@ class CompLoRA(Adapter[CompLoRAConfig]):
         p = 0 if config.complement_energy is not None else self.q - principal_count(torch.empty(self.q), config)
         if config.complement_energy is None:
             self._check_fits(p)
-        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
-        self.allocate(p, base.out_features, base.in_features, dtype, base.device)
+        self.allocate(p, base.out_features, base.in_features, float_dtype(base), base.device)
 
     def _check_fits(self, p: int) -> None:
         if p < self.config.r:

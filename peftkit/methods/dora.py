@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from peftkit.core.api import BaseView, InvalidConfigError, register
 
-from .lora import LoRA, LoRAConfig
+from .lora import LoRA, LoRAConfig, float_dtype
 
 
 @dataclass(kw_only=True)
@@ -52,7 +52,7 @@ class DoRA(LoRA):
 
     def __init__(self, base: BaseView, config: DoRAConfig) -> None:
         super().__init__(base, config)
-        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+        dtype = float_dtype(base)
         self.magnitude = nn.Parameter(torch.empty(base.out_features, dtype=dtype, device=base.device))
 
     def reset_parameters(self, base: BaseView) -> None:

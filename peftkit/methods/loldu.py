@@ -53,7 +53,7 @@ from peftkit.core.api import (
     require_rank_fits,
 )
 
-from .svfit import float_dtype
+from .lora import float_dtype
 
 PIVOT_EPS = 1e-8  # spec decision: sign-preserving clamp |D_i| >= 1e-8
 

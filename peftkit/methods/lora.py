@@ -123,6 +123,12 @@ RESIDUAL_INITS = ("pissa", "lora_ga", "loku")
 _PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
+def float_dtype(base: BaseView) -> torch.dtype:
+    """The dtype an adapter's own tensors take: the base weight's, or float32 for a non-float (quantised) base
+    (LoRA variants with frozen SVD factors or a magnitude vector: DoRA, LoRA-XS, SVFit, SALT, Comp-LoRA, LoLDU)."""
+    return base.dtype if base.dtype.is_floating_point else torch.float32
+
+
 def fix_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
     """Our sign convention for singular pairs (a decision: SVD signs are arbitrary): flip each pair so that the
     entry of largest magnitude of each left vector (column of ``u``) is positive; ``vh``'s rows flip with it.

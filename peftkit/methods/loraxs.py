@@ -33,7 +33,7 @@ from peftkit.core.api import (
     require_rank_fits,
 )
 
-from .lora import fix_signs
+from .lora import fix_signs, float_dtype
 
 R_INIT_STD = 1e-5  # spec: R ~ N(0, (1e-5)²)
 
@@ -92,7 +92,7 @@ class LoRAXS(Adapter[LoRAXSConfig]):
         require_rank_fits(r, base)
         self.scale = config.scale
         u, s, vh = svd_signed(base.weight)
-        dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+        dtype = float_dtype(base)
         self.register_buffer("A", (s[:r, None] * vh[:r]).to(dtype))  # Σ_r V_rᵀ  [r, in]
         self.register_buffer("B", u[:, :r].contiguous().to(dtype))  # U_r  [out, r]
         self.R = nn.Parameter(torch.empty(r, r, dtype=dtype, device=base.device))

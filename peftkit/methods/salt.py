@@ -52,8 +52,8 @@ from torch import Tensor, nn
 
 from peftkit.core.api import Adapter, AdapterConfig, BaseView, InvalidConfigError, PositiveInt, add_lowrank, register
 
+from .lora import float_dtype
 from .loraxs import svd_signed
-from .svfit import float_dtype
 
 XY_INIT_STD = 0.01  # official: X, Y ~ 0.01 * N(0, 1)
 

@@ -48,12 +48,8 @@ from peftkit.core.api import (
     require_rank_fits,
 )
 
+from .lora import float_dtype
 from .loraxs import energy_rank, svd_signed
-
-
-def float_dtype(base: BaseView) -> torch.dtype:
-    """The dtype the frozen factors are stored in: the base weight's, or float32 for a non-float base."""
-    return base.dtype if base.dtype.is_floating_point else torch.float32
 
 
 @dataclass(kw_only=True)
