@@ -1,6 +1,7 @@
 """The mixed-batch bank of one layer: every low-rank adapter stacked, so that rows of a batch that name
-different adapters run as one gather and two batched matmuls (see ``AdaptedLayer._lowrank_bank`` for when it
-is kept and when rebuilt)."""
+different adapters run in one pass: the C++ kernel of :mod:`.bgmv` (each adapter's factors read once per call)
+where it applies, else one gather and two batched matmuls (see ``AdaptedLayer._lowrank_bank`` for when the bank
+is kept and when rebuilt, and :func:`forward_bank` for the choice)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from typing import NamedTuple, cast
 import torch
 from torch import Tensor
 
+from . import bgmv
 from .base import BaseView
 from .protocol import Adapter, LowRank
+
+# Run mixed batches through the C++ kernel where it applies (tests and benchmarks turn it off to check or time the
+# PyTorch gather path on the same model).
+KERNEL = True
 
 
 class Slot(NamedTuple):
@@ -37,6 +43,9 @@ class Bank:
     packed: Tensor | None
     rank: int = 0
     slot_by_id: Tensor | None = None  # adapter id -> row; its last entry (id -1) is row 0
+    ranks: Tensor | None = None  # row -> its adapter's rank (0: row 0 and free rows), int64 on the CPU
+    down: Tensor | None = None  # views of packed: [rows, R, in] and [rows, R, out]
+    up: Tensor | None = None
     tensors: list[Tensor] = field(default_factory=list)  # every slot's sources, flat: one freshness check
     versions: list[int] = field(default_factory=list)
 
@@ -118,15 +127,32 @@ def update_bank(bank: Bank | None, adapters: dict[str, Adapter], order: tuple[st
             down[row, r:], up_t[row, r:] = 0, 0
         slots[name] = Slot(row, adapters[name], _sources(adapters[name]), r)
     slot_by_id = torch.tensor([slots[n].row if n in slots else 0 for n in order] + [0], device=packed.device)
-    return Bank(order, {n: slots[n] for n in names}, packed, rank, slot_by_id)
+    ranks = torch.zeros(len(packed), dtype=torch.long)
+    if slots:
+        ranks[torch.tensor([s.row for s in slots.values()])] = torch.tensor([s.rank for s in slots.values()])
+    return Bank(order, {n: slots[n] for n in names}, packed, rank, slot_by_id, ranks=ranks, down=down, up=up_t)
 
 
 def forward_bank(x: Tensor, base_out: Tensor, ids: Tensor, bank: Bank, base: BaseView) -> Tensor:
-    """``base_out + (x downᵀ) (scale·up)ᵀ`` row by row: one gather and two batched matmuls per layer."""
+    """``base_out + (x downᵀ) (scale·up)ᵀ`` row by row (row ``i`` with the adapter of id ``ids[i]``).
+
+    The C++ kernel (:func:`.bgmv.bgmv_`) where it applies: CPU, float32 / float64, no gradient wanted, the
+    kernel built. It reads each adapter's factors once per call and only up to each adapter's own rank, and was
+    measured faster than the gather at every shape tried (1 to 1,024 tokens per row, 8 to 128 adapters,
+    ``benchmarks/README.md``), so the batch shape does not switch it off. Elsewhere (gradients, other dtypes or
+    devices, no compiler) one gather of the rows' padded factors and two batched matmuls, which autograd
+    differentiates.
+    """
     assert bank.packed is not None and bank.slot_by_id is not None
+    d_in, d_out = base.in_features, base.out_features
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or bank.packed.requires_grad)
+    if KERNEL and not wants_grad and ids.device.type == "cpu" and bgmv.usable(x, base_out, bank.packed):
+        assert bank.down is not None and bank.up is not None and bank.ranks is not None
+        out = base_out.reshape(-1, d_out).contiguous()  # base_out is this layer's own fresh tensor: in place
+        bgmv.bgmv_(out, x.reshape(-1, d_in).contiguous(), bank.down, bank.up, ids, bank.slot_by_id, bank.ranks)
+        return out.view(base_out.shape)
     slots = bank.slot_by_id[ids.to(bank.slot_by_id.device)]  # id -1 picks row 0, the zero row
     rows, rank = x.shape[0], bank.rank
-    d_in, d_out = base.in_features, base.out_features
     sel = bank.packed.index_select(0, slots)
     hidden = torch.bmm(x.reshape(rows, -1, d_in), sel[:, : d_in * rank].view(rows, rank, d_in).transpose(1, 2))
     up_t = sel[:, d_in * rank :].view(rows, rank, d_out)

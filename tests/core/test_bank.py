@@ -1,5 +1,6 @@
 """The mixed-batch bank: rows updated in place when adapters come, go or are renamed, rebuilt with gradients
-or a new dtype, skipped when every row shares one adapter or the owner promised static adapters."""
+or a new dtype, skipped when every row shares one adapter or the owner promised static adapters; run through
+the C++ kernel (``peftkit/core/bgmv.py``) where it applies, with the same outputs as each row's adapter alone."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from conftest import make_tiny_net
 
 import peftkit as pk
+from peftkit.core import bank, bgmv
 
 
 def test_mixed_batch_bank_swaps_one_adapter_without_rebuilding_the_others(monkeypatch) -> None:
@@ -195,3 +197,152 @@ def test_static_adapters_skip_the_version_check_until_released() -> None:
         torch.testing.assert_close(
             model(three, adapter_ids=[0, 1, 2]), _per_adapter_reference(model, three), atol=1e-6, rtol=0
         )
+
+
+# ------------------------------------------------------------------------------ the C++ kernel (issue 19)
+needs_kernel = pytest.mark.skipif(not bgmv.available(), reason=f"C++ kernel not built: {bgmv.status()}")
+
+
+def _count_kernel_calls(monkeypatch) -> list[tuple[int, int]]:
+    """Record (tokens, rows) of every call of the C++ kernel (the bank calls it through the module)."""
+    calls: list[tuple[int, int]] = []
+    original = bgmv.bgmv_
+
+    def counted(out, x, down, up, ids, slot_of_id, ranks) -> None:
+        calls.append((out.shape[0], ids.numel()))
+        original(out, x, down, up, ids, slot_of_id, ranks)
+
+    monkeypatch.setattr(bgmv, "bgmv_", counted)
+    return calls
+
+
+def _mlp_model(ranks: list[int]) -> pk.AdaptedModel:
+    """Two Linear layers (24 -> 40 -> 24: widths that are not a multiple of the kernel's vector width), one LoRA
+    adapter per rank, ``B`` non-zero."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 24)).eval()
+    model = pk.adapt(net, pk.LoRAConfig(r=ranks[0], alpha=4, targets=["0", "2"], seed=0), name="a0")
+    for i, r in enumerate(ranks[1:], start=1):
+        model.add_adapter(f"a{i}", pk.LoRAConfig(r=r, alpha=4, targets=["0", "2"], seed=i))
+    for a in model.modules():
+        if isinstance(a, pk.Adapter):
+            torch.nn.init.normal_(a.B)
+    return model.eval()
+
+
+def _rowwise(model: pk.AdaptedModel, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """Each row through its own adapter alone (id -1: the base model), stacked."""
+    outs = []
+    for i, k in enumerate(ids):
+        if k < 0:
+            with model.adapters_disabled():
+                outs.append(model(x[i : i + 1]))
+        else:
+            model.set_adapter(model.adapter_names[k])
+            outs.append(model(x[i : i + 1]))
+    return torch.cat(outs)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_batch_runs_through_the_kernel_and_equals_each_rows_adapter(monkeypatch, tokens, dtype) -> None:
+    """One token per row (and three), adapters of ranks 1-16 (padded to 16 in the bank), rows of id -1 and of
+    every adapter: the kernel runs (once per layer and call) and each row equals its adapter alone, to 1e-5 of the
+    output in float32 and 1e-12 in float64; the gather path (kernel off) agrees too."""
+    model = _mlp_model([1, 16, 4, 8, 2]).to(dtype)
+    ids = [3, -1, 0, 1, 1, 4, 2, -1, 3, 3, 0, 1]
+    shape = (len(ids), 24) if tokens == 1 else (len(ids), tokens, 24)
+    x = torch.randn(shape, dtype=dtype)
+    calls = _count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        got = model(x, adapter_ids=ids)
+        assert calls == [(len(ids) * tokens, len(ids))] * 2  # both layers, every token in one call
+        monkeypatch.setattr(bank, "KERNEL", False)
+        gathered = model(x, adapter_ids=ids)
+        assert len(calls) == 2
+        want = _rowwise(model, x, ids)
+    tol = (1e-5 if dtype == torch.float32 else 1e-12) * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    torch.testing.assert_close(gathered, want, rtol=0, atol=tol)
+    torch.testing.assert_close(got, gathered, rtol=0, atol=tol)
+
+
+@needs_kernel
+def test_kernel_follows_adapters_swapped_in_and_out(monkeypatch) -> None:
+    """A server's bank: rows freed and reused by adapters of other ranks; the kernel reads each row only up to
+    its current adapter's rank and stays exact."""
+    model = _mlp_model([8, 2, 8])
+    calls = _count_kernel_calls(monkeypatch)
+    x, ids = torch.randn(6, 24), [0, 1, 2, 2, 1, -1]
+    with torch.no_grad():
+        model(x, adapter_ids=ids)
+        model.delete_adapter("a0")  # rank 8: its row is taken by a rank-3 adapter
+        model.add_adapter("a9", pk.LoRAConfig(r=3, alpha=4, targets=["0", "2"], seed=9))
+        for m in model.adapter_modules("a9").values():
+            torch.nn.init.normal_(m.B)
+        ids = [2, 1, 0, 0, 1, -1]
+        got = model(x, adapter_ids=ids)
+        want = _rowwise(model, x, ids)
+    assert len(calls) == 4
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+def test_gradients_of_a_mixed_batch_equal_the_per_adapter_forward(monkeypatch) -> None:
+    """Training on a mixed batch: eval mode with gradients (the bank built from the live tensors) and training
+    mode (each group through its adapter) give the inputs and every adapter the gradients of running each row
+    through its own adapter's forward alone; the C++ kernel, which has no backward, is not used when gradients
+    are wanted."""
+    model = _mlp_model([2, 5, 3])
+    ids = [1, 0, -1, 2, 1, 1]
+    x = torch.randn(len(ids), 24)
+    weights = torch.randn(len(ids), 24)
+    calls = _count_kernel_calls(monkeypatch)
+    params = [p for n, p in model.named_parameters() if ".adapters." in n]
+    for p in params:
+        p.requires_grad_(True)
+
+    def grads(run) -> list[torch.Tensor]:
+        xi = x.clone().requires_grad_(True)
+        (run(xi) * weights).sum().backward()
+        out = [xi.grad.clone()] + [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        return out
+
+    # each row alone through its adapter's own forward (a batch of one row: the single-adapter path)
+    want = grads(lambda xi: torch.cat([model(xi[i : i + 1], adapter_ids=[k]) for i, k in enumerate(ids)]))
+    assert all(w.abs().sum() > 0 for w in want)
+    for train in (False, True):
+        model.train(train)
+        got = grads(lambda xi: model(xi, adapter_ids=ids))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * float(w.abs().max()))
+    assert calls == []
+
+
+@needs_kernel
+def test_generate_with_adapter_ids_decodes_through_the_kernel(monkeypatch) -> None:
+    """``generate(adapter_ids=...)``: the decode steps (one token per row) run through the kernel and every row
+    decodes as with its adapter alone."""
+    from conftest import tiny_gpt2
+
+    model = pk.adapt(tiny_gpt2(), pk.LoRAConfig(r=4, targets=["c_attn", "c_fc"], seed=0), name="a")
+    model.add_adapter("b", pk.LoRAConfig(r=2, targets=["c_attn"], seed=1))
+    for m in model.modules():
+        if isinstance(m, pk.Adapter):
+            torch.nn.init.normal_(m.B, std=0.5)
+    model.eval()
+    prompts = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    calls = _count_kernel_calls(monkeypatch)
+    out = model.generate(prompts, adapter_ids=["b", None, "a"], **kw)
+    assert (3, 3) in calls  # a decode step: 3 rows of one token
+    assert (15, 3) in calls  # the prompt: 3 rows of 5 tokens
+    for row, name in enumerate(["b", None, "a"]):
+        if name is None:
+            with model.adapters_disabled():
+                alone = model.generate(prompts[row : row + 1], **kw)
+        else:
+            model.set_adapter(name)
+            alone = model.generate(prompts[row : row + 1], **kw)
+        assert torch.equal(out[row : row + 1], alone), f"row {row} ({name})"

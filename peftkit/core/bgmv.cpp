@@ -1,0 +1,224 @@
+// Batched gather matrix-vector product for mixed-adapter batches on CPU: Punica's BGMV / SGMV (Chen et al. 2023,
+// "Punica: Multi-Tenant LoRA Serving", https://github.com/punica-ai/punica) and S-LoRA's multi-size variant for
+// adapters of different ranks in one padded bank (Sheng et al. 2024, https://github.com/S-LoRA/S-LoRA).
+//
+//   out[t] += (x[t] · down[s]ᵀ) · up[s],   s = slot_of_id[ids[t / L]]   (L = tokens per row = T / ids.numel())
+//
+// down: [S, R, K], up: [S, R, N] (last dimension contiguous; the first two strided, so both may be views of one
+// packed bank); only the first ranks[s] <= R rows of slot s are read, and tokens of a slot of rank 0 (the base-only
+// row, id -1) are skipped. An id of -1 takes the last entry of slot_of_id. Tokens are visited grouped by slot (a
+// counting sort of the rows), in tiles of up to four tokens of one slot, so each adapter's factors are read from
+// memory once per call and every factor vector loaded into registers serves up to four tokens, where a gather of
+// the factors reads them once per row.
+//
+// Built at first use by peftkit/core/bgmv.py with the system C++ compiler and torch.utils.cpp_extension's include
+// and library paths; no Python binding: the op is registered with the dispatcher as peftkit::bgmv_.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// One SIMD register's worth of lanes (64 bytes): a zmm register with AVX-512, two ymm with AVX2; GCC's vector
+// extension picks the instructions the build enables.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+};
+
+template <typename T>
+inline typename Vec<T>::type load(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+inline T hsum(typename Vec<T>::type v) {
+  T s = 0;
+  for (int i = 0; i < Vec<T>::lanes; ++i) s += v[i];
+  return s;
+}
+
+// Tiles of TB tokens (all of one slot) × RB rows of the factor: every vector of the factor loaded from cache
+// serves TB tokens, so the tokens of one adapter share each read (the SGMV idea on CPU).
+
+// h[t][r] = x_t · a_r for the TB tokens and rows r0 .. r0+RB-1 (a_r = a + r * a_row).
+template <typename T, int TB, int RB>
+inline void shrink_tile(const T* const* xs, const T* a, int64_t a_row, int64_t r0, int64_t k, T* h, int64_t h_row) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t k_vec = k - k % L;
+  V acc[TB][RB] = {};
+  for (int64_t i = 0; i < k_vec; i += L) {
+    V xv[TB];
+    for (int t = 0; t < TB; ++t) xv[t] = load(xs[t] + i);
+    for (int r = 0; r < RB; ++r) {
+      const V av = load(a + (r0 + r) * a_row + i);
+      for (int t = 0; t < TB; ++t) acc[t][r] += xv[t] * av;
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    for (int r = 0; r < RB; ++r) {
+      const T* ar = a + (r0 + r) * a_row;
+      T sum = hsum<T>(acc[t][r]);
+      for (int64_t i = k_vec; i < k; ++i) sum += xs[t][i] * ar[i];
+      h[t * h_row + r0 + r] = sum;
+    }
+  }
+}
+
+// y_t += Σ_r h[t][r] · u_r for the TB tokens (u_r = u + r * u_row).
+template <typename T, int TB>
+inline void expand_tile(T* const* ys, const T* h, int64_t h_row, const T* u, int64_t u_row, int64_t rank, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::lanes;
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    V y[TB][2];
+    for (int t = 0; t < TB; ++t) y[t][0] = load(ys[t] + i), y[t][1] = load(ys[t] + i + L);
+    for (int64_t r = 0; r < rank; ++r) {
+      const V u0 = load(u + r * u_row + i), u1 = load(u + r * u_row + i + L);
+      for (int t = 0; t < TB; ++t) {
+        const T c = h[t * h_row + r];
+        y[t][0] += c * u0;
+        y[t][1] += c * u1;
+      }
+    }
+    for (int t = 0; t < TB; ++t) store(ys[t] + i, y[t][0]), store(ys[t] + i + L, y[t][1]);
+  }
+  for (int t = 0; t < TB; ++t) {
+    for (int64_t j = i; j < n; ++j) {
+      T acc = ys[t][j];
+      for (int64_t r = 0; r < rank; ++r) acc += h[t * h_row + r] * u[r * u_row + j];
+      ys[t][j] = acc;
+    }
+  }
+}
+
+// TB tokens of one slot: shrink in tiles of 4 factor rows (then 1), expand.
+template <typename T, int TB>
+inline void tokens_of_slot(const T* const* xs, T* const* ys, const T* a, int64_t a_row, const T* u, int64_t u_row,
+                           int64_t rank, int64_t k, int64_t n, T* h, int64_t h_row) {
+  int64_t r = 0;
+  for (; r + 4 <= rank; r += 4) shrink_tile<T, TB, 4>(xs, a, a_row, r, k, h, h_row);
+  for (; r < rank; ++r) shrink_tile<T, TB, 1>(xs, a, a_row, r, k, h, h_row);
+  expand_tile<T, TB>(ys, h, h_row, u, u_row, rank, n);
+}
+
+template <typename T>
+void run(at::Tensor& out, const at::Tensor& x, const at::Tensor& down, const at::Tensor& up,
+         const std::vector<int64_t>& order, const std::vector<int64_t>& order_slot, const int64_t* ranks) {
+  constexpr int TB = 4;
+  const int64_t k = x.size(1), n = out.size(1), max_rank = down.size(1);
+  T* out_p = out.data_ptr<T>();
+  const T* x_p = x.const_data_ptr<T>();
+  const T* down_p = down.const_data_ptr<T>();
+  const T* up_p = up.const_data_ptr<T>();
+  const int64_t out_s = out.stride(0), x_s = x.stride(0);
+  const int64_t d_s0 = down.stride(0), d_s1 = down.stride(1), u_s0 = up.stride(0), u_s1 = up.stride(1);
+  const int64_t count = static_cast<int64_t>(order.size());
+  // ~64k multiply-adds per task: below that, waking a second thread costs more than it saves
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, max_rank * (k + n)));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> h(static_cast<size_t>(TB * max_rank));
+    const T* xs[TB];
+    T* ys[TB];
+    int64_t j = begin;
+    while (j < end) {
+      const int64_t s = order_slot[j];
+      int64_t nt = 1;  // tokens of slot s from j on, at most TB
+      while (nt < TB && j + nt < end && order_slot[j + nt] == s) ++nt;
+      for (int64_t i = 0; i < nt; ++i) xs[i] = x_p + order[j + i] * x_s, ys[i] = out_p + order[j + i] * out_s;
+      const T* a = down_p + s * d_s0;
+      const T* u = up_p + s * u_s0;
+      const int64_t rank = ranks[s];
+      switch (nt) {
+        case 4: tokens_of_slot<T, 4>(xs, ys, a, d_s1, u, u_s1, rank, k, n, h.data(), max_rank); break;
+        case 3: tokens_of_slot<T, 3>(xs, ys, a, d_s1, u, u_s1, rank, k, n, h.data(), max_rank); break;
+        case 2: tokens_of_slot<T, 2>(xs, ys, a, d_s1, u, u_s1, rank, k, n, h.data(), max_rank); break;
+        default: tokens_of_slot<T, 1>(xs, ys, a, d_s1, u, u_s1, rank, k, n, h.data(), max_rank); break;
+      }
+      j += nt;
+    }
+  });
+}
+
+void bgmv_(at::Tensor out, const at::Tensor& x, const at::Tensor& down, const at::Tensor& up, const at::Tensor& ids,
+           const at::Tensor& slot_of_id, const at::Tensor& ranks) {
+  TORCH_CHECK(out.dim() == 2 && x.dim() == 2 && down.dim() == 3 && up.dim() == 3,
+              "bgmv_: out [T, N], x [T, K], down [S, R, K], up [S, R, N]");
+  TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu() && down.device().is_cpu() && up.device().is_cpu(),
+              "bgmv_: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type() && down.scalar_type() == out.scalar_type() &&
+                  up.scalar_type() == out.scalar_type(),
+              "bgmv_: out, x, down and up must share one dtype");
+  const int64_t tokens = out.size(0), k = x.size(1), n = out.size(1), count = down.size(0), rank = down.size(1);
+  const int64_t rows = ids.numel(), known = slot_of_id.numel();
+  TORCH_CHECK(x.size(0) == tokens, "bgmv_: out has ", tokens, " tokens, x ", x.size(0));
+  TORCH_CHECK(rows > 0 ? tokens % rows == 0 : tokens == 0, "bgmv_: ", tokens, " tokens in ", rows, " rows");
+  TORCH_CHECK(down.size(2) == k && up.size(2) == n && up.size(0) == count && up.size(1) == rank,
+              "bgmv_: down / up shapes do not match x / out");
+  TORCH_CHECK(ranks.numel() == count, "bgmv_: ranks needs one entry per slot");
+  TORCH_CHECK(out.stride(1) == 1 && x.stride(1) == 1 && down.stride(2) == 1 && up.stride(2) == 1,
+              "bgmv_: the last dimension of every matrix must be contiguous");
+  for (const at::Tensor* t : {&ids, &slot_of_id, &ranks}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
+                "bgmv_: ids, slot_of_id and ranks are contiguous int64 CPU tensors");
+  }
+  if (tokens == 0) return;
+  const int64_t per_row = tokens / rows;
+  const int64_t* id_p = ids.const_data_ptr<int64_t>();
+  const int64_t* slot_p = slot_of_id.const_data_ptr<int64_t>();
+  const int64_t* rank_p = ranks.const_data_ptr<int64_t>();
+  for (int64_t s = 0; s < count; ++s) {
+    TORCH_CHECK(rank_p[s] >= 0 && rank_p[s] <= rank, "bgmv_: ranks[", s, "] = ", rank_p[s], " outside [0, ", rank, "]");
+  }
+  // Each row's slot, then a counting sort of the rows by slot (stable), leaving out slots of rank 0.
+  std::vector<int64_t> start(static_cast<size_t>(count) + 1, 0);
+  std::vector<int64_t> row_slot(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t id = id_p[r];
+    TORCH_CHECK(id >= -1 && id < known - 1, "bgmv_: adapter id ", id, " outside [-1, ", known - 1, ")");
+    const int64_t s = slot_p[id < 0 ? known - 1 : id];
+    TORCH_CHECK(s >= 0 && s < count, "bgmv_: slot ", s, " of adapter id ", id, " outside [0, ", count, ")");
+    row_slot[r] = s;
+    if (rank_p[s] > 0) ++start[s + 1];
+  }
+  for (int64_t s = 0; s < count; ++s) start[s + 1] += start[s];
+  std::vector<int64_t> order(static_cast<size_t>(start[count] * per_row));  // token indices, grouped by slot
+  std::vector<int64_t> order_slot(order.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t s = row_slot[r];
+    if (rank_p[s] == 0) continue;
+    const int64_t first = start[s]++ * per_row;
+    for (int64_t j = 0; j < per_row; ++j) order[first + j] = r * per_row + j, order_slot[first + j] = s;
+  }
+  if (order.empty()) return;
+  if (out.scalar_type() == at::kFloat) {
+    run<float>(out, x, down, up, order, order_slot, rank_p);
+  } else if (out.scalar_type() == at::kDouble) {
+    run<double>(out, x, down, up, order, order_slot, rank_p);
+  } else {
+    TORCH_CHECK(false, "bgmv_: float32 and float64 only, got ", out.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(peftkit, m) {
+  m.def(
+      "bgmv_(Tensor(a!) out, Tensor x, Tensor down, Tensor up, Tensor ids, Tensor slot_of_id, Tensor ranks) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(peftkit, CPU, m) { m.impl("bgmv_", bgmv_); }
