@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from peftkit.compress import arch, compressors
 from peftkit.compress.data import check_calibration
-from peftkit.compress.errors import CompressError, UnknownArchitectureError, check_rank
+from peftkit.compress.errors import CompressOptionError, UnknownArchitectureError, check_rank
 from peftkit.core.model import AdaptedModel
 from peftkit.init._calibration import Recorder, block_inputs, module_statistics, replay
 from peftkit.lowrank import dense_svd, truncate
@@ -128,7 +128,7 @@ def eora(
         RatioError, RankError, CalibrationError, UnknownArchitectureError, CompressorError.
     """
     if mode not in MODES:
-        raise CompressError(f"mode must be one of {MODES}, got {mode!r}")
+        raise CompressOptionError(f"mode must be one of {MODES}, got {mode!r}")
     fn = compressors.get(compress, ratio) if isinstance(compress, str) else compress
     layers = arch.linears(model, targets, "EoRA")
     for path, layer in layers.items():

@@ -13,6 +13,7 @@ from peftkit.core.errors import PeftkitError
 __all__ = [
     "CalibrationError",
     "CompressError",
+    "CompressOptionError",
     "CompressorError",
     "HeadPruneError",
     "RankError",
@@ -25,6 +26,10 @@ __all__ = [
 
 class CompressError(PeftkitError):
     """Base class of the compression errors."""
+
+
+class CompressOptionError(CompressError, ValueError):
+    """An unknown mode or option value, or shapes that do not fit together."""
 
 
 class CompressorError(CompressError, ValueError):

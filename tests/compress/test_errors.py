@@ -16,6 +16,7 @@ from peftkit.errors import PeftkitError
         (errors.CalibrationError, ValueError),
         (errors.HeadPruneError, ValueError),
         (errors.CompressorError, ValueError),
+        (errors.CompressOptionError, ValueError),
         (errors.UnknownArchitectureError, TypeError),
     ],
 )
