@@ -30,7 +30,8 @@ LOOKED_FOR = (
 
 
 def _is_block(block: nn.Module) -> bool:
-    return all(_has(block, p) and isinstance(block.get_submodule(p), nn.Linear) for p in PROJECTIONS)
+    # a projection may already be factorised (PELA distils a factorised student block by block)
+    return all(_has(block, p) and isinstance(block.get_submodule(p), (nn.Linear, FactoredLinear)) for p in PROJECTIONS)
 
 
 def _has(root: nn.Module, path: str) -> bool:
