@@ -13,11 +13,18 @@
 * :mod:`~peftkit.federated.run` (needs ``flwr[simulation]``): :func:`federate` (``peftkit federate``).
 
 The Flower parts import ``flwr`` (``pip install 'peftkit[federated]'``); everything else works without it.
+Importing this package sets ``FLWR_TELEMETRY_ENABLED=0`` unless it is set (Flower's usage telemetry is on by
+default and writes an id into ``~/.flwr``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Flower sends usage telemetry and keeps an id in ~/.flwr unless told not to (read when flwr is imported, which
+# peftkit.federated's Flower modules do after this): off unless the user set it.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from peftkit.federated.aggregate import Aggregate, Residual, cross_term, fedavg, fedex, fedsb, ffa
 from peftkit.federated.client import LocalResult, local_update

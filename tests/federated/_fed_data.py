@@ -8,6 +8,8 @@ from pathlib import Path
 
 from _tiny_lm import BERT_WORDS, save_bert, write_jsonl
 
+import peftkit.federated  # noqa: F401  (before any flwr import: turns Flower's telemetry off)
+
 POSITIVE, NEGATIVE = ["good", "best", "funny", "love"], ["bad", "not", "no", "too"]
 
 
