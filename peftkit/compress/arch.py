@@ -29,9 +29,14 @@ LOOKED_FOR = (
 )
 
 
+def _is_projection(module: nn.Module) -> bool:
+    # already factorised (PELA distils a factorised student), or wrapped by an adapter (LoRAPrune's masks)
+    module = getattr(module, "base_layer", module)
+    return isinstance(module, (nn.Linear, FactoredLinear))
+
+
 def _is_block(block: nn.Module) -> bool:
-    # a projection may already be factorised (PELA distils a factorised student block by block)
-    return all(_has(block, p) and isinstance(block.get_submodule(p), (nn.Linear, FactoredLinear)) for p in PROJECTIONS)
+    return all(_has(block, p) and _is_projection(block.get_submodule(p)) for p in PROJECTIONS)
 
 
 def _has(root: nn.Module, path: str) -> bool:

@@ -151,6 +151,6 @@ def distill(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     distiller.student.eval()
     return history
