@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from peftkit.compress import arch, structured
 from peftkit.compress.errors import CompressOptionError, check_fraction
+from peftkit.compress.loop import adamw_steps
 from peftkit.core.model import AdaptedModel
-from peftkit.init._calibration import call
 from peftkit.methods.lora import LoRA, LoRAConfig
 
 METRICS = ("lora", "magnitude")
@@ -166,20 +166,8 @@ def loraprune(
 ) -> tuple[nn.Module, list[float]]:  # fmt: skip
     """Train LoRA on ``model`` for ``steps`` AdamW steps on its own loss (batches with ``labels``), pruning as
     it goes, then finalise. Returns ``(pruned model, losses)``."""
-    from tqdm.auto import tqdm
-
-    data = list(batches)
     adapted = adapt(model, r, alpha)
     pruner = LoRAPrune(adapted, "loraprune", ratio=ratio, total_steps=steps, prune_freq=prune_freq, metric=metric)
-    opt = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=lr)
-    adapted.train()
-    history = []
-    for step in tqdm(range(1, steps + 1), desc="LoRAPrune", disable=not progress):
-        loss = call(adapted, data[(step - 1) % len(data)]).loss
-        opt.zero_grad()
-        loss.backward()
-        pruner.step(step)
-        opt.step()
-        history.append(float(loss.detach()))
-    adapted.eval()
+    history = adamw_steps(adapted, batches, steps=steps, lr=lr, after_backward=pruner.step, desc="LoRAPrune",
+                          progress=progress)  # fmt: skip
     return pruner.finalize().eval(), history

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from peftkit.compress import arch
 from peftkit.compress.errors import UnknownArchitectureError, check_fraction
+from peftkit.compress.loop import adamw_steps
 from peftkit.compress.lord import Plan, factorize, uniform_rank
 from peftkit.init._calibration import call
 
@@ -141,16 +142,7 @@ def distill(
 ) -> list[float]:
     """``steps`` AdamW steps of the student on ``distiller``'s total loss, cycling through ``batches``; returns
     the losses. The teacher is never updated."""
-    data = list(batches)
-    params = [p for p in distiller.student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    distiller.student.train()
-    history = []
-    for step in range(steps):
-        loss = distiller.losses(data[step % len(data)])["total"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
-    distiller.student.eval()
-    return history
+    return adamw_steps(
+        distiller.student, batches, steps=steps, lr=lr, weight_decay=weight_decay,
+        loss_fn=lambda model, batch: distiller.losses(batch)["total"], desc="PELA distillation",
+    )  # fmt: skip
