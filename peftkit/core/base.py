@@ -17,6 +17,8 @@ Canonical layouts:
   and the output width of its last weight layer (Linear, Conv1D, Conv2d, Embedding) or LayerNorm; adapters get
   ``x`` = the module's first input and ``base_out`` = its output (a tensor, or the first element of a tuple
   output such as HF attention's ``(output, weights)``; the other elements pass through).
+* a quantised linear (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, hqq ``HQQLinear``, an ``nn.Linear`` with a
+  torchao weight): :class:`QuantizedView`, ``[out, in]`` dequantised on access; see :mod:`peftkit.core.quant`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .quant import QuantizedViewMixin, is_quantized
 
 LayerKind = Literal["linear", "conv2d", "embedding", "module"]
 
@@ -48,6 +52,8 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
         return "embedding"
     conv1d = _hf_conv1d_type()
     if conv1d is not None and isinstance(module, conv1d):
+        return "linear"
+    if is_quantized(module):  # hqq's HQQLinear is no nn.Linear
         return "linear"
     return None
 
@@ -74,8 +80,11 @@ class BaseView:
 
     def __new__(cls, module: nn.Module | None = None) -> BaseView:
         # (module is None when copy/pickle rebuild an instance: keep its class)
-        if cls is BaseView and module is not None and layer_kind(module) is None:
-            return super().__new__(ModuleView)
+        if cls is BaseView and module is not None:
+            if is_quantized(module):
+                return super().__new__(QuantizedView)
+            if layer_kind(module) is None:
+                return super().__new__(ModuleView)
         return super().__new__(cls)
 
     def __init__(self, module: nn.Module) -> None:
@@ -230,3 +239,9 @@ class ModuleView(BaseView):
     def describe(self) -> dict[str, object]:
         """Its type: the form the fingerprint check uses for any module that is not a weight layer."""
         return {"type": type(self.module).__name__}
+
+
+class QuantizedView(QuantizedViewMixin, BaseView):  # type: ignore[misc]
+    """The view of a quantised linear layer (bitsandbytes, torchao, hqq): the base output from the backend's own
+    forward, ``weight`` dequantised on access, merging re-quantises. The behaviour is in
+    :class:`peftkit.core.quant.QuantizedViewMixin`."""
