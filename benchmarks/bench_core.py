@@ -4,7 +4,8 @@ Every figure is a ratio of two timings taken in the same process, interleaved (A
 reduced with the median, so the shared, noisy machine affects both sides alike. Peak memory is measured in
 a fresh subprocess per configuration (see :func:`memory_worker`).
 
-Run ``python benchmarks/bench_core.py`` (a few minutes on 2 CPU cores); ``--quick`` runs fewer repeats.
+Run ``python benchmarks/bench_core.py`` (a few minutes on 2 CPU cores); ``--quick`` runs fewer repeats;
+``--only decode`` the decode-shaped mixed batches of issue 19 (``mixed_decode.py``).
 Writes ``benchmarks/results/bench_core.json``. See ``benchmarks/README.md`` for what each figure means.
 """
 
@@ -43,6 +44,8 @@ TARGETS = {
     "mixed_vs_base": 1.15,
     "load_ms": 5.0,
     "add_128th_vs_2nd": 2.0,
+    "decode_256x32_vs_base": 1.15,  # issue 19: one token per row, 32 adapters, the 6 x 1024 MLP, 256 rows
+    "decode_256x128_vs_base": 1.2,
 }
 
 # The adapter of the mixed-batch and add_adapter figures: LoRA r=8 on MiniLM's attention (query, key, value
@@ -437,6 +440,17 @@ def table(res: dict[str, object]) -> str:
                 add(f"[{kind}] mixed batch, {n} adapters vs base", e["pk_vs_base"], "<= 1.15x", e["pk_vs_base"] <= 1.15)
                 if "peft_vs_base" in e:
                     add(f"[{kind}]   (PEFT mixed, {n} adapters vs base)", e["peft_vs_base"], None, None)
+    for key in [k for k in res if k.startswith("decode_")]:
+        threads = res[key]["env"]["threads"]  # type: ignore[index]
+        for label, e in decode_rows(res.get(key), threads):
+            r = e["vs_base"]["peftkit"]["median"]
+            limit = {(256, 32): 1.15, (256, 128): 1.2}.get((e["rows"], e["adapters"]))
+            simple = key.startswith("decode_mlp") and e.get("ranks") == 8 and not e.get("base_rows")
+            ok = r <= limit if limit and simple else None
+            add(f"[{label}] decode", r, f"<= {limit:.2f}x" if ok is not None else None, ok)
+            add("   (gather path / PEFT)", e["vs_base"]["peftkit_gather"]["median"], None, None)
+            if "peft" in e["vs_base"]:
+                add("", e["vs_base"]["peft"]["median"], None, None)
     ld = res.get("load")
     if ld:
         add("load_adapter ms (1.33 MB LoRA)", ld["pk_ms"], "<= 5 ms", ld["pk_ms"] <= 5.0, "{:.2f} ms")
@@ -455,21 +469,35 @@ def table(res: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def decode_rows(part: dict | None, threads: int) -> list[tuple[str, dict]]:
+    """(label, case) of each decode case of ``part`` (``decode_mlp`` or ``decode_minilm``, run at ``threads``)."""
+    if not part:
+        return []
+    out = []
+    for group in ["cases", "qv", "all_linear"]:
+        for e in part.get(group, []):
+            tag = "mlp" if group == "cases" else f"minilm {group}"
+            extra = ("" if e.get("ranks", 8) == 8 else " r4-64") + (" 25%base" if e.get("base_rows") else "")
+            out.append((f"{tag} {e['rows']}x{e['adapters']}{extra} {threads}t", e))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
     ap.add_argument(
         "--only",
-        default="train,memory,mixed,load,add",
-        help="comma-separated subset of train,memory,mixed,load,add",
+        default="train,memory,mixed,load,add,decode",
+        help="comma-separated subset of train,memory,mixed,load,add,decode",
     )
     ap.add_argument("--kinds", default="minilm,mlp", help="models: minilm,mlp")
     ap.add_argument("--no-peft-add", action="store_true", help="skip PEFT's (slow) 128-adapter add_adapter run")
     ap.add_argument("--train-rows", type=int, default=TRAIN_SHAPE["minilm"][0], help="MiniLM rows for step time")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the issue's figures: 2)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--memory-worker", nargs=2, metavar=("KIND", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
     if args.memory_worker:
         print(json.dumps(memory_worker(*args.memory_worker)))
         return
@@ -509,6 +537,14 @@ def main() -> None:
         if "mixed" in only:
             res[f"mixed_{kind}"] = bench_mixed(kind, [8, 32, 64, 128], 2 * reps - 1, with_peft=True)
             print(f"mixed {kind} done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+        if "decode" in only:
+            import mixed_decode
+
+            repeats = 6 * reps - 3 if kind == "mlp" else 4 * reps
+            part = mixed_decode.bench_mlp(repeats) if kind == "mlp" else mixed_decode.bench_minilm(minilm, repeats)
+            key = f"decode_{kind}" + ("" if args.threads == 2 else f"_{args.threads}threads")
+            res[key] = {**part, "env": mixed_decode.environment(), "command": "python " + " ".join(sys.argv)}
+            print(f"decode {kind} done ({time.perf_counter() - t_start:.0f}s)", flush=True)
     if "load" in only:
         res["load"] = bench_load(20 if args.quick else 40)
         print(f"load done ({time.perf_counter() - t_start:.0f}s)", flush=True)

@@ -25,17 +25,19 @@ Throughput = generated tokens / wall time. The machine is shared (2 CPU cores, o
 one thread; every peftkit / base figure is the median of ``--repeats`` runs, and the base run is repeated next
 to each adapter count, so the ratios are the comparable quantities, not the absolute tokens/s.
 
-Writes ``benchmarks/results/serve.json`` and ``benchmarks/results/serve.png``.
+Writes ``benchmarks/results/serve.json`` and ``benchmarks/results/serve.png``. ``--decode-only`` times only the
+decode step (issue 19: 64 and 256 rows of one token, 8 / 32 / 128 adapters, LoRA on q/v and on all seven linears;
+base, peftkit's kernel, peftkit's previous gather path, PEFT) and writes ``benchmarks/results/serve_decode.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -44,6 +46,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import mixed_decode
 import torch
 
 import peftkit as pk
@@ -52,6 +55,7 @@ from peftkit.serve import AdapterCache, Engine, Request, SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "v_proj"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 8, 16.0
 NEW_TOKENS = 32
 BATCH = 32
@@ -301,41 +305,6 @@ def run_swap(base: torch.nn.Module, root: Path, work: list) -> dict[str, float]:
     return run_static(batches, step)
 
 
-def decode_step_times(engine: Engine, peft: Any, n: int, repeats: int) -> dict[str, float]:
-    """The adapter path alone, without either system's scheduling: one decode step (32 rows, one new token
-    each, on a KV cache of 24 prompt tokens; row i uses adapter ``a{k_i}``, k_i drawn uniformly from ``n``)
-    through peftkit's model (``adapter_ids``), PEFT's (``adapter_names``) and peftkit's model without adapter
-    ids (the base). Median seconds of ``repeats`` interleaved calls each."""
-    g = torch.Generator().manual_seed(n)
-    names = [f"a{i}" for i in torch.randint(0, n, (BATCH,), generator=g).tolist()]
-    for name in dict.fromkeys(names):
-        engine.slots.install(engine.cache.get(name), in_use=())
-        engine.slots.adapter_id(name)  # marks it recently used, so installing the next one does not evict it
-    ids = torch.tensor([engine.model.adapter_names.index(name) for name in names])
-    prompt = torch.randint(1000, 30000, (BATCH, 24), generator=g)
-    token = torch.randint(1000, 30000, (BATCH, 1), generator=g)
-    ours, theirs = engine.model, peft
-    with torch.no_grad():
-        caches = {
-            "peftkit": ours(input_ids=prompt, adapter_ids=ids, use_cache=True).past_key_values,
-            "base": ours(input_ids=prompt, use_cache=True).past_key_values,
-            "peft": theirs(input_ids=prompt, adapter_names=names, use_cache=True).past_key_values,
-        }
-        calls = {
-            "peftkit": lambda cache: ours(input_ids=token, adapter_ids=ids, past_key_values=cache),
-            "base": lambda cache: ours(input_ids=token, past_key_values=cache),
-            "peft": lambda cache: theirs(input_ids=token, adapter_names=names, past_key_values=cache),
-        }
-        times: dict[str, list[float]] = {key: [] for key in calls}
-        for _ in range(repeats):
-            for key, call in calls.items():
-                cache = copy.deepcopy(caches[key])  # a step appends to its cache: each call gets its own copy
-                start = time.perf_counter()
-                call(cache)
-                times[key].append(time.perf_counter() - start)
-    return {key: sorted(t)[len(t) // 2] for key, t in times.items()}
-
-
 # ------------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -353,6 +322,13 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "serve.json"))
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON in --out")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="only the decode step (issue 19): q/v and all seven linears, --counts adapters, --decode-rows rows",
+    )
+    parser.add_argument("--decode-rows", default="64,256", help="rows of the --decode-only step")
+    parser.add_argument("--repeats-decode", type=int, default=15, help="interleaved rounds per decode-step case")
     args = parser.parse_args()
     if args.replot:
         saved = json.loads(Path(args.out).read_text())
@@ -363,6 +339,9 @@ def main() -> None:
         )
         return
     torch.set_num_threads(1)
+    if args.decode_only:
+        mixed_decode.serve_decode(args, sys.modules[__name__])
+        return
     TARGETS[:] = args.targets.split(",")
     counts = [int(c) for c in args.counts.split(",")]
     tok = tokenizer()
@@ -415,10 +394,12 @@ def main() -> None:
                 names = [f"a{i}" for i in range(n)]
                 model = peft_model(make_base(), weights, names)
                 record("peft_mixed", n, "uniform", run_peft(model, uniform))
-                step = decode_step_times(engine, model, n, repeats=15)
+                step = mixed_decode.decode_step_times(engine, model, n, repeats=args.repeats_decode)
                 steps.append({"adapters": n, **step})
                 print(
-                    f"  decode step N={n}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in step.items()), flush=True
+                    f"  decode step N={n}: "
+                    + ", ".join(f"{k} {step[k] * 1e3:.1f} ms" for k in ("base", "peftkit", "peftkit_gather", "peft")),
+                    flush=True,
                 )
                 del model
             record("merge_swap", n, "uniform", run_swap(make_base(), root, uniform))
@@ -484,6 +465,7 @@ def main() -> None:
                 **step,
                 "peft_over_peftkit": step["peft"] / step["peftkit"],
                 "peftkit_over_base": step["peftkit"] / step["base"],
+                "peftkit_gather_over_base": step["peftkit_gather"] / step["base"],
                 "peft_over_base": step["peft"] / step["base"],
             }
             for step in steps
