@@ -104,7 +104,6 @@ class PeftkitStrategy(FedAvg):
         self.spec, self.job, self.scales, self.weighted = spec, job, scales, weighted
         self.frozen = dict(frozen)
         self.frozen_hash = state_digest(self.frozen)
-        self.job_json = job_to_json(job)
         self.residual: dict[str, Tensor] = {}  # FedEx-LoRA: everything folded into the base so far
         self.increment: dict[str, Residual] = {}  # ... and the last round's part of it
         self.version = 0  # rounds whose residual is folded in
@@ -112,6 +111,12 @@ class PeftkitStrategy(FedAvg):
         self.pending: dict[int, int] = {}
         self.rounds: dict[int, dict[str, Any]] = {}  # per round: bytes, failures, errors (what the run logs)
         self.client_states: list[dict[str, Tensor]] = []  # the last round's uploads (tests check the mean)
+
+    @property
+    def job_json(self) -> str:
+        """The job as clients receive it, from :attr:`job` as it is now (``federate`` sets its threads after the
+        strategy is made)."""
+        return job_to_json(self.job)
 
     def _residual_record(self, node: int) -> dict[str, Tensor]:
         if not self.spec.folds_residual or self.version == 0 or self.synced.get(node) == self.version:

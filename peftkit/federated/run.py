@@ -337,19 +337,33 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path
     return path
 
 
-def federate(output_dir: str | Path, *, backend_config: dict[str, Any] | None = None, **settings: Any,
-             ) -> FederatedResult:  # fmt: skip
-    """Run a federation on Flower's simulation engine (Ray): ``settings`` as for :class:`Federation`, one virtual
-    client per shard, each a peftkit Trainer on its shard. ``backend_config``: Flower's (default: one CPU per
-    client, one torch thread each).
+def federate(output_dir: str | Path, *, engine: str = "simulation", backend_config: dict[str, Any] | None = None,
+             **settings: Any) -> FederatedResult:  # fmt: skip
+    """Run a federation: ``settings`` as for :class:`Federation`, one client per shard, each a peftkit Trainer on
+    its shard.
+
+    Args:
+        engine: ``"simulation"``: Flower's simulation engine (Ray; one virtual SuperNode per client, clients in
+            parallel worker processes, one torch thread each). ``"inprocess"``: the same strategy and the same
+            ``ClientApp`` in this process, clients one after the other
+            (:class:`~peftkit.federated.inprocess.InProcessGrid`; no Ray start-up, for benchmarks and tests).
+        backend_config: Flower's simulation backend settings (default: one CPU per client).
 
     Raises:
         UnknownStrategyError, EmptyClientError, PrivacyBudgetError, FederatedOptionError, AdapterMismatchError,
         and the errors of ``peftkit train`` (bad data, model or settings).
     """
+    if engine not in ("simulation", "inprocess"):
+        raise FederatedOptionError(f"unknown engine {engine!r}; engines: simulation, inprocess")
+    federation = Federation(output_dir, **settings)
+    if engine == "inprocess":
+        from peftkit.federated.inprocess import InProcessGrid, server_identity
+
+        with server_identity():
+            federation.run_server(InProcessGrid(client_app, len(federation.shards)))
+        return federation.finish()
     from flwr.simulation import run_simulation
 
-    federation = Federation(output_dir, **settings)
     federation.job.threads = 1
     config = backend_config or {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -138,7 +138,6 @@ def test_fedex_sends_the_residual_increment_factored(files, tmp_path: Path) -> N
 def test_client_train_handler_on_a_client_context(files, tmp_path: Path) -> None:
     fed = federation(files, tmp_path, privacy=PrivacySettings(epsilon=8.0, max_grad_norm=1.0))
     fed.job.drop = {1: 2}
-    fed.strategy.job_json = flower.job_to_json(fed.job)
     assert flower.job_from_json(fed.strategy.job_json) == fed.job
     message = next(iter(fed.strategy.configure_train(1, flower.to_record(fed.trained), ConfigRecord({}), Grid())))
     context = Context(run_id=1, node_id=NODES[0], node_config={"partition-id": 1, "num-partitions": 2},

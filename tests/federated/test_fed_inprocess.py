@@ -1,0 +1,87 @@
+"""peftkit.federated.inprocess and federate(engine="inprocess"): the same strategy and ClientApp without Ray (a
+2-client, 2-round Fed-SB run with a client that drops out in round 1: files, failure reported, the global R is the
+mean of the uploads to 1e-7); the job clients receive follows changes made after the strategy was built; slow: the
+in-process run equals the Ray simulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _fed_data import tiny_setup
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord
+
+from peftkit.federated import flower
+from peftkit.federated.errors import FederatedOptionError
+from peftkit.federated.inprocess import InProcessGrid, server_identity
+from peftkit.federated.run import Federation, federate
+
+QUIET = {"log": lambda message: None}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_setup(tmp_path_factory.mktemp("fed-inprocess"))
+
+
+def settings(files: tuple[Path, Path], **kw) -> dict:
+    bert, data = files
+    return {"strategy": "fedsb", "clients": 2, "rounds": 2, "split": "iid", "model": str(bert), "data": str(data),
+            "r": 4, "batch_size": 8, "lr": 1e-2, **QUIET, **kw}  # fmt: skip
+
+
+def test_the_job_clients_get_follows_later_changes(files, tmp_path: Path) -> None:
+    fed = Federation(tmp_path / "out", **settings(files))
+    fed.job.threads = 1  # what federate() sets for Ray's one-CPU workers, after the strategy exists
+    with server_identity():
+        messages = list(fed.strategy.configure_train(1, flower.to_record(fed.trained), ConfigRecord({}),
+                                                     InProcessGrid(flower.client_app, 2)))  # fmt: skip
+    for message in messages:
+        assert flower.job_from_json(message.content[flower.JOB_STATE]["job"]).threads == 1
+
+
+def test_an_inprocess_run_with_a_client_dropping_out(files, tmp_path: Path) -> None:
+    result = federate(tmp_path / "fed", engine="inprocess", drop={1: 1}, **settings(files))
+    out = result.output_dir
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "federation.json", "metrics.jsonl", "metrics.png"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows == result.rounds and [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["clients"] for r in rows] == [0, 1, 2]
+    (failure,) = rows[1]["failures"]
+    assert failure["node"] == 2 and failure["reason"] == "client 1 dropped out in round 1 (failure injection)"
+    assert rows[2]["failures"] == [] and rows[2]["train_loss"] > 0
+    r2_and_head = (4 * 4 * 4 + 2 * 32 + 2) * 4  # L·r² + the head, float32
+    assert rows[2]["upload_bytes_per_client"] == r2_and_head
+    # the failed client is set up again in round 2 (A and B resent), the other is not
+    assert rows[2]["setup_bytes"] == 4 * (4 * 32 + 32 * 4) * 4
+    uploads = result.strategy.client_states
+    global_state = result.model.adapter_state_dict("default")
+    assert len(uploads) == 2
+    for key in uploads[0]:
+        torch.testing.assert_close(global_state[key], (uploads[0][key] + uploads[1][key]) / 2, rtol=0, atol=1e-7)
+    assert result.metrics["accuracy"] == rows[2]["accuracy"]
+
+
+def test_an_unknown_engine_is_refused(files, tmp_path: Path) -> None:
+    with pytest.raises(FederatedOptionError, match="unknown engine 'ray'"):
+        federate(tmp_path / "x", engine="ray", **settings(files))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_the_inprocess_run_equals_the_simulation(files, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    torch.set_num_threads(1)  # Ray's clients train with one thread
+    a = federate(tmp_path / "sim", **settings(files, strategy="fedavg"))
+    b = federate(tmp_path / "inp", engine="inprocess", **settings(files, strategy="fedavg"))
+    for ra, rb in zip(a.rounds, b.rounds, strict=True):
+        assert ra["cumulative_bytes"] == rb["cumulative_bytes"]
+        assert ra["eval_loss"] == pytest.approx(rb["eval_loss"], rel=1e-5)
+    sa, sb = a.model.adapter_state_dict("default"), b.model.adapter_state_dict("default")
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], rtol=1e-4, atol=1e-5 * float(sa[key].abs().max()))
