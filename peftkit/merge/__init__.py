@@ -11,10 +11,11 @@
 * :mod:`~peftkit.merge.runs`: merging training runs' adapters into a run folder (``peftkit merge-adapters``);
 * :mod:`~peftkit.merge.errors`: the errors of bad merge requests.
 
-Inference-time composition (diffusion LoRA Switch / Composite / CMLoRA, AutoLoRA) and LoRA generation or transfer
-(SG-LoRA, Trans-LoRA) belong in their own modules here, one file per method.
+* :mod:`~peftkit.merge.composition`: inference-time composition in diffusion sampling (LoRA Merge / Switch /
+  Composite).
 """
 
+from peftkit.merge.composition import Guidance, lora_composite, lora_merge, lora_switch
 from peftkit.merge.errors import MergeError, MergeOptionError, MergeWeightsError, TargetMismatchError
 from peftkit.merge.lorahub import LoraHubResult, lorahub
 from peftkit.merge.merge import METHODS, MergeResult, merge_adapters
@@ -22,6 +23,7 @@ from peftkit.merge.rmm import ReversibleMerge, rmm, rmm_report
 
 __all__ = [
     "METHODS",
+    "Guidance",
     "LoraHubResult",
     "MergeError",
     "MergeOptionError",
@@ -29,6 +31,9 @@ __all__ = [
     "MergeWeightsError",
     "ReversibleMerge",
     "TargetMismatchError",
+    "lora_composite",
+    "lora_merge",
+    "lora_switch",
     "lorahub",
     "merge_adapters",
     "rmm",
