@@ -12,9 +12,10 @@
 * :mod:`~peftkit.merge.errors`: the errors of bad merge requests.
 
 * :mod:`~peftkit.merge.composition`: inference-time composition in diffusion sampling (LoRA Merge / Switch /
-  Composite).
+  Composite); :mod:`~peftkit.merge.cmlora`: CMLoRA (frequency order, dominant LoRA, cached deep features).
 """
 
+from peftkit.merge.cmlora import cmlora
 from peftkit.merge.composition import Guidance, lora_composite, lora_merge, lora_switch
 from peftkit.merge.errors import MergeError, MergeOptionError, MergeWeightsError, TargetMismatchError
 from peftkit.merge.lorahub import LoraHubResult, lorahub
@@ -31,6 +32,7 @@ __all__ = [
     "MergeWeightsError",
     "ReversibleMerge",
     "TargetMismatchError",
+    "cmlora",
     "lora_composite",
     "lora_merge",
     "lora_switch",
