@@ -8,6 +8,7 @@
 * :mod:`~peftkit.merge.sources`: reading and checking the adapters to merge;
 * :mod:`~peftkit.merge.rmm`: reversible merging (a shared basis and per-task coefficients);
 * :mod:`~peftkit.merge.lorahub`: LoraHub, gradient-free search of the merge weights (:mod:`~peftkit.merge.cma`);
+* :mod:`~peftkit.merge.sglora`: SG-LoRA, a CVAE generating LoRA parameters from a task description's embedding;
 * :mod:`~peftkit.merge.runs`: merging training runs' adapters into a run folder (``peftkit merge-adapters``);
 * :mod:`~peftkit.merge.errors`: the errors of bad merge requests.
 
@@ -21,6 +22,7 @@ from peftkit.merge.errors import MergeError, MergeOptionError, MergeWeightsError
 from peftkit.merge.lorahub import LoraHubResult, lorahub
 from peftkit.merge.merge import METHODS, MergeResult, merge_adapters
 from peftkit.merge.rmm import ReversibleMerge, rmm, rmm_report
+from peftkit.merge.sglora import SGLoRA, fit_sglora
 
 __all__ = [
     "METHODS",
@@ -31,8 +33,10 @@ __all__ = [
     "MergeResult",
     "MergeWeightsError",
     "ReversibleMerge",
+    "SGLoRA",
     "TargetMismatchError",
     "cmlora",
+    "fit_sglora",
     "lora_composite",
     "lora_merge",
     "lora_switch",

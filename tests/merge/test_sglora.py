@@ -1,0 +1,93 @@
+"""``peftkit.merge.sglora``: LoRA vectors, semantic guidance, the CVAE's reconstruction and generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import adapted, delta, rel
+from conftest import make_tiny_net
+
+import peftkit as pk
+from peftkit.errors import AdapterNotFoundError
+from peftkit.merge import MergeError, MergeOptionError
+from peftkit.merge.sglora import LoRALayout, fit_sglora, semantic_condition
+
+TARGETS = ["fc1", "fc2"]
+NAMES = ["e0", "e1", "e2", "e3"]
+
+
+def _library(n: int = 4) -> tuple[pk.AdaptedModel, torch.Tensor]:
+    model = adapted(make_tiny_net(), {f"e{i}": pk.LoRAConfig(r=2, alpha=2.0, targets=TARGETS) for i in range(n)})
+    descriptions = torch.randn(n, 16, generator=torch.Generator().manual_seed(3))
+    return model, descriptions
+
+
+def test_layout_round_trips_an_adapter() -> None:
+    model, _ = _library(2)
+    layout = LoRALayout.of(model, ["e0", "e1"])
+    assert layout.size == (2 * 16 + 32 * 2) + (2 * 32 + 16 * 2) == 192
+    tensors = layout.unflatten(layout.flatten(model.adapter_state_dict("e1")))
+    model.load_tensors("copy", model.configs["e1"], tensors)
+    assert all(torch.equal(model.adapter_state_dict("copy")[k], t) for k, t in model.adapter_state_dict("e1").items())
+
+
+def test_semantic_condition_concentrates_on_a_matching_expert() -> None:
+    _, descriptions = _library()
+    pi, cond = semantic_condition(descriptions[2], descriptions, top_k=3, tau=0.1)
+    assert float(pi[2]) > 0.99 and int((pi > 0).sum()) == 3 and float(pi.sum()) == pytest.approx(1.0)
+    torch.testing.assert_close(cond[:16], descriptions[2])
+    torch.testing.assert_close(cond[16:], pi @ descriptions)
+    pi1, _ = semantic_condition(descriptions[0] + descriptions[1], descriptions, top_k=1)
+    assert int((pi1 > 0).sum()) == 1 and float(pi1.max()) == 1.0
+
+
+def test_cvae_reconstructs_each_expert_from_its_description_and_is_deterministic() -> None:
+    model, descriptions = _library()
+    cvae = fit_sglora(model, NAMES, descriptions, chunk=64, latent=16, hidden=128, steps=800, lr=3e-3, seed=0)
+    layout = cvae.layout
+    errors = []
+    for e, name in enumerate(NAMES):
+        pi, tensors = cvae.generate(descriptions[e])
+        assert int(pi.argmax()) == e
+        target = layout.flatten(model.adapter_state_dict(name))
+        errors.append(rel(layout.flatten(tensors), target))
+        model.load_tensors(f"gen{e}", model.configs[name], tensors)  # loads as an ordinary, mergeable LoRA
+        for path in TARGETS:
+            assert rel(delta(model, f"gen{e}", path), delta(model, name, path)) < 0.12  # measured <= 0.085
+    assert max(errors) < 0.06, errors  # measured 0.025-0.036 (800 steps)
+    # the nearest other expert is far: the generator tells experts apart
+    vectors = torch.stack([layout.flatten(model.adapter_state_dict(n)) for n in NAMES])
+    assert min(rel(vectors[0], vectors[j]) for j in range(1, 4)) > 1.0
+    # z = 0 is deterministic; sampling z gives another LoRA near it
+    _, again = cvae.generate(descriptions[1])
+    _, first = cvae.generate(descriptions[1])
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    _, drawn = cvae.generate(descriptions[1], sample=True, generator=torch.Generator().manual_seed(0))
+    assert 0 < rel(layout.flatten(drawn), layout.flatten(first)) < 0.1  # measured 0.019
+
+
+def test_training_is_reproducible_and_leaves_the_model_alone() -> None:
+    model, descriptions = _library(2)
+    before = {k: t.clone() for k, t in model.adapter_state_dict("e0").items()}
+    a = fit_sglora(model, ["e0", "e1"], descriptions, chunk=64, latent=8, hidden=32, steps=20, seed=5)
+    b = fit_sglora(model, ["e0", "e1"], descriptions, chunk=64, latent=8, hidden=32, steps=20, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(model.adapter_state_dict("e0")[k], t) for k, t in before.items())
+    assert a.top_k == 2  # capped at the library size
+
+
+def test_bad_requests() -> None:
+    model, descriptions = _library(2)
+    with pytest.raises(MergeOptionError, match="one description embedding per adapter"):
+        fit_sglora(model, ["e0", "e1"], descriptions[:1])
+    with pytest.raises(AdapterNotFoundError):
+        fit_sglora(model, ["e0", "nope"], descriptions)
+    with pytest.raises(MergeOptionError, match="top_k"):
+        semantic_condition(descriptions[0], descriptions, top_k=3)
+    with pytest.raises(MergeOptionError, match="tau"):
+        semantic_condition(descriptions[0], descriptions, top_k=1, tau=0.0)
+    with pytest.raises(MergeOptionError, match="steps"):
+        fit_sglora(model, ["e0", "e1"], descriptions, steps=0)
+    model.add_adapter("r4", pk.LoRAConfig(r=4, targets=TARGETS))
+    with pytest.raises(MergeError, match="'r4' has other tensors"):
+        fit_sglora(model, ["e0", "r4"], descriptions)
