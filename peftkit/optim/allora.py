@@ -25,8 +25,10 @@ from peftkit.optim.params import lowrank_pairs, trainable
 
 
 def row_factor(p: Tensor, eta: float) -> Tensor:
-    """``1 / √(‖row‖² + 1/η²)`` per row of ``p`` (shape ``[rows, 1]``)."""
-    return torch.rsqrt(p.detach().float().pow(2).sum(dim=-1, keepdim=True) + 1.0 / eta**2).to(p.dtype)
+    """``1 / √(‖row‖² + 1/η²)`` per row of ``p`` (shape ``[rows, 1]``), summed in float32 at least (half-precision
+    factors would round the squares; float64 factors stay float64)."""
+    work = torch.promote_types(p.dtype, torch.float32)
+    return torch.rsqrt(p.detach().to(work).pow(2).sum(dim=-1, keepdim=True) + 1.0 / eta**2).to(p.dtype)
 
 
 class ALLoRAAdamW(torch.optim.AdamW):
