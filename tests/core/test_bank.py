@@ -346,3 +346,23 @@ def test_generate_with_adapter_ids_decodes_through_the_kernel(monkeypatch) -> No
             model.set_adapter(name)
             alone = model.generate(prompts[row : row + 1], **kw)
         assert torch.equal(out[row : row + 1], alone), f"row {row} ({name})"
+
+
+@needs_kernel
+def test_compiled_model_runs_the_kernel_inside_its_graph() -> None:
+    """``torch.compile`` of a model with mixed batches: the C++ op is captured in the compiled graphs (not left to
+    eager code by a graph break) and the outputs equal the eager model's (symbolic batch sizes: test_bgmv.py)."""
+    model = _mlp_model([2, 5, 3])
+    ops: list[str] = []
+
+    def recording(gm: torch.fx.GraphModule, inputs: list) -> object:
+        ops.extend(str(node.target) for node in gm.graph.nodes if "peftkit" in str(node.target))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=recording)
+    with torch.no_grad():
+        for ids in ([0, 2, -1, 1, 1, 0], [1, 0, 2, -1, 2, 2, 0, 1, 1]):
+            x = torch.randn(len(ids), 24)
+            want = model(x, adapter_ids=ids)
+            torch.testing.assert_close(compiled(x, adapter_ids=ids), want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    assert "peftkit.bgmv_" in ops

@@ -207,3 +207,39 @@ def test_builds_into_an_empty_cache_folder_and_is_reused(tmp_path: Path) -> None
     second = _run(tmp_path)
     assert second.returncode == 0 and "'ok': True" in second.stdout
     assert built[0].stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+@needs_kernel
+def test_op_runs_on_fake_tensors_for_tracing() -> None:
+    """torch.compile traces ops on fake tensors: the op (its schema says it only writes into ``out`` and returns
+    nothing) runs there without the fallback that would run the C++ code on zero-filled real tensors (switched off
+    here), so tracing needs no fake implementation of its own."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    down, up, ranks = _bank(torch.float32)
+    with FakeTensorMode(allow_fallback_kernels=False) as mode:
+        out = mode.from_tensor(torch.zeros(4, up.shape[2]))
+        fake = [mode.from_tensor(t) for t in (down, up, ranks)]
+        ids, slot_of_id = mode.from_tensor(torch.tensor([0, 1, -1, 1])), mode.from_tensor(torch.tensor([1, 2, 0]))
+        bgmv.bgmv_(out, mode.from_tensor(torch.randn(4, down.shape[2])), fake[0], fake[1], ids, slot_of_id, fake[2])
+        assert out.shape == (4, up.shape[2])
+
+
+@needs_kernel
+def test_compiled_with_dynamic_shapes_equals_eager() -> None:
+    """The op inside one graph (fullgraph) compiled for symbolic batch sizes: each size equals the eager op."""
+    down, up, ranks = _bank(torch.float32)
+    slot_of_id = torch.tensor([1, 2, 3, 4, 5, 0, 0])
+
+    def step(out: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = out * 2
+        bgmv.bgmv_(out, x, down, up, ids, slot_of_id, ranks)
+        return out + 1
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    for rows in (5, 11):
+        ids = torch.tensor([2, -1, 0, 3, 1, 4, 5, 2, 2, 0, 3])[:rows]
+        x, out = torch.randn(rows, down.shape[2]), torch.randn(rows, up.shape[2])
+        want = step(out, x, ids)
+        torch.testing.assert_close(compiled(out, x, ids), want, rtol=0, atol=1e-6 * float(want.abs().max()))
