@@ -10,12 +10,13 @@
 * :mod:`~peftkit.merge.lorahub`: LoraHub, gradient-free search of the merge weights (:mod:`~peftkit.merge.cma`);
 * :mod:`~peftkit.merge.sglora`: SG-LoRA, a CVAE generating LoRA parameters from a task description's embedding;
 * :mod:`~peftkit.merge.runs`: merging training runs' adapters into a run folder (``peftkit merge-adapters``);
-* :mod:`~peftkit.merge.errors`: the errors of bad merge requests.
-
+* :mod:`~peftkit.merge.errors`: the errors of bad merge requests;
 * :mod:`~peftkit.merge.composition`: inference-time composition in diffusion sampling (LoRA Merge / Switch /
-  Composite); :mod:`~peftkit.merge.cmlora`: CMLoRA (frequency order, dominant LoRA, cached deep features).
+  Composite); :mod:`~peftkit.merge.cmlora`: CMLoRA (frequency order, dominant LoRA, cached deep features);
+  :mod:`~peftkit.merge.autolora`: AutoLoRA (weight-probe retrieval, per-layer per-timestep gated fusion).
 """
 
+from peftkit.merge.autolora import GatedFusion, LoRARetriever
 from peftkit.merge.cmlora import cmlora
 from peftkit.merge.composition import Guidance, lora_composite, lora_merge, lora_switch
 from peftkit.merge.errors import MergeError, MergeOptionError, MergeWeightsError, TargetMismatchError
@@ -26,7 +27,9 @@ from peftkit.merge.sglora import SGLoRA, fit_sglora
 
 __all__ = [
     "METHODS",
+    "GatedFusion",
     "Guidance",
+    "LoRARetriever",
     "LoraHubResult",
     "MergeError",
     "MergeOptionError",
