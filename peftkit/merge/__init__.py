@@ -9,6 +9,8 @@
 * :mod:`~peftkit.merge.rmm`: reversible merging (a shared basis and per-task coefficients);
 * :mod:`~peftkit.merge.lorahub`: LoraHub, gradient-free search of the merge weights (:mod:`~peftkit.merge.cma`);
 * :mod:`~peftkit.merge.sglora`: SG-LoRA, a CVAE generating LoRA parameters from a task description's embedding;
+* :mod:`~peftkit.merge.translora`: Trans-LoRA, moving an adapter to another base by distillation on filtered
+  synthetic inputs;
 * :mod:`~peftkit.merge.runs`: merging training runs' adapters into a run folder (``peftkit merge-adapters``);
 * :mod:`~peftkit.merge.errors`: the errors of bad merge requests;
 * :mod:`~peftkit.merge.composition`: inference-time composition in diffusion sampling (LoRA Merge / Switch /
@@ -24,6 +26,7 @@ from peftkit.merge.lorahub import LoraHubResult, lorahub
 from peftkit.merge.merge import METHODS, MergeResult, merge_adapters
 from peftkit.merge.rmm import ReversibleMerge, rmm, rmm_report
 from peftkit.merge.sglora import SGLoRA, fit_sglora
+from peftkit.merge.translora import fit_discriminator, synthesize, trans_lora
 
 __all__ = [
     "METHODS",
@@ -39,6 +42,7 @@ __all__ = [
     "SGLoRA",
     "TargetMismatchError",
     "cmlora",
+    "fit_discriminator",
     "fit_sglora",
     "lora_composite",
     "lora_merge",
@@ -47,4 +51,6 @@ __all__ = [
     "merge_adapters",
     "rmm",
     "rmm_report",
+    "synthesize",
+    "trans_lora",
 ]
