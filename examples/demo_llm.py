@@ -13,8 +13,9 @@ Steps:
 4. LoRA (r=8, alpha=16 on ``q_proj`` and ``v_proj``) trained on the JSONL file through the code path of
    ``peftkit train --task causal-lm`` (:func:`peftkit.train.run.train`; the loss covers the assistant's turn).
 5. Held-out accuracy again, same prompt and scoring.
-6. ``peftkit serve --base <model folder> --adapters <folder>`` in a subprocess on loopback; the ``openai``
-   client asks the base model and the adapter about one held-out review; the server is stopped.
+6. ``peftkit serve --base <model folder> --adapters <run folder>`` in a subprocess on loopback (a run folder is
+   served under its own name, ``rt-sentiment``); the ``openai`` client asks the base model and the adapter about
+   one held-out review; the server is stopped.
 
     python examples/demo_llm.py [--train 480] [--held-out 200] [--steps 60] [--lr 5e-4] [--no-serve]
 """
@@ -155,14 +156,15 @@ def stop(server: subprocess.Popen) -> None:
             server.wait()
 
 
-def serve_and_ask(model_dir: Path, adapters: Path, question: str) -> dict[str, str]:
-    """Start ``peftkit serve`` on loopback, ask the base model and the adapter ``question`` through the
-    ``openai`` client (greedy, a few tokens), stop the server. Returns ``{model name: answer}``."""
+def serve_and_ask(model_dir: Path, run: Path, question: str) -> dict[str, str]:
+    """Start ``peftkit serve --adapters <run folder>`` on loopback, ask the base model and the run's adapter
+    (served under the run folder's name) ``question`` through the ``openai`` client (greedy, a few tokens), stop
+    the server. Returns ``{model name: answer}``."""
     from openai import OpenAI
 
     port = free_port()
-    command = [*peftkit_command(), "serve", "--base", str(model_dir), "--adapters", str(adapters), "--port", str(port)]
-    print("$ peftkit serve --base <SmolLM2 folder> --adapters <adapters folder> --port", port)
+    command = [*peftkit_command(), "serve", "--base", str(model_dir), "--adapters", str(run), "--port", str(port)]
+    print(f"$ peftkit serve --base <SmolLM2 folder> --adapters <run folder {run.name}> --port {port}")
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/health", server)
@@ -170,7 +172,7 @@ def serve_and_ask(model_dir: Path, adapters: Path, question: str) -> dict[str, s
         served = [m.id for m in client.models.list().data]
         print(f"serving: {', '.join(served)}")
         answers = {}
-        for name in ("base", ADAPTER_NAME):
+        for name in ("base", run.resolve().name):
             reply = client.chat.completions.create(model=name, messages=chat(question), max_tokens=4, temperature=0.0)
             answers[name] = (reply.choices[0].message.content or "").strip()
         return answers
@@ -178,6 +180,39 @@ def serve_and_ask(model_dir: Path, adapters: Path, question: str) -> dict[str, s
         stop(server)
         if server.returncode not in (0, -signal.SIGINT) and server.stdout is not None:
             print(server.stdout.read()[-2000:], file=sys.stderr)
+
+
+def fine_tune(out: Path, model_dir: Path, data: Path, args: argparse.Namespace) -> Any:
+    """LoRA on ``data`` through :func:`peftkit.train.run.train` (the code path of ``peftkit train --task
+    causal-lm``) into the run folder ``out``. Ctrl-C / SIGTERM ends the demo with one line: the command that
+    resumes the run when it was given ``--out``, else that the run (in a temporary folder) is not kept."""
+    from peftkit.train.errors import TrainingInterrupted
+    from peftkit.train.run import train
+
+    try:
+        return train(
+            out,
+            model=str(model_dir),
+            data=str(data),
+            task="causal-lm",
+            method="lora",
+            r=args.r,
+            alpha=2 * args.r,
+            targets="q_proj,v_proj",
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_steps=args.steps,
+            seed=args.seed,
+            log_every=10,
+            overrides={"eval_fraction": 0.0, "task.max_length": 256},
+        )
+    except TrainingInterrupted as stop:
+        then = (
+            f"continue with: peftkit train --resume {args.out}"
+            if args.out is not None
+            else "the run was in a temporary folder and is removed (pass --out RUN to keep it and resume)"
+        )
+        raise SystemExit(f"interrupted ({stop.signal_name}): {then}") from None
 
 
 def main() -> None:
@@ -193,8 +228,6 @@ def main() -> None:
     parser.add_argument("--no-serve", action="store_true", help="skip serving the adapter")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress lines appear in order
-
-    from peftkit.train.run import train
 
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(args.seed)
@@ -214,23 +247,8 @@ def main() -> None:
         print(f"held-out accuracy, zero-shot: {before:.3f}  ({time.perf_counter() - t:.0f} s)")
         del base
 
-        out = args.out or work / "run"
-        result = train(
-            out,
-            model=str(model_dir),
-            data=str(data),
-            task="causal-lm",
-            method="lora",
-            r=args.r,
-            alpha=2 * args.r,
-            targets="q_proj,v_proj",
-            lr=args.lr,
-            batch_size=args.batch_size,
-            max_steps=args.steps,
-            seed=args.seed,
-            log_every=10,
-            overrides={"eval_fraction": 0.0, "task.max_length": 256},
-        )
+        out = args.out or work / ADAPTER_NAME  # the served adapter takes the run folder's name
+        result = fine_tune(out, model_dir, data, args)
         trained = result.train_result
         print(f"trained {trained.global_step} steps in {trained.seconds:.0f} s, "
               f"last loss {trained.history[-1]['loss']:.3f}")  # fmt: skip
@@ -240,13 +258,13 @@ def main() -> None:
         print(f"held-out accuracy, after LoRA: {after:.3f}  ({time.perf_counter() - t:.0f} s)  "
               f"[{100 * (after - before):+.1f} points]")  # fmt: skip
 
-        adapters = work / "adapters"
-        result.model.save(adapters / ADAPTER_NAME)
         if not args.no_serve:
             question = next(text for text, label in held_out if label == 0)
             print(f"question: {PROMPT}{question}")
-            for name, answer in serve_and_ask(model_dir, adapters, question).items():
-                print(f"  {name:>{len(ADAPTER_NAME)}}: {answer!r}")
+            answers = serve_and_ask(model_dir, out, question)
+            width = max(len(name) for name in answers)
+            for name, answer in answers.items():
+                print(f"  {name:>{width}}: {answer!r}")
         if args.out is not None:
             print(f"run folder (adapter, checkpoints, metrics): {args.out}")
     finally:

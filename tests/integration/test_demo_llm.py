@@ -4,6 +4,7 @@ task, its scoring of padded batches equals scoring each prompt alone, its split 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import subprocess
@@ -101,6 +102,48 @@ def test_padded_batches_score_as_each_prompt_alone() -> None:
     labels = [label for _, label in REVIEWS]
     acc = demo.accuracy(model, tok, REVIEWS, "test")
     assert acc == sum(int(s.argmax()) == y for s, y in zip(alone, labels)) / len(REVIEWS)
+
+
+def demo_args(**changes: Any) -> argparse.Namespace:
+    settings = {"out": None, "r": 2, "lr": 1e-3, "batch_size": 2, "steps": 2, "seed": 0, **changes}
+    return argparse.Namespace(**settings)
+
+
+def test_fine_tune_writes_a_run_folder_served_under_its_name(tmp_path: Path) -> None:
+    """The demo trains through peftkit.train.run.train into a run folder named after the adapter, and serves that
+    run folder as it is (issue 14, item 5): discovery names its final adapter after the folder."""
+    from peftkit.serve.folders import discover
+
+    tok = tiny_tokenizer()
+    base = tmp_path / "base"
+    tiny_llama(len(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = demo.write_jsonl(tmp_path / "train.jsonl", REVIEWS)
+    run = tmp_path / demo.ADAPTER_NAME
+    result = demo.fine_tune(run, base, data, demo_args())
+    assert result.train_result.global_step == 2 and (run / "run.json").is_file()
+    assert discover(run) == [(demo.ADAPTER_NAME, run / "adapter")]
+
+
+@pytest.mark.parametrize("out", [None, "runs/rt"])
+def test_an_interrupted_demo_ends_with_one_line(out: str | None, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C during training: one line saying how to resume (with --out) or that the temporary run is not kept,
+    instead of a traceback naming a checkpoint in a folder the demo then deletes."""
+    import peftkit.train.run
+    from peftkit.train.errors import TrainingInterrupted
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise TrainingInterrupted("SIGINT: stopped after step 3", tmp_path / "checkpoints" / "step-3", "SIGINT")
+
+    monkeypatch.setattr(peftkit.train.run, "train", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        demo.fine_tune(tmp_path / "run", tmp_path, tmp_path / "train.jsonl", demo_args(out=out))
+    message = str(stop.value.code)
+    assert message.startswith("interrupted (SIGINT): ") and "\n" not in message
+    if out is None:
+        assert "temporary folder and is removed (pass --out RUN" in message
+    else:
+        assert message.endswith("continue with: peftkit train --resume runs/rt")
 
 
 def test_balanced_pick() -> None:
