@@ -42,7 +42,8 @@ class SSTAdamW(torch.optim.AdamW):
         self.adapters = [m for m in model.modules() if isinstance(m, SST) and m.sigma.requires_grad]
         if not self.adapters:
             raise OptimizerError(
-                "the SST optimizer follows the rounds of 'sst' adapters and this model has none active"
+                "the SST optimizer follows the rounds of 'sst' adapters and this model has none active: adapt it "
+                "with method 'sst' (peftkit train --method sst), or choose another optimizer"
             )
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self._rounds = [a.round for a in self.adapters]
