@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 import peftkit as pk
-from peftkit.core.protocol import AdapterConfig
+from peftkit.core.config import AdapterConfig
 from peftkit.train import Callback, TrainConfig, Trainer
 from peftkit.train.tasks import SentenceClassifier, TextCollator, accuracy
 

@@ -5,9 +5,10 @@ model = pk.adapt(base_model, pk.LoRAConfig(r=8, alpha=16, targets=["query", "val
 """
 
 from peftkit import assets, errors, init
+from peftkit.core.config import AdapterConfig
 from peftkit.core.dense import FullConfig
 from peftkit.core.model import AdaptedModel, TrainableReport, adapt, load
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank
+from peftkit.core.protocol import Adapter, LowRank
 from peftkit.core.registry import get_config, get_method, list_methods, register
 from peftkit.core.version import __version__
 from peftkit.interop import export_peft, import_peft

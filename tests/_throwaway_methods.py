@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.core.base import BaseView, layer_kind
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.config import AdapterConfig
+from peftkit.core.protocol import Adapter
 from peftkit.core.registry import list_methods, register, unregister
 
 

@@ -10,6 +10,18 @@ and the small helpers many methods share. Nothing here is specific to one method
 from __future__ import annotations
 
 from .base import BaseView, LayerKind, ModuleView, layer_kind
+from .config import (
+    AdapterConfig,
+    Bound,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveFraction,
+    PositiveInt,
+    Probability,
+    RankConfig,
+)
 from .context import ForwardContext
 from .errors import (
     AdapterIdsError,
@@ -23,17 +35,7 @@ from .inject import find_targets
 from .model import AdaptedModel
 from .protocol import (
     Adapter,
-    AdapterConfig,
-    Bound,
-    Fraction,
     LowRank,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveFraction,
-    PositiveInt,
-    Probability,
-    RankConfig,
     SparseDelta,
     add_lowrank,
     init_lora_pair,

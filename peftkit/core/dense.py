@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import BaseView, layer_kind
-from .protocol import Adapter, AdapterConfig
+from .config import AdapterConfig
+from .protocol import Adapter
 from .registry import register
 
 

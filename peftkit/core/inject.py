@@ -8,9 +8,10 @@ from collections.abc import Iterator
 from torch import nn
 
 from .base import BaseView, layer_kind
+from .config import AdapterConfig, is_name_suffix
 from .errors import InvalidConfigError, TargetModuleNotFound, UnsupportedLayerError
 from .layer import AdaptedLayer, Routing
-from .protocol import Adapter, AdapterConfig, is_name_suffix
+from .protocol import Adapter
 
 # Output heads that "all-linear" leaves alone (PEFT leaves out the output embedding; we also leave out
 # the usual names of classification heads, which a task trains whole through ``modules_to_save``).

@@ -19,8 +19,9 @@ from typing import Any, TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from . import inject, persist, state
+from . import inject, persist
 from .base import BaseView
+from .config import AdapterConfig
 from .context import ForwardContext, batch_rows, check_adapter_ids, check_task_ids, peft_adapter_names
 from .dense import Full
 from .errors import (
@@ -29,28 +30,19 @@ from .errors import (
     AdapterNameError,
     AdapterNotFoundError,
     AlreadyAdaptedError,
-    BaseModelMismatch,
     NoAdaptersError,
     NotMergeableError,
     UnsupportedAdapterError,
 )
 from .layer import AdaptedLayer, Routing
-from .protocol import Adapter, AdapterConfig, Initializer, skip_init
+from .peft_names import PEFT_ATTRIBUTES, PeftNames
+from .persist import Persistence
+from .protocol import Adapter, Initializer
 from .registry import initializer, method_of
 from .schedule import ScheduleWatch
 
 A = TypeVar("A", bound=Adapter)
 DEFAULT_ADAPTER = "default"
-# PEFT attribute names people type by habit that have no same-named peftkit attribute: what to use instead.
-_PEFT_ATTRIBUTES = {
-    "peft_config": "peftkit keeps each adapter's config in model.configs (name -> AdapterConfig)",
-    "active_peft_config": "use model.configs[name]",
-    "peft_type": "each config's method is type(model.configs[name]).method",
-    "disable_adapter_layers": "use model.disable_adapters()",
-    "enable_adapter_layers": "use model.enable_adapters()",
-    "get_peft_config_as_dict": "use model.configs[name].to_dict()",
-    "base_model_torch_dtype": "read a parameter's dtype of model.get_base_model()",
-}
 _NAME = re.compile(r"[A-Za-z0-9_\-]{1,128}")
 
 
@@ -78,7 +70,7 @@ class TrainableReport:
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable: {self.percent:.4f}%"
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(PeftNames, Persistence, nn.Module):
     """A base model whose target modules carry named adapters.
 
     Attribute access falls through to the base model (``model.config``, ``model.generate`` ...), and
@@ -110,7 +102,7 @@ class AdaptedModel(nn.Module):
             return getattr(self.model, name)
         except AttributeError:
             pass
-        hint = _PEFT_ATTRIBUTES.get(name)
+        hint = PEFT_ATTRIBUTES.get(name)
         raise AttributeError(
             f"'AdaptedModel' object has no attribute {name!r}, nor has the wrapped {type(self.model).__name__}"
             + (f"; {hint}" if hint else "")
@@ -322,74 +314,11 @@ class AdaptedModel(nn.Module):
         finally:
             self.routing.enabled = was
 
-    # --------------------------------------------------------------------- PEFT's names, with PEFT's meaning
-    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
-        """PEFT's ``with model.disable_adapter(): ...``: :meth:`adapters_disabled`."""
-        return self.adapters_disabled()
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """PEFT's ``active_adapter``: the active adapter's name (a list when several are active)."""
-        active = self.active_adapters
-        return active[0] if len(active) == 1 else active
-
-    def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Any = None
-    ) -> nn.Module:
-        """PEFT's ``merge_and_unload``: :meth:`merge` with ``unload=True`` (the active adapters, or
-        ``adapter_names``). Merges are always checked: ``safe_merge`` and ``progressbar`` change nothing."""
-        return self.merge(adapter_names, unload=True)
-
-    def merge_adapter(self, adapter_names: Any = None) -> None:
-        """PEFT's ``merge_adapter``: :meth:`merge` in place (``unload=False``)."""
-        self.merge(adapter_names, unload=False)
-
-    def unmerge_adapter(self) -> None:
-        """PEFT's ``unmerge_adapter``: :meth:`unmerge`."""
-        self.unmerge()
-
-    def save_pretrained(
-        self,
-        save_directory: str | Path,
-        selected_adapters: Sequence[str] | None = None,
-        *,
-        is_main_process: bool = True,
-        safe_serialization: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        """PEFT's ``save_pretrained``: saves the adapters (not the base model) with :meth:`save`, in peftkit's
-        format (read back by :func:`peftkit.load` / :meth:`from_pretrained`; :func:`peftkit.export_peft` writes a
-        folder PEFT reads). Adapters are always safetensors, never pickle.
-
-        Raises:
-            TypeError: an option that would change what is written (``push_to_hub``, ``state_dict``, ...).
-        """
-        if kwargs:
-            raise TypeError(
-                f"save_pretrained() does not take {sorted(kwargs)}: it saves the adapters' own tensors only "
-                "(model.save(dir) is the same call)"
-            )
-        if not safe_serialization:
-            raise TypeError("peftkit writes safetensors only (safe_serialization=False would be pickle)")
-        if is_main_process:
-            self.save(save_directory, None if selected_adapters is None else list(selected_adapters))
-
+    # --------------------------------------------------------------------- PEFT's names (also PeftNames)
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | Path, adapter_name: str | None = None) -> AdaptedModel:
         """PEFT's ``PeftModel.from_pretrained(base, path)``: :func:`peftkit.load`."""
         return load(model, path, name=adapter_name)
-
-    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
-        """Refused: the wrapped model's ``push_to_hub`` would upload the whole base model with wrapper keys."""
-        raise NotImplementedError(
-            "peftkit does not upload models: save the adapters with model.save(dir) (or pk.export_peft(model, dir) "
-            "for a PEFT folder) and upload that folder with huggingface_hub's upload_folder"
-        )
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """PEFT's ``(trainable, total)`` parameter counts (see :meth:`trainable_parameters`)."""
-        report = self.trainable_parameters()
-        return report.trainable, report.total
 
     def adapted_layer(self, path: str) -> AdaptedLayer:
         """The wrapper at module path ``path`` (its adapters, merged state, base module)."""
@@ -530,67 +459,6 @@ class AdaptedModel(nn.Module):
         self.routing.order.clear()
         self.routing.active = ()
         return self.model
-
-    # ------------------------------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, names: str | Sequence[str] | None = None) -> Path:
-        """Save adapters (default: every adapter the model holds, as PEFT's ``save_pretrained`` does) into the
-        folder ``path``: one adapter as ``adapter.json`` + ``adapter.safetensors`` in ``path``, several as one
-        sub-folder each plus an index that :func:`peftkit.load` reads back. Only these files are written; other
-        files in ``path`` are left alone. Returns the folder."""
-        return persist.save(self, path, names)
-
-    def load_adapter(self, path: str | Path, name: str | None = None, *, activate: bool | None = None) -> str:
-        """Load a saved adapter into this model under ``name`` (default: the name it was saved with)."""
-        return persist.load_adapter(self, path, name=name, activate=activate)
-
-    def load_tensors(
-        self,
-        name: str,
-        config: AdapterConfig,
-        tensors: dict[str, Tensor],
-        *,
-        activate: bool | None = None,
-        source: str = "the given tensors",
-        fingerprint: dict[str, Any] | None = None,
-    ) -> None:
-        """Add adapter ``name`` built from ``config`` with the values ``tensors`` (keyed ``<module path>.<tensor
-        name>``, as :meth:`adapter_state_dict` gives them): the one path from saved tensors to an adapter (loading,
-        serving, the PEFT import). No initial values are drawn (every saved tensor is overwritten). All or
-        nothing: on any error the adapter is removed again.
-
-        Args:
-            fingerprint: the modules the tensors were saved for (``{path: ...}``); their paths must be exactly
-                the ones ``config`` selects on this model.
-
-        Raises:
-            AdapterFileError: tensor names or shapes do not match what ``config`` builds (naming ``source``).
-            BaseModelMismatch: ``config`` selects other modules than ``fingerprint`` lists.
-        """
-        with skip_init():
-            self.add_adapter(name, config, activate=activate)
-        try:
-            if fingerprint is not None and sorted(self.layer_paths[name]) != sorted(fingerprint):
-                raise BaseModelMismatch(
-                    f"on this model the adapter's targets select {len(self.layer_paths[name])} modules, "
-                    f"but it was saved for {len(fingerprint)}"
-                )
-            self.assign_tensors(name, tensors, source=source)
-        except BaseException:
-            self.delete_adapter(name)
-            raise
-
-    def assign_tensors(self, name: str, tensors: dict[str, Tensor], *, source: str = "the given tensors") -> None:
-        """Overwrite every tensor of adapter ``name`` with ``tensors`` (see :meth:`load_tensors`; a server reuses
-        an evicted adapter's modules this way).
-
-        Raises:
-            AdapterFileError: tensor names or shapes do not match the adapter (naming ``source``).
-        """
-        state.assign(self.adapter_modules(name), tensors, source)
-
-    def fingerprint(self, name: str) -> dict[str, dict[str, Any]]:
-        """Names, kinds and shapes of the modules adapter ``name`` adapts (what a compatible base must have)."""
-        return {path: state.describe(self._layer(path).base_layer) for path in self.layer_paths[name]}
 
     def _single_active(self) -> str:
         """The one active adapter (what functions taking an optional adapter name use by default)."""

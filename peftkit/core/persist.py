@@ -8,8 +8,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import io
-from .errors import AdapterFileError, InvalidConfigError
+from torch import Tensor
+
+from . import io, state
+from .config import AdapterConfig
+from .errors import AdapterFileError, BaseModelMismatch, InvalidConfigError
+from .protocol import skip_init
 from .registry import get_method
 from .state import check_fingerprint
 from .version import __version__
@@ -99,3 +103,72 @@ def load_into(model: AdaptedModel, path: str | Path, name: str | None = None) ->
         raise
     if index.get("active"):
         model.set_adapter(index["active"])
+
+
+class Persistence:
+    """Saving and loading on :class:`~peftkit.core.model.AdaptedModel` (a base class of it): the methods call
+    this file's functions and :mod:`peftkit.core.state`, the one path from tensors to adapters."""
+
+    def save(self: AdaptedModel, path: str | Path, names: str | Sequence[str] | None = None) -> Path:
+        """Save adapters (default: every adapter the model holds, as PEFT's ``save_pretrained`` does) into the
+        folder ``path``: one adapter as ``adapter.json`` + ``adapter.safetensors`` in ``path``, several as one
+        sub-folder each plus an index that :func:`peftkit.load` reads back. Only these files are written; other
+        files in ``path`` are left alone. Returns the folder."""
+        return save(self, path, names)
+
+    def load_adapter(
+        self: AdaptedModel, path: str | Path, name: str | None = None, *, activate: bool | None = None
+    ) -> str:
+        """Load a saved adapter into this model under ``name`` (default: the name it was saved with)."""
+        return load_adapter(self, path, name=name, activate=activate)
+
+    def load_tensors(
+        self: AdaptedModel,
+        name: str,
+        config: AdapterConfig,
+        tensors: dict[str, Tensor],
+        *,
+        activate: bool | None = None,
+        source: str = "the given tensors",
+        fingerprint: dict[str, Any] | None = None,
+    ) -> None:
+        """Add adapter ``name`` built from ``config`` with the values ``tensors`` (keyed ``<module path>.<tensor
+        name>``, as :meth:`adapter_state_dict` gives them): the one path from saved tensors to an adapter (loading,
+        serving, the PEFT import). No initial values are drawn (every saved tensor is overwritten). All or
+        nothing: on any error the adapter is removed again.
+
+        Args:
+            fingerprint: the modules the tensors were saved for (``{path: ...}``); their paths must be exactly
+                the ones ``config`` selects on this model.
+
+        Raises:
+            AdapterFileError: tensor names or shapes do not match what ``config`` builds (naming ``source``).
+            BaseModelMismatch: ``config`` selects other modules than ``fingerprint`` lists.
+        """
+        with skip_init():
+            self.add_adapter(name, config, activate=activate)
+        try:
+            if fingerprint is not None and sorted(self.layer_paths[name]) != sorted(fingerprint):
+                raise BaseModelMismatch(
+                    f"on this model the adapter's targets select {len(self.layer_paths[name])} modules, "
+                    f"but it was saved for {len(fingerprint)}"
+                )
+            self.assign_tensors(name, tensors, source=source)
+        except BaseException:
+            self.delete_adapter(name)
+            raise
+
+    def assign_tensors(
+        self: AdaptedModel, name: str, tensors: dict[str, Tensor], *, source: str = "the given tensors"
+    ) -> None:
+        """Overwrite every tensor of adapter ``name`` with ``tensors`` (see :meth:`load_tensors`; a server reuses
+        an evicted adapter's modules this way).
+
+        Raises:
+            AdapterFileError: tensor names or shapes do not match the adapter (naming ``source``).
+        """
+        state.assign(self.adapter_modules(name), tensors, source)
+
+    def fingerprint(self: AdaptedModel, name: str) -> dict[str, dict[str, Any]]:
+        """Names, kinds and shapes of the modules adapter ``name`` adapts (what a compatible base must have)."""
+        return {path: state.describe(self._layer(path).base_layer) for path in self.layer_paths[name]}

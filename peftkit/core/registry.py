@@ -6,8 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .config import AdapterConfig
 from .errors import InvalidConfigError, UnknownMethodError
-from .protocol import Adapter, AdapterConfig, Initializer
+from .protocol import Adapter, Initializer
 
 _METHODS: dict[str, type[Adapter]] = {}
 

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import AdapterConfig, require_positive_int
+from peftkit.core.protocol import require_positive_int
 from peftkit.init._calibration import LossFn, per_batch_gradients, seeded, target_layers, token_count
 from peftkit.methods.lora import fix_signs
 

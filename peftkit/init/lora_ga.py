@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import AdapterConfig
 from peftkit.init._calibration import LossFn, per_batch_gradients, seeded, target_layers
 from peftkit.methods.lora import fix_signs
 

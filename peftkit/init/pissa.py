@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import InvalidConfigError
-from peftkit.core.protocol import AdapterConfig, Initializer
+from peftkit.core.protocol import Initializer
 from peftkit.core.registry import register_init_names
 from peftkit.methods.lora import LoRAConfig
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import Tensor
 
+from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import InvalidConfigError
 from peftkit.core.model import AdaptedModel
-from peftkit.core.protocol import AdapterConfig
 from peftkit.init._calibration import per_batch_gradients
 from peftkit.methods.shira import GRADIENT_SCORES, SHiRA, SHiRAConfig, top_mask
 

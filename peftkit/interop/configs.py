@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from peftkit.core.base import BaseView
+from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import ExportError, UnsupportedAdapterError
-from peftkit.core.protocol import AdapterConfig
 
 from .formats import PeftFormat, format_kind
 

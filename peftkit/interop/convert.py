@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from peftkit.core import inject
 from peftkit.core.base import BaseView, layer_kind
+from peftkit.core.config import AdapterConfig
 from peftkit.core.dense import Full
 from peftkit.core.errors import (
     AdapterFileError,
@@ -53,7 +54,7 @@ from peftkit.core.errors import (
     UnsupportedAdapterError,
 )
 from peftkit.core.model import AdaptedModel, restore_grad_flags_on_error
-from peftkit.core.protocol import Adapter, AdapterConfig, skip_init
+from peftkit.core.protocol import Adapter, skip_init
 from peftkit.core.registry import get_method
 from peftkit.core.state import describe
 

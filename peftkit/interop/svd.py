@@ -21,9 +21,10 @@ from torch import Tensor
 
 from peftkit.core import inject
 from peftkit.core.base import BaseView
+from peftkit.core.config import AdapterConfig
 from peftkit.core.dense import Full, FullConfig
 from peftkit.core.errors import NotMergeableError
-from peftkit.core.protocol import Adapter, AdapterConfig, LowRank, add_lowrank
+from peftkit.core.protocol import Adapter, LowRank, add_lowrank
 from peftkit.lowrank import dense_svd, truncate
 from peftkit.methods.lora import LoRAConfig
 

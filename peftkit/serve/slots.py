@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
+from peftkit.core.config import AdapterConfig
 from peftkit.core.errors import AdapterFileError, BaseModelMismatch, InvalidConfigError, PeftkitError
 from peftkit.core.model import AdaptedModel
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter
 from peftkit.core.registry import get_method
 from peftkit.core.state import check_fingerprint
 from peftkit.interop.svd import svd_lowrank

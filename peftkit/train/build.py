@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core.protocol import AdapterConfig
+from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import get_method
 from peftkit.train import causal_lm, classify
 from peftkit.train.data import Row, file_sha256, read_rows, split_rows

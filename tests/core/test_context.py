@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 import peftkit as pk
 from peftkit.core.base import BaseView
+from peftkit.core.config import AdapterConfig
 from peftkit.core.context import ForwardContext
-from peftkit.core.protocol import Adapter, AdapterConfig
+from peftkit.core.protocol import Adapter
 from peftkit.core.registry import register, unregister
 from peftkit.errors import AdapterIdsError
 
