@@ -440,7 +440,15 @@ def table(res: dict[str, object]) -> str:
                 add(f"[{kind}] mixed batch, {n} adapters vs base", e["pk_vs_base"], "<= 1.15x", e["pk_vs_base"] <= 1.15)
                 if "peft_vs_base" in e:
                     add(f"[{kind}]   (PEFT mixed, {n} adapters vs base)", e["peft_vs_base"], None, None)
-    for key in [k for k in res if k.startswith("decode_")]:
+    for key in [k for k in res if k.startswith("decode_shapes_")]:
+        worst = max(res[key]["cases"], key=lambda e: e["kernel_over_gather"]["median"])  # type: ignore[index]
+        add(
+            f"[kernel/gather, worst of {len(res[key]['cases'])} shapes, {key[14:]}]",  # type: ignore[index]
+            worst["kernel_over_gather"]["median"],
+            None,
+            None,
+        )
+    for key in [k for k in res if k.startswith("decode_") and not k.startswith("decode_shapes_")]:
         threads = res[key]["env"]["threads"]  # type: ignore[index]
         for label, e in decode_rows(res.get(key), threads):
             r = e["vs_base"]["peftkit"]["median"]
@@ -488,7 +496,8 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="train,memory,mixed,load,add,decode",
-        help="comma-separated subset of train,memory,mixed,load,add,decode",
+        help="comma-separated subset of train,memory,mixed,load,add,decode,decode_shapes (not in the default: "
+        "kernel vs gather from 1 to 512 tokens per row)",
     )
     ap.add_argument("--kinds", default="minilm,mlp", help="models: minilm,mlp")
     ap.add_argument("--no-peft-add", action="store_true", help="skip PEFT's (slow) 128-adapter add_adapter run")
@@ -545,6 +554,13 @@ def main() -> None:
             key = f"decode_{kind}" + ("" if args.threads == 2 else f"_{args.threads}threads")
             res[key] = {**part, "env": mixed_decode.environment(), "command": "python " + " ".join(sys.argv)}
             print(f"decode {kind} done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+        if "decode_shapes" in only and kind == "mlp":
+            import mixed_decode
+
+            part = mixed_decode.bench_shapes([2, 8, 32])
+            key = f"decode_shapes_{args.threads}threads"
+            res[key] = {**part, "env": mixed_decode.environment(), "command": "python " + " ".join(sys.argv)}
+            print(f"decode_shapes done ({time.perf_counter() - t_start:.0f}s)", flush=True)
     if "load" in only:
         res["load"] = bench_load(20 if args.quick else 40)
         print(f"load done ({time.perf_counter() - t_start:.0f}s)", flush=True)

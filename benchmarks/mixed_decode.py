@@ -84,16 +84,16 @@ def load() -> float:
 
 
 # ------------------------------------------------------------------------------------------------- models
-def mlp() -> nn.Module:
+def mlp(depth: int | None = None) -> nn.Module:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for _ in range(DEPTH):
+    for _ in range(depth or DEPTH):
         layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
     return nn.Sequential(*layers).eval()
 
 
-def mlp_targets() -> list[str]:
-    return [str(2 * i) for i in range(DEPTH)]
+def mlp_targets(depth: int | None = None) -> list[str]:
+    return [str(2 * i) for i in range(depth or DEPTH)]
 
 
 def rank_of(i: int, mixed: bool) -> int:
@@ -232,6 +232,51 @@ def bench_minilm(make_base: Callable[[], nn.Module], repeats: int, with_peft: bo
             del ours, theirs
         out[label] = cases
     return out
+
+
+# (rows, tokens per row) of the kernel-vs-gather sweep: decode (1 token) to prefill-like rows (512 tokens)
+SHAPES = [(256, 1), (64, 1), (16, 1), (8, 1), (2, 1), (64, 4), (16, 16), (8, 64), (4, 128), (2, 512)]
+
+
+def bench_shapes(counts: list[int], depth: int = 2, max_rounds: int = 21) -> dict[str, object]:
+    """Where does the gather path beat the kernel? ``depth`` x Linear(1024, 1024), LoRA r=8 on each, ``counts``
+    adapters, every (rows, tokens per row) of :data:`SHAPES` (ids uniform, at least two distinct, so the mixed
+    path runs): the median over interleaved rounds of the per-round ratio kernel / gather (whole forward, base
+    included), with the 10th-90th percentiles. Rounds: ``max_rounds``, fewer (down to 5) for the largest batches."""
+    base = mlp(depth)
+    cases = []
+    for n in counts:
+        ours = peftkit_model(base, mlp_targets(depth), n, False)
+        for rows, per_row in SHAPES:
+            x = torch.randn(rows, per_row, WIDTH, generator=torch.Generator().manual_seed(rows * per_row))
+            ids = row_ids(rows, n, seed=n)
+            if rows > 1 and len(set(ids.tolist())) == 1:
+                ids[0] = (ids[0] + 1) % n
+            fns = paths(ours, None, base, lambda m, x=x, **kw: m(x, **kw), ids)
+            del fns["base"]
+            repeats = max(min(5, max_rounds), min(max_rounds, 20_000 // (rows * per_row)))
+            before = load()
+            with torch.no_grad():
+                times, _ = rounds(fns, repeats)
+            r = ratios(times, ref="peftkit_gather")["peftkit"]
+            cases.append(
+                {
+                    "adapters": n,
+                    "rows": rows,
+                    "tokens_per_row": per_row,
+                    "kernel_over_gather": r,
+                    "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+                    "repeats": repeats,
+                    "load_avg_1min": [before, load()],
+                }
+            )
+            print(
+                f"  {n:>3} adapters {rows:>3} rows x {per_row:>3} tokens: kernel / gather {r['median']:.3f} "
+                f"[{r['p10']:.2f}-{r['p90']:.2f}]  load {before:.1f}",
+                flush=True,
+            )
+        del ours
+    return {"model": f"{depth} x Linear({WIDTH}, {WIDTH}) + ReLU, LoRA r=8 on each", "cases": cases}
 
 
 # ------------------------------------------------------------------------------------------- serving model
