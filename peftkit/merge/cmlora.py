@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from peftkit.core.model import AdaptedModel
 
 from .composition import (
+    DDIM,
     CompositionResult,
     Denoise,
     Guidance,
@@ -179,7 +180,8 @@ def cmlora(
     for key, value in (("every", every), ("until", until)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MergeOptionError(f"{key} must be a positive int, got {value!r}")
-    total = len((sampler or _default_sampler()).timesteps)
+    sampler = sampler or DDIM()
+    total = len(sampler.timesteps)
     refresh = set(refresh_steps(total, cache_interval))
     caching = cache_interval != 1
     block: nn.Module | None = None
@@ -226,9 +228,3 @@ def cmlora(
 
     samples = sample(model, noise, predict, sampler)
     return CMLoRAResult(samples, used, full, per_step, cached, dominant)
-
-
-def _default_sampler() -> Sampler:
-    from .composition import DDIM
-
-    return DDIM()
