@@ -10,7 +10,11 @@
 * :mod:`~peftkit.federated.client`: a client's round with peftkit's Trainer.
 * :mod:`~peftkit.federated.privacy`: sample-level DP-SGD with Opacus; user-level DP with Flower's wrappers.
 * :mod:`~peftkit.federated.flower` (needs ``flwr``): the Flower Strategy and ClientApp.
-* :mod:`~peftkit.federated.run` (needs ``flwr[simulation]``): :func:`federate` (``peftkit federate``).
+* :mod:`~peftkit.federated.run` (needs ``flwr[simulation]``): :func:`federate` (``peftkit federate``) on Flower's
+  simulation engine, or in this process (``engine="inprocess"``: :mod:`~peftkit.federated.inprocess`, the same
+  strategy and ClientApp without Ray).
+* :mod:`~peftkit.federated.deploy`: the same run as separate processes (a SuperLink and one SuperNode per client,
+  e.g. on loopback with :class:`~peftkit.federated.deploy.LocalDeployment`); see that module for the commands.
 
 The Flower parts import ``flwr`` (``pip install 'peftkit[federated]'``); everything else works without it.
 Importing this package sets ``FLWR_TELEMETRY_ENABLED=0`` unless it is set (Flower's usage telemetry is on by
