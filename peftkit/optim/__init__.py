@@ -52,6 +52,7 @@ __all__ = [
     "SSTAdamW",
     "allora",
     "build_optimizer",
+    "check_optimizer",
     "decay_groups",
     "galore_groups",
     "loraplus",

@@ -76,7 +76,8 @@ class ALLoRAAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        scaled = [p for g in self.param_groups if g["allora"] for p in g["params"] if p.grad is not None]
+        # Groups added later (Trainer.add_parameters) have no "allora" key: plain AdamW.
+        scaled = [p for g in self.param_groups if g.get("allora") for p in g["params"] if p.grad is not None]
         factors = [row_factor(p, self.eta) for p in scaled]
         if self.apply == "grad":
             for p, f in zip(scaled, factors):

@@ -177,6 +177,9 @@ def set_rng_state(values: dict[str, Any], tensors: dict[str, Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- optimizer
+_NESTED = "/"  # separates a nested optimizer state's key from its entry's in the tensor names
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """An optimizer's ``state_dict`` as ``(JSON values, tensors)``: tensors keyed ``optimizer.<param
     index>.<name>`` (AdamW's ``exp_avg``, ``exp_avg_sq``, ``step``), the param groups and any non-tensor state
@@ -188,8 +191,24 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], d
         for key, value in entries.items():
             if isinstance(value, Tensor):
                 tensors[f"optimizer.{index}.{key}"] = value
+            elif isinstance(value, dict):  # one level of nesting: bitsandbytes' 8-bit quantisation state
+                for sub, item in value.items():
+                    if isinstance(item, Tensor):
+                        tensors[f"optimizer.{index}.{key}{_NESTED}{sub}"] = item
+                    else:
+                        other.setdefault(str(index), {}).setdefault(key, {})[sub] = item
+                other.setdefault(str(index), {}).setdefault(key, {})
             else:
                 other.setdefault(str(index), {})[key] = value
+    # safetensors refuses tensors that share memory (bitsandbytes gives every parameter the same quantisation
+    # maps): the repeats are written as copies.
+    seen: set[int] = set()
+    for name, value in tensors.items():
+        ptr = value.untyped_storage().data_ptr() if value.numel() else -1
+        if ptr in seen:
+            tensors[name] = value.clone()
+        elif ptr != -1:
+            seen.add(ptr)
     groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
     return {"param_groups": groups, "state": other}, tensors
 
@@ -213,19 +232,31 @@ def load_optimizer_state(
             f"{source}: the optimizer state holds param groups of {[len(g['params']) for g in groups]} tensors, "
             f"the model being trained has {sizes}: it is not the model this checkpoint was written for"
         )
+    # torch's AdamW (and its subclasses) keeps moments shaped like the parameters; other optimizers keep their
+    # own shapes (GaLore's projected moments, LoRA-Pro's full-size ones, 8-bit blocks), checked by their groups.
+    param_shaped = isinstance(optimizer, torch.optim.AdamW)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             param = params[int(index)]
-            if value.dim() > 0 and value.shape != param.shape:
+            if param_shaped and value.dim() > 0 and value.shape != param.shape:
                 raise CheckpointError(
                     f"{source}: optimizer state {name} of tensor {index} has shape {tuple(value.shape)}, the "
                     f"parameter has {tuple(param.shape)}"
                 )
-            state.setdefault(int(index), {})[name] = value
+            if _NESTED in name:
+                outer, inner = name.split(_NESTED, 1)
+                state.setdefault(int(index), {}).setdefault(outer, {})[inner] = value
+            else:
+                state.setdefault(int(index), {})[name] = value
     for index, entries in values["state"].items():
-        state.setdefault(int(index), {}).update(entries)
+        slot = state.setdefault(int(index), {})
+        for key, value in entries.items():
+            if isinstance(value, dict):
+                slot.setdefault(key, {}).update(value)
+            else:
+                slot[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -66,6 +66,12 @@ class TrainConfig:
             never stopped by it.
         divergence_window: optimizer steps per window of the divergence check.
         divergence_patience: consecutive windows above the limit that stop the run.
+        optim: the optimizer, by name (:mod:`peftkit.optim`): ``"adamw"`` (default), ``"adamw8bit"``
+            (bitsandbytes), ``"galore"``, ``"lorapro"``, ``"loraplus"``, ``"allora"`` or ``"sst"``. ``lr``,
+            ``weight_decay``, ``betas`` and ``eps`` are its settings; the schedule scales every param group's own
+            starting learning rate (LoRA+'s fast ``B`` group keeps its ratio).
+        optim_options: the optimizer's other settings (GaLore's ``rank``, ``update_proj_gap``, ``scale`` ...;
+            LoRA+'s ``ratio``; ALLoRA's ``eta``), e.g. ``{"rank": 64, "update_proj_gap": 200}``.
     """
 
     epochs: int = 1
@@ -95,6 +101,8 @@ class TrainConfig:
     divergence_factor: float | None = 10.0
     divergence_window: int = 10
     divergence_patience: int = 3
+    optim: str = "adamw"
+    optim_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -116,11 +124,17 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number of at least 1 or None, got {value!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+        from peftkit.optim import check_optimizer  # here, not at import: peftkit.optim imports the methods
+
+        if not isinstance(self.optim_options, dict):
+            raise ValueError(f"optim_options must be a mapping of option names to values, got {self.optim_options!r}")
+        check_optimizer(self.optim, self.optim_options)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON values, without the run-time ones (paths, device, display)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS}
         out["betas"] = list(self.betas)
+        out["optim_options"] = dict(self.optim_options)
         return out
 
 

@@ -56,6 +56,7 @@ NAMED = {
     "lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
     "weight_decay": "train.weight_decay", "warmup_ratio": "train.warmup_ratio", "max_steps": "train.max_steps",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "log_every": "train.log_every",
+    "optim": "train.optim",
 }  # fmt: skip
 
 
@@ -101,8 +102,8 @@ def train(
 ) -> RunResult:
     """Train a new run into ``output_dir`` (``peftkit train``). ``options`` are the command line's named options
     (``model``, ``data``, ``task``, ``method``, ``r``, ``alpha``, ``targets``, ``lr``, ``epochs``, ``batch_size``,
-    ``max_length``, ``max_steps``, ``eval_every``, ``save_every``, ``log_every``, ``seed`` ...), ``config`` is
-    ``--config`` and ``overrides`` is ``--set`` (``{"key": value}`` or ``["key=value"]``).
+    ``max_length``, ``max_steps``, ``eval_every``, ``save_every``, ``log_every``, ``seed``, ``optim`` ...),
+    ``config`` is ``--config`` and ``overrides`` is ``--set`` (``{"key": value}`` or ``["key=value"]``).
 
     Raises:
         CheckpointError: ``output_dir`` holds a run already (resume it, or choose another folder).
@@ -178,11 +179,13 @@ def _fit(out: Path, built: Built, model: AdaptedModel, resume_from: Path | None,
         output_dir=out / CHECKPOINTS_DIR, metrics_file=out / METRICS_FILE, device=device, progress=progress
     )
     record = _record(built)
-    _write_run(out, record)
     trainer = Trainer(
         model, config, built.train, collate_fn=built.collate,
         eval_fn=(lambda m: built.evaluate(m)) if built.held_out else None, log=log,
     )  # fmt: skip
+    optimizer = type(trainer.optimizer)
+    record["optimizer"] = f"{optimizer.__module__}.{optimizer.__qualname__}"  # what train.optim resolved to
+    _write_run(out, record)
     trainer.checkpoint_files[RUN_FILE] = _run_bytes(record)
     result = trainer.fit(resume_from=resume_from)
     model.save(out / ADAPTER_DIR)

@@ -5,10 +5,11 @@ result = trainer.fit()          # result.history: one dict per optimizer step; r
 result = trainer.fit(resume_from="ckpt/step-40")   # continues exactly where that checkpoint left off
 
 What it does: AdamW over the trainable parameters only (weight decay on matrices, not on biases / norms /
-vectors), linear warmup then a cosine, linear or constant schedule, gradient accumulation, gradient-norm
-clipping, evaluation after every epoch (and every ``eval_every`` steps), a seeded run (``random``, ``numpy``,
-``torch`` and the data order), a tqdm bar with loss and samples/s, log lines mirrored to a JSONL file, full
-checkpoints (:mod:`peftkit.train.checkpoint`: adapter, optimizer, RNG states, data order and position) that
+vectors; or another optimizer of :mod:`peftkit.optim`, chosen by ``TrainConfig.optim``), linear warmup then a
+cosine, linear or constant schedule, gradient accumulation, gradient-norm clipping, evaluation after every
+epoch (and every ``eval_every`` steps), a seeded run (``random``, ``numpy``, ``torch`` and the data order), a
+tqdm bar with loss and samples/s, log lines mirrored to a JSONL file, full checkpoints
+(:mod:`peftkit.train.checkpoint`: adapter, optimizer, RNG states, data order and position) that
 :meth:`Trainer.fit` resumes from exactly, a checkpoint on SIGINT / SIGTERM, callbacks, and the adapters'
 ``step(global_step)`` hook once before the first optimizer step and after every one. Three checks stop a run
 with a clear error instead of training on garbage: a non-finite loss (:class:`NonFiniteLossError`),
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 
 from peftkit.core import io
 from peftkit.core.model import AdaptedModel
+from peftkit.optim import build_optimizer, trainable
 from peftkit.train import checkpoint as ckpt
 from peftkit.train.config import TrainConfig, lr_factor
 from peftkit.train.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
@@ -166,15 +168,11 @@ class Trainer:
         self.global_step = 0
         self.epoch = 0
         self.should_stop = False
-        self.params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
-        if not self.params:
-            raise ValueError("the model has no trainable parameters (is an adapter active?)")
-        matrices = [p for p in self.params if p.dim() >= 2]
-        vectors = [p for p in self.params if p.dim() < 2]
-        groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps
-        )
+        self.params = trainable(model)  # NoTrainableParametersError (a ValueError) when there are none
+        self.optimizer = build_optimizer(
+            config.optim, model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
+            **config.optim_options,
+        )  # fmt: skip
         self._divergence = DivergenceCheck(config)
         self._generator = torch.Generator().manual_seed(config.seed)
         self._position = _Position()
@@ -195,10 +193,12 @@ class Trainer:
             return
         self.params.extend(new)
         decay = self.config.weight_decay if weight_decay is None else weight_decay
-        lr = self.optimizer.param_groups[0]["lr"]
+        factor = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("base_lr", self.config.lr)
         for group, wd in (([p for p in new if p.dim() >= 2], decay), ([p for p in new if p.dim() < 2], 0.0)):
             if group:
-                self.optimizer.add_param_group({"params": group, "weight_decay": wd, "lr": lr})
+                self.optimizer.add_param_group(
+                    {"params": group, "weight_decay": wd, "lr": self.config.lr * factor, "base_lr": self.config.lr}
+                )
 
     # ------------------------------------------------------------------------------------------ the schedule
     def _micro_batches(self) -> int:
@@ -269,7 +269,8 @@ class Trainer:
                 f"{folder} was written for {state['num_examples']} training examples, this run has {n}: "
                 "resuming on other data would not continue the run"
             )
-        saved, now = state["config"], self.config.to_dict()
+        # Settings added since a checkpoint was written (e.g. optim) count as their defaults there.
+        saved, now = {**TrainConfig().to_dict(), **state["config"]}, self.config.to_dict()
         changed = [k for k in now if k not in _FREE_ON_RESUME and saved.get(k) != now[k]]
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -473,9 +474,10 @@ class Trainer:
                 # As torch.nn.utils.clip_grad_norm_ (same coefficient), from the norm computed above.
                 grads = [p.grad for p in self.params if p.grad is not None]
                 torch._foreach_mul_(grads, cfg.max_grad_norm / (norm + 1e-6))
-            lr = cfg.lr * lr_factor(self.global_step, total, cfg)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            factor = lr_factor(self.global_step, total, cfg)
+            lr = cfg.lr * factor
+            for group in self.optimizer.param_groups:  # each group's own start (LoRA+'s B group: ratio · lr)
+                group["lr"] = group.get("base_lr", cfg.lr) * factor
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
