@@ -228,6 +228,13 @@ def train(
     log_every: Annotated[
         int | None, typer.Option(min=1, help="Log a line (and to metrics.jsonl) every N steps (default: 10).")
     ] = None,
+    optim: Annotated[
+        str | None,
+        typer.Option(
+            help="Optimizer: adamw (default), adamw8bit, galore, lorapro, loraplus, allora or sst; its options "
+            "with --set, e.g. --set 'optim_options={\"rank\": 64}'."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -260,8 +267,15 @@ def train(
         "targets": targets, "lr": lr, "epochs": epochs, "batch_size": batch_size, "max_length": max_length,
         "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
         "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "seed": seed, "max_steps": max_steps,
-        "eval_every": eval_every, "save_every": save_every, "log_every": log_every,
+        "eval_every": eval_every, "save_every": save_every, "log_every": log_every, "optim": optim,
     }  # fmt: skip
+    if optim is not None:
+        from peftkit.optim import OptimizerError, check_optimizer
+
+        try:
+            check_optimizer(optim)
+        except OptimizerError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--optim'") from None
     values = {k: v for k, v in values.items() if v is not None}
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise typer.BadParameter(f"the learning rate must be a positive number, got {lr}", param_hint="'--lr'")
