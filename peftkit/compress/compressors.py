@@ -4,8 +4,9 @@ Models"; the ``hqq`` package, optional: ``pip install peftkit[compress]``).
 
 Each maps a weight ``W [out, in]`` to the weight the compressed model computes with, ``W_c`` of the same shape and
 dtype. Quantised weights are returned dequantised (``W_c = dequant(quant(W))``): the model computes exactly what the
-quantised model computes, while the storage saving is not realised here (a quantised base view that keeps the codes
-belongs to the quantisation layer of peftkit's core).
+quantised model computes, while the storage saving is not realised by these functions; :func:`hqq_linear` builds
+the stored form (hqq's ``HQQLinear`` with packed codes, which adapters use through :mod:`peftkit.core.quant`), and
+``eora(..., quantized=True)`` compensates that layer's own dequantised weight.
 """
 
 from __future__ import annotations
@@ -60,6 +61,27 @@ def hqq_quantize(weight: Tensor, bits: int, group_size: int = 64) -> Tensor:
         w, nbits=bits, group_size=group, optimize=True, axis=1, compute_dtype=torch.float32, device=str(w.device)
     )
     return Quantizer.dequantize(q, meta).reshape(w.shape).to(weight.dtype)
+
+
+@torch.no_grad()
+def hqq_linear(linear: torch.nn.Linear, bits: int, group_size: int = 64) -> torch.nn.Module:
+    """``linear`` quantised into hqq's ``HQQLinear`` (packed ``bits``-bit codes, groups of ``group_size`` inputs;
+    ``linear`` is left as it was): a stored quantised base for adapters (:mod:`peftkit.core.quant` reads it)."""
+    try:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    except ImportError as exc:
+        raise CompressorError("quantising with HQQ needs the hqq package: pip install 'peftkit[compress]'") from exc
+    group = group_size if linear.in_features % group_size == 0 else linear.in_features
+    config = BaseQuantizeConfig(nbits=bits, group_size=group, axis=1)
+    q = HQQLinear(linear, config, compute_dtype=linear.weight.dtype, device=str(linear.weight.device), del_orig=False)
+    if q.bias is not None:  # hqq clones the bias with its autograd history; a frozen base holds a plain tensor
+        q.bias = q.bias.detach()
+    return q
+
+
+def hqq_bits(name: str) -> int | None:
+    """``K`` of a compressor name ``"hqqK"`` (else ``None``)."""
+    return int(name[3:]) if name in NAMES and name.startswith("hqq") else None
 
 
 def get(name: str, ratio: float | None = None) -> Compressor:

@@ -108,6 +108,7 @@ def eora(
     name: str = "eora",
     tokenizer: Any = None,
     damp: float = DAMP,
+    quantized: bool = False,
 ) -> Result:
     """Compress ``model``'s Linears **in place** and add EoRA's compensation as LoRA adapter ``name``.
 
@@ -123,6 +124,9 @@ def eora(
         targets: Linear name suffixes (default: LLaMA's q, k, v, o, gate, up, down projections).
         sequential: feed each block the compensated outputs of the blocks before it (LLaMA layout only).
         tokenizer: checked against the model's vocabulary if given.
+        quantized: with an ``"hqqK"`` compressor, store the compressed base quantised: every target becomes
+            hqq's ``HQQLinear`` (packed codes; :mod:`peftkit.core.quant` adapts it) and ``W_c`` is what that layer
+            computes (its dequantised weight); otherwise the base keeps dense, dequantised weights.
 
     Raises:
         RatioError, RankError, CalibrationError, UnknownArchitectureError, CompressorError.
@@ -130,6 +134,10 @@ def eora(
     if mode not in MODES:
         raise CompressOptionError(f"mode must be one of {MODES}, got {mode!r}")
     fn = compressors.get(compress, ratio) if isinstance(compress, str) else compress
+    bits = compressors.hqq_bits(compress) if isinstance(compress, str) else None
+    if quantized and bits is None:
+        raise CompressOptionError(f"quantized=True needs an hqq compressor ({', '.join(compressors.NAMES[2:])})")
+    stored: dict[str, nn.Module] = {}
     layers = arch.linears(model, targets, "EoRA")
     for path, layer in layers.items():
         check_rank(rank, tuple(layer.weight.shape), path)
@@ -150,8 +158,12 @@ def eora(
 
     def squeeze(group: dict[str, nn.Linear]) -> dict[str, Tensor]:
         original = {p: m.weight.detach().float().clone() for p, m in group.items()}
-        for m in group.values():
-            m.weight.copy_(fn(m.weight.detach()).to(m.weight.dtype))
+        for p, m in group.items():
+            if quantized:  # W_c is what the stored quantised layer computes
+                stored[p] = compressors.hqq_linear(m, int(bits))  # type: ignore[arg-type]
+                m.weight.copy_(stored[p].dequantize().reshape(m.weight.shape).to(m.weight.dtype))
+            else:
+                m.weight.copy_(fn(m.weight.detach()).to(m.weight.dtype))
         return original
 
     blocks = _blocks(model, layers) if sequential else None
@@ -176,6 +188,8 @@ def eora(
                 inputs = replay(block, inputs)
                 for p, m in group.items():
                     m.weight.copy_(compressed[p])
+    for p, q in stored.items():
+        arch.replace(model, p, q)
     adapted = AdaptedModel(model)
     config = LoRAConfig(r=rank, alpha=float(rank), targets=list(layers))
     adapted.load_tensors(name, config, tensors, activate=True, source="EoRA")

@@ -3,6 +3,8 @@ solve, exact at full rank, plain SVD for white inputs) and the compensation of a
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,13 @@ from torch import nn
 import peftkit as pk
 from peftkit.compress import compressors
 from peftkit.compress.eora import eora, eora_factors, weighted_error
-from peftkit.compress.errors import CalibrationError, RankError, RatioError, UnknownArchitectureError
+from peftkit.compress.errors import (
+    CalibrationError,
+    CompressOptionError,
+    RankError,
+    RatioError,
+    UnknownArchitectureError,
+)
 from tests.compress import _tiny
 
 
@@ -147,3 +155,35 @@ def test_bad_input():
     with pytest.raises(UnknownArchitectureError, match="q_proj") as info:
         eora(nn.Sequential(nn.Linear(4, 4)), data, compress="2:4", rank=2)
     assert isinstance(info.value, TypeError) and isinstance(info.value, pk.errors.PeftkitError)
+
+
+def test_quantized_base_is_stored_as_hqq_and_the_adapter_compensates_what_it_computes():
+    pytest.importorskip("hqq")
+    model, data = _tiny.llama(layers=2), _tiny.batches(n=2)
+    original = copy.deepcopy(model)
+    result = eora(model, data, compress="hqq4", rank=4, quantized=True)
+    adapted = result.model
+    base = adapted.get_base_model()
+    path = "model.layers.0.mlp.up_proj"
+    assert type(adapted.base_view(path).module).__name__ == "HQQLinear"  # packed codes, not a dense copy
+    # the same model written densely: every target weight = the stored layer's dequantised weight + B A
+    dense = copy.deepcopy(original)
+    tensors = adapted.adapter_state_dict("eora")
+    for p in result.report.after:
+        w = adapted.base_view(p).weight.detach()
+        dense.get_submodule(p).weight.data = w + tensors[f"{p}.B"] @ tensors[f"{p}.A"]
+    ids = data[0]["input_ids"]
+    with torch.no_grad():
+        want, got = dense(input_ids=ids).logits, adapted(input_ids=ids).logits
+        first = original(input_ids=ids).logits
+        with adapted.disable_adapter():
+            plain = adapted(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert float((got - first).norm()) < float((plain - first).norm())  # closer to the original than the 4-bit base
+    assert all(result.report.after[p] < result.report.before[p] for p in result.report.after)
+    assert isinstance(base.model.layers[0].mlp.up_proj, nn.Module)
+
+
+def test_quantized_needs_an_hqq_compressor():
+    with pytest.raises(CompressOptionError, match="hqq"):
+        eora(_tiny.llama(layers=2), _tiny.batches(n=1), compress="2:4", rank=2, quantized=True)
