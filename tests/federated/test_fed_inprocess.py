@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord
 from peftkit.federated import flower
 from peftkit.federated.errors import FederatedOptionError
 from peftkit.federated.inprocess import InProcessGrid, server_identity
+from peftkit.federated.privacy import UserPrivacy
 from peftkit.federated.run import Federation, federate
 
 QUIET = {"log": lambda message: None}
@@ -85,3 +86,25 @@ def test_the_inprocess_run_equals_the_simulation(files, tmp_path: Path) -> None:
     sa, sb = a.model.adapter_state_dict("default"), b.model.adapter_state_dict("default")
     for key in sa:
         torch.testing.assert_close(sb[key], sa[key], rtol=1e-4, atol=1e-5 * float(sa[key].abs().max()))
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_user_level_dp_clips_each_update_and_noises_the_mean(files, tmp_path: Path, sigma: float) -> None:
+    clip = 1e-3  # far below the size of a round's update at lr 1e-2, so every client's update is clipped
+    fed = Federation(tmp_path / "out", **settings(files, strategy="fedavg", rounds=1),
+                     user_privacy=UserPrivacy(noise_multiplier=sigma, clipping_norm=clip))  # fmt: skip
+    start = {k: v.clone() for k, v in fed.trained.items()}
+    with server_identity():
+        fed.run_server(InProcessGrid(flower.client_app, 2))
+    final = flower.from_record(fed.final_arrays)
+    move = torch.cat([(final[k] - start[k]).flatten().double() for k in start]).norm().item()
+    # Flower's wrapper clips each reply's update before our aggregation sees it: every norm is the clip exactly
+    # (an update of lr 1e-2 steps is far larger; an unclipped one would not land on 1e-3)
+    for upload in fed.strategy.client_states:
+        norm = torch.cat([(upload[k] - start[k]).flatten().double() for k in start]).norm().item()
+        assert norm == pytest.approx(clip, rel=1e-5)
+    if sigma == 0:
+        assert 0 < move <= clip * (1 + 1e-5)  # the mean of updates clipped to norm <= clip
+    else:  # plus N(0, (σ·clip / clients)²) per value: its norm is about sqrt(n)·σ·clip/2
+        n = sum(t.numel() for t in start.values())
+        assert 0.5 * n**0.5 * sigma * clip / 2 < move < 1.5 * n**0.5 * sigma * clip / 2 + clip
