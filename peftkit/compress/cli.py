@@ -105,17 +105,19 @@ def compress(
         if method == "lord":
             from peftkit.compress.lord import lord
 
-            plan = lord(model, ratio=ratio)
+            plan = lord(model, ratio=ratio, progress=progress)
             summary.update(projection_params_before=plan.params_before, projection_params_after=plan.params_after,
                            dense_layers=sum(k is None for k in plan.ranks.values()))  # fmt: skip
         elif method == "pela":
             from peftkit.compress.pela import Distiller, distill, pela
 
-            teacher, plan = pela(model, ratio=float(ratio), omit=("lm_head", "embed", "norm"))
+            teacher, plan = pela(model, ratio=float(ratio), omit=("lm_head", "embed", "norm"), progress=progress)
             summary.update(projection_params_before=plan.params_before, projection_params_after=plan.params_after)
             if batches is not None and (steps or 0) > 0:
                 labelled = [dict(b, labels=b["input_ids"]) for b in batches]
-                losses = distill(Distiller(model, teacher), labelled, steps=int(steps), lr=lr or 1e-4)
+                losses = distill(
+                    Distiller(model, teacher), labelled, steps=int(steps), lr=lr or 1e-4, progress=progress
+                )
                 summary.update(steps=steps, loss_first=losses[0], loss_last=losses[-1])
             del teacher
         else:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from peftkit.compress import arch
 from peftkit.compress.afm import linear_factors
@@ -85,10 +86,12 @@ def allocate(spectra: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, int]
     return Plan(plan, before, after)
 
 
-def factorize(model: nn.Module, layers: Mapping[str, nn.Linear], ranks: Mapping[str, int | None]) -> None:
+def factorize(
+    model: nn.Module, layers: Mapping[str, nn.Linear], ranks: Mapping[str, int | None], *, progress: bool = False
+) -> None:
     """Replace each Linear in ``layers`` by its rank-``k`` truncated-SVD :class:`FactoredLinear` (in place;
     ``None`` keeps it dense)."""
-    for path, layer in layers.items():
+    for path, layer in tqdm(layers.items(), desc="factorising", unit="layer", disable=not progress, leave=False):
         k = ranks[path]
         if k is None:
             continue
@@ -110,6 +113,7 @@ def lord(
     targets: Sequence[str] | None = None,
     calibration: Iterable[Any] | None = None,
     tokenizer: Any = None,
+    progress: bool = False,
 ) -> Plan:
     """Factorise ``model``'s Linears **in place** (see the module docstring) and return the plan.
 
@@ -118,6 +122,7 @@ def lord(
         mode: ``"weight_svd"`` or ``"feature"`` (needs ``calibration``).
         allocation: ``"budget"`` (greedy, per layer) or ``"uniform"`` (same fraction everywhere).
         targets: Linear name suffixes (default: LLaMA's q, k, v, o, gate, up, down projections).
+        progress: show progress bars (spectra, factorisation).
 
     Raises:
         RatioError, RankError, CalibrationError, UnknownArchitectureError, CompressOptionError.
@@ -149,10 +154,11 @@ def lord(
         if stats is not None:
             spectra = {p: torch.linalg.eigvalsh(s.covariance).flip(0) for p, s in stats.items()}
         else:
-            spectra = {p: spectrum(m.weight) for p, m in layers.items()}
+            items = tqdm(layers.items(), desc="LoRD spectra", unit="layer", disable=not progress, leave=False)
+            spectra = {p: spectrum(m.weight) for p, m in items}
         result = allocate(spectra, shapes, ratio)  # type: ignore[arg-type]
     if stats is None:
-        factorize(model, layers, result.ranks)
+        factorize(model, layers, result.ranks, progress=progress)
         return result
     for path, layer in layers.items():
         k = result.ranks[path]

@@ -59,14 +59,16 @@ def chosen(model: nn.Module, omit: Sequence[str] = OMIT) -> dict[str, nn.Linear]
 
 
 @torch.no_grad()
-def pela(model: nn.Module, ratio: float = 0.5, omit: Sequence[str] = OMIT) -> tuple[nn.Module, Plan]:
+def pela(
+    model: nn.Module, ratio: float = 0.5, omit: Sequence[str] = OMIT, *, progress: bool = False
+) -> tuple[nn.Module, Plan]:
     """Factorise ``model`` **in place** (step 1) and return ``(teacher, plan)``: the teacher is a frozen copy of
     the model as it was."""
     check_fraction("ratio", ratio)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     layers = chosen(model, omit)
     ranks = {p: pela_rank(m.in_features, m.out_features, ratio) for p, m in layers.items()}
-    factorize(model, layers, ranks)
+    factorize(model, layers, ranks, progress=progress)
     before = sum(m.weight.numel() for m in layers.values())
     after = sum(k * (layers[p].in_features + layers[p].out_features) for p, k in ranks.items())
     return teacher, Plan(dict(ranks), before, after)
@@ -138,11 +140,12 @@ class Distiller:
 
 
 def distill(
-    distiller: Distiller, batches: Iterable[Any], *, steps: int, lr: float = 5e-4, weight_decay: float = 0.05
-) -> list[float]:
+    distiller: Distiller, batches: Iterable[Any], *, steps: int, lr: float = 5e-4, weight_decay: float = 0.05,
+    progress: bool = False,
+) -> list[float]:  # fmt: skip
     """``steps`` AdamW steps of the student on ``distiller``'s total loss, cycling through ``batches``; returns
     the losses. The teacher is never updated."""
     return adamw_steps(
         distiller.student, batches, steps=steps, lr=lr, weight_decay=weight_decay,
-        loss_fn=lambda model, batch: distiller.losses(batch)["total"], desc="PELA distillation",
+        loss_fn=lambda model, batch: distiller.losses(batch)["total"], desc="PELA distillation", progress=progress,
     )  # fmt: skip

@@ -78,3 +78,13 @@ def test_bad_input():
         lord.lord(_tiny.llama(), ratio=0.5, mode="feature")
     with pytest.raises(UnknownArchitectureError, match=r"mlp\.down_proj"):
         lord.lord(torch.nn.Sequential(torch.nn.Linear(3, 3)), ratio=0.5)
+
+
+def test_progress_bars_are_shown_only_when_asked(capsys):
+    from peftkit.compress.lord import lord as run
+
+    run(_tiny.llama(layers=2), ratio=0.3)
+    assert "factorising" not in capsys.readouterr().err
+    run(_tiny.llama(layers=2), ratio=0.3, progress=True)
+    err = capsys.readouterr().err
+    assert "LoRD spectra" in err and "factorising" in err
