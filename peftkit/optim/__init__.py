@@ -7,7 +7,8 @@ adamw      ``torch.optim.AdamW``; weight decay on matrices only (the trainer's d
 adamw8bit  bitsandbytes ``AdamW8bit`` (8-bit blockwise moments; Dettmers et al., 2022), same groups
 galore     :class:`~peftkit.optim.galore.GaLoreAdamW` over the trainable matrices (``rank``,
            ``update_proj_gap``, ``scale``, ``proj_type``, ``state_bits`` 32 or 8)
-lorapro    :class:`~peftkit.optim.lorapro.LoRAPro` (equivalent-gradient adjustment of LoRA's A and B)
+lorapro    :class:`~peftkit.optim.lorapro.LoRAPro` (equivalent-gradient adjustment of LoRA's A and B;
+           ``full_adam`` False: LoRA-sized moments)
 loraplus   :func:`~peftkit.optim.loraplus.loraplus` (``ratio`` = ηB/ηA, default 16; ``lr_embedding``)
 allora     :class:`~peftkit.optim.allora.ALLoRAAdamW` (``eta``, ``apply`` "update" or "grad")
 sst        :class:`~peftkit.optim.sst.SSTAdamW` (resets the sampled vectors' state at SST's rounds)
@@ -106,7 +107,7 @@ _BUILDERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], tuple[str, ...]
     "adamw": (_adamw, ()),
     "adamw8bit": (_adamw8bit, ("min_8bit_size", "percentile_clipping", "block_wise")),
     "galore": (_galore, ("rank", "update_proj_gap", "scale", "proj_type", "state_bits", "min_dim")),
-    "lorapro": (_pairs_opt(LoRAPro), ()),
+    "lorapro": (_pairs_opt(LoRAPro), ("full_adam",)),
     "loraplus": (_loraplus, ("ratio", "lr_embedding")),
     "allora": (_pairs_opt(ALLoRAAdamW), ("eta", "apply")),
     "sst": (_pairs_opt(SSTAdamW), ()),

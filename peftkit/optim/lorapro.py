@@ -20,6 +20,10 @@ does. The Sylvester equation is solved in float64 in the eigenbases of the two s
 official solver eigen-decomposes them too; a pair of zero eigenvalues gives the minimum-norm 0). Memory: the full
 moments cost ``2·out·in`` elements per layer (as much as Adam in full fine-tuning); what LoRA-Pro saves against
 full fine-tuning is the weight gradient. Parameters that are not LoRA pairs (a task head) get plain AdamW.
+
+``full_adam=False`` (a cheaper variant the paper does not evaluate; *inferred*): steps 1 and 3 are applied to
+the raw gradients (``ĝ`` from the equivalent gradient ``g̃`` itself) and ``A``, ``B`` take ordinary Adam steps on
+``ĝA``, ``ĝB``, with moments of LoRA's size (``2·r·(in + out)`` elements per layer instead of ``2·out·in``).
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class LoRAPro(torch.optim.Optimizer):
     Args:
         model: an adapted model with LoRA-shaped adapters (:func:`peftkit.optim.params.lowrank_pairs`).
         lr, betas, eps, weight_decay: of the full-size Adam on the equivalent gradient (and of the plain AdamW group).
+        full_adam: Adam moments of the full-size equivalent gradient (the paper's method, default) or, with
+            ``False``, of the adjusted factor gradients (see the module docstring).
 
     Raises:
         NoLowRankPairsError: ``model`` has no trainable LoRA pair on a linear layer.
@@ -91,6 +97,7 @@ class LoRAPro(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        full_adam: bool = True,
     ) -> None:
         params = trainable(model)
         pairs = [p for p in lowrank_pairs(model) if p.kind == "linear"]
@@ -105,6 +112,7 @@ class LoRAPro(torch.optim.Optimizer):
         if rest:
             groups.append({"params": rest})
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.full_adam = full_adam
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -138,8 +146,12 @@ class LoRAPro(torch.optim.Optimizer):
         work = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
         af, bf = a.to(work), b.to(work)
         g_eq = equivalent_gradient(af, bf, a.grad.to(work), b.grad.to(work), s)
-        direction = self._moments(self.state[a], g_eq, group)
-        ha, hb, _ = adjusted_gradients(af, bf, direction, s)
+        if self.full_adam:
+            direction = self._moments(self.state[a], g_eq, group)
+            ha, hb, _ = adjusted_gradients(af, bf, direction, s)
+        else:
+            ga, gb, _ = adjusted_gradients(af, bf, g_eq, s)
+            ha, hb = self._moments(self.state[a], ga, group), self._moments(self.state[b], gb, group)
         if wd:
             a.mul_(1 - lr * wd)
             b.mul_(1 - lr * wd)

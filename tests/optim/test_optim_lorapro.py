@@ -162,3 +162,20 @@ def test_full_rank_square_step_is_an_adamw_step_on_w_to_first_order() -> None:
         gaps.append(float((moved - (dense.weight.detach() - w0)).abs().max()) / lr)
     assert gaps[1] < 0.2 * gaps[0]  # relative gap ∝ lr (measured 2.1e-3 at lr 1e-3, 2.1e-4 at 1e-4)
     assert gaps[1] < 1e-3
+
+
+def test_lorapro_without_full_moments() -> None:
+    """full_adam=False: the adjusted gradients of the raw equivalent gradient, ``(ĝA, ĝB)`` for the tangent
+    projection of G, take ordinary Adam steps with LoRA-sized moments (first step: ``-lr·ĝ/(|ĝ| + eps)``)."""
+    model, a, b = layer(b_zero=False)
+    x, t = data()
+    lr, eps = 1e-2, 1e-8
+    opt = build_optimizer("lorapro", model, lr=lr, eps=eps, full_adam=False)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    ga, gb, _ = adjusted_gradients(a0, b0, tangent_projection(a0, b0, full_gradient(model, x, t)), S)
+    step(model, opt, x, t)
+    for got, start, g in ((a, a0, ga), (b, b0, gb)):
+        want = start - lr * g / (g.abs() + eps)
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=1e-9 * float(want.abs().max()))
+    assert opt.state[a]["exp_avg"].shape == (R, D_IN) and opt.state[b]["exp_avg"].shape == (D_OUT, R)
+    assert opt.state_bytes() == 2 * R * (D_IN + D_OUT) * 8  # float64 moments of A and B
