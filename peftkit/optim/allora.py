@@ -9,12 +9,14 @@ length ``in``) moves at a rate inversely proportional to its norm: its step is m
 ``η`` at ``θ = 0`` (a fast escape from ``B = 0``) and ``≈ 1/‖θ‖`` once ``‖θ‖ ≫ 1/η``. Decisions (inferred): the norm
 is per row, from the parameters before the step; ``apply="update"`` (default) scales AdamW's whole step (Adam's
 ``m/√v`` would cancel a gradient scale), ``apply="grad"`` scales the gradient before it. Other trainable
-parameters take plain AdamW steps. Use it with LoRA (or with the ``allora`` method built with
-``grad_scaling=False``: that method can rescale gradients itself, and both would compound).
+parameters take plain AdamW steps. With ``apply="update"`` AdamW's decoupled weight decay is part of the step
+that is scaled. Use it with LoRA (or with the ``allora`` method built with ``grad_scaling=False``: that method
+rescales gradients itself, and both would compound; the optimizer warns when it finds such adapters).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -65,6 +67,16 @@ class ALLoRAAdamW(torch.optim.AdamW):
             raise NoLowRankPairsError(
                 "ALLoRA rescales the rows of LoRA factors and this model has no trainable (A, B) pair: adapt it with "
                 "LoRA, or choose another optimizer"
+            )
+        compounding = [
+            type(m).__name__ for m in model.modules() if getattr(getattr(m, "config", None), "grad_scaling", False)
+        ]
+        if compounding:
+            warnings.warn(
+                f"the model's {compounding[0]} adapters rescale their gradients themselves (grad_scaling=True) and "
+                "the ALLoRA optimizer rescales the steps too: the factors compound. Build the adapters with "
+                "grad_scaling=False, or use plain AdamW with them",
+                stacklevel=2,
             )
         rows = {id(t): t for pair in pairs for t in (pair.down, pair.up)}
         groups: list[dict[str, Any]] = [{"params": list(rows.values()), "allora": True}]

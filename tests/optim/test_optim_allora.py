@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -88,3 +90,13 @@ def test_other_parameters_take_plain_adamw_and_bad_input() -> None:
     full = pk.adapt(nn.Sequential(nn.Linear(4, 4)), pk.FullConfig(targets=["0"]))
     with pytest.raises(NoLowRankPairsError, match="adapt it with LoRA"):
         build_optimizer("allora", full, lr=LR)
+
+
+def test_warns_when_the_allora_method_already_rescales() -> None:
+    model = pk.adapt(nn.Sequential(nn.Linear(4, 4)), pk.get_config("allora", r=2, targets=["0"]))
+    with pytest.warns(UserWarning, match="grad_scaling=False"):
+        build_optimizer("allora", model, lr=LR)
+    quiet = pk.adapt(nn.Sequential(nn.Linear(4, 4)), pk.get_config("allora", r=2, grad_scaling=False, targets=["0"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_optimizer("allora", quiet, lr=LR)
