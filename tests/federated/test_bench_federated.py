@@ -1,0 +1,61 @@
+"""benchmarks/bench_federated.py at toy sizes (tiny BERT, 2 clients, 1 round, in process): every strategy, the
+centralised runs and one DP run per strategy write the JSON, tables and plots; Fed-SB's and FedEx-LoRA's aggregates
+equal the exact average of the clients' updates (≤ 1e-6 relative), FedAvg-LoRA reports a nonzero cross term, and
+the bytes per client are the strategies' formulas."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from _fed_data import tiny_setup
+
+pytest.importorskip("flwr")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_federated", ROOT / "benchmarks" / "bench_federated.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_at_toy_sizes(tmp_path: Path) -> None:
+    bench = load_bench()
+    bert, data = tiny_setup(tmp_path, n=60)
+    out = tmp_path / "res" / "fed.json"
+    argv = ["--model", str(bert), "--data", str(data), "--clients", "2", "--rounds", "1", "--train", "40",
+            "--eval", "20", "--r-sb", "4", "--r-lora", "2", "--lr", "1e-2", "--dp-epsilon", "8", "--out", str(out),
+            "--threads", str(torch.get_num_threads())]  # fmt: skip
+    results = bench.main(argv)  # --threads: this process's thread count stays as it is
+    assert json.loads(out.read_text()) == results
+    for suffix in ("_accuracy.png", "_dp.png"):
+        assert Path(f"{out.with_suffix('')}{suffix}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = out.with_suffix(".md").read_text()
+    assert "| Fed-SB | 4 |" in table and "| centralised LoRA-SB (union, 1 epochs) | 4 |" in table
+    (block,) = results["datasets"].values()
+    runs = {r["name"]: r for r in block["federated"]}
+    assert list(runs) == ["Fed-SB", "FedAvg-LoRA", "FFA-LoRA", "FedEx-LoRA"]
+    assert runs["Fed-SB"]["exactness"] <= 1e-6 and runs["FedEx-LoRA"]["exactness"] <= 1e-6
+    assert runs["FedAvg-LoRA"]["aggregation_error"] > 1e-4
+    layers, d = 4, 32  # the tiny BERT: query and value in 2 layers, hidden 32
+    assert runs["Fed-SB"]["upload_adapter_bytes_per_client_per_round"] == layers * 4 * 4 * 4
+    assert runs["FedAvg-LoRA"]["upload_adapter_bytes_per_client_per_round"] == layers * 2 * (d + d) * 4
+    assert runs["FFA-LoRA"]["upload_adapter_bytes_per_client_per_round"] == layers * d * 2 * 4
+    assert all(len(r["accuracy"]) == 2 and r["failures"] == [] for r in runs.values())
+    assert [r["name"] for r in block["centralised"]] == ["LoRA", "LoRA-SB"]
+    assert all(r["client_sizes"] == [40] for r in block["centralised"])
+    dp = {r["name"]: r for r in results["dp"]}
+    assert set(dp) == {"Fed-SB", "FedAvg-LoRA"}
+    assert all(0 < r["epsilon"][-1] <= 8.0 + 1e-6 for r in dp.values())
+    assert not out.with_suffix(".partial.json").exists()
+    # parts run in parallel merge into one result (nothing is run again)
+    merged = bench.main(["--merge", str(out), str(out), "--out", str(tmp_path / "merged.json")])
+    assert merged["datasets"] == results["datasets"] and len(merged["dp"]) == 2 * len(results["dp"])
+    table = (tmp_path / "merged.md").read_text()
+    assert table.count("| centralised LoRA (union") == 1 and table.count("| Fed-SB | 4 | 8 |") == 2
