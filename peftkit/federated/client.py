@@ -190,8 +190,12 @@ class ClientJob:
 
     @property
     def key(self) -> str:
-        """Identifies the base model and data a client process builds for this job."""
-        return hashlib.sha256(json.dumps([self.spec, self.model_digest], sort_keys=True).encode()).hexdigest()
+        """Identifies what a client process builds for this job: the base model and data, and the adapted model's
+        layout, which depends on the strategy (FedEx-LoRA's residual adapter on the ``lowrank`` modules). Two
+        runs in one process (in-process federations, a SuperNode serving several runs) with the same data but
+        another strategy must not share a runtime."""
+        parts = [self.spec, self.model_digest, self.strategy, self.lowrank]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def train_config(self, server_round: int, partition: int) -> TrainConfig:
         """The local training settings of client ``partition`` in round ``server_round`` (its own seed)."""

@@ -89,3 +89,23 @@ def test_a_client_with_another_base_model_is_refused(job: ClientJob, tmp_path: P
     other = ClientJob(**{**job.__dict__, "model_digest": "0" * 64})
     with pytest.raises(ValueError, match="differs from the server's"):
         ClientRuntime.get(other)
+
+
+def test_fedavg_then_fedex_in_one_process_get_their_own_runtimes(tmp_path: Path) -> None:
+    """A process that ran a FedAvg-LoRA client must build FedEx-LoRA's model (with its residual adapter) for a
+    FedEx-LoRA run on the same data, not reuse the FedAvg-LoRA one (which made every FedEx-LoRA client fail from
+    round 2 in the in-process benchmark: no adapter named 'fedex_residual')."""
+    from peftkit.federated.client import RESIDUAL, heads
+    from peftkit.train.build import build
+    from peftkit.train.run import settings_from
+
+    bert, data = tiny_setup(tmp_path)
+    built = build(settings_from(model=str(bert), data=str(data), method="lora", r=4, batch_size=8), progress=False)
+    common = {"spec": built.spec.to_dict(), "shards": [list(range(len(built.train)))],
+              "model_digest": built.model_digest, "rounds": 1, "train": dict(built.spec.train)}  # fmt: skip
+    fedavg = ClientRuntime.get(ClientJob(strategy="fedavg", **common))
+    head = heads(fedavg.model)
+    lowrank = [p for p in fedavg.model.adapter_modules("default") if p not in head]
+    fedex = ClientRuntime.get(ClientJob(strategy="fedex", lowrank=lowrank, **common))
+    assert fedex is not fedavg and fedavg.model.adapter_names == ["default"]
+    assert fedex.model.adapter_names == ["default", RESIDUAL] and fedex.model.active_adapters == ["default", RESIDUAL]
