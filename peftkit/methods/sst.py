@@ -141,7 +141,10 @@ class SST(Adapter[SSTConfig]):
         self._sample()
 
     def step(self, global_step: int) -> None:
-        if global_step > 0 and global_step % self.config.round_steps == 0:
+        """A new round at every ``round_steps``-th step, once: a resumed run calls ``step`` again with the step its
+        checkpoint was written at, whose round the saved ``round_index`` already counts."""
+        rounds = global_step // self.config.round_steps
+        if global_step > 0 and global_step % self.config.round_steps == 0 and self.round < rounds:
             self.new_round()
 
     # ------------------------------------------------------------------------------------------- weights

@@ -46,18 +46,21 @@ class SSTAdamW(torch.optim.AdamW):
                 "with method 'sst' (peftkit train --method sst), or choose another optimizer"
             )
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self._rounds = [a.round for a in self.adapters]
-        self._order: list[Tensor | None] = [None] * len(self.adapters)
+        # What the optimizer knows of the rounds lives in its state_dict, so a checkpoint resumes it: the round
+        # each adapter was at (first param group, plain ints) and sigma's order after the last step (sigma's state)
+        self.param_groups[0]["sst_rounds"] = [a.round for a in self.adapters]
         self.resets = 0  # rounds whose vector states were reset (for tests and logs)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        for i, adapter in enumerate(self.adapters):
-            if adapter.round != self._rounds[i]:
-                self._new_round(adapter, self._order[i])
-                self._rounds[i] = adapter.round
+        for adapter, seen in zip(self.adapters, self.param_groups[0]["sst_rounds"]):
+            if adapter.round != seen:
+                order = self.state.get(adapter.sigma, {}).get("sst_order")
+                self._new_round(adapter, None if order is None else order.long())
+        self.param_groups[0]["sst_rounds"] = [a.round for a in self.adapters]
         loss = super().step(closure)
-        self._order = [a.sigma.detach().abs().argsort(descending=True) for a in self.adapters]
+        for adapter in self.adapters:
+            self.state[adapter.sigma]["sst_order"] = adapter.sigma.detach().abs().argsort(descending=True)
         return loss
 
     def _new_round(self, adapter: SST, order: Tensor | None) -> None:

@@ -65,7 +65,7 @@ def test_sst_round_follows_the_definition() -> None:
         assert torch.equal(sst.U, frozen_u) and torch.equal(sst.V, frozen_v)  # unsampled columns: untouched
         model.step_adapters(k)  # the trainer's hook: the round ends after step 2
     assert sst.round == 1 and opt.resets == 0
-    order = opt._order[0]  # |σ| order after step 2, which the re-SVD follows
+    order = opt.state[sst.sigma]["sst_order"].clone()  # |σ| order after step 2, which the re-SVD follows
     assert order.tolist() == [0, 1, 3, 2, 4]  # the two close values swapped: the moments must follow
     sigma_m = opt.state[sst.sigma]["exp_avg"].clone()
     model.zero_grad()

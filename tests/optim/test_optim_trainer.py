@@ -117,12 +117,6 @@ def test_bad_optimizer_settings_are_refused_early() -> None:
         Trainer(model, TrainConfig(optim="lorapro", progress=False), token_dataset(8), loss_fn=token_loss)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peftkit/methods/sst.py: SST.step(global_step) starts a new round whenever global_step % round_steps "
-    "== 0, and the Trainer calls step_adapters(global_step) again when it resumes, so a checkpoint written at a "
-    "round boundary runs one extra round (re-SVD + new sample) on resume",
-)
 def test_resume_at_an_sst_round_boundary(tmp_path: Path) -> None:
     method = pk.get_config("sst", r=2, round_steps=2, targets=["fc1", "fc2"])
     straight = trainer("sst", method, max_steps=4)
