@@ -138,8 +138,9 @@ def forward_bank(x: Tensor, base_out: Tensor, ids: Tensor, bank: Bank, base: Bas
 
     The C++ kernel (:func:`.bgmv.bgmv_`) where it applies: CPU, float32 / float64, no gradient wanted, the
     kernel built. It reads each adapter's factors once per call and only up to each adapter's own rank, and was
-    measured faster than the gather at every shape tried (1 to 1,024 tokens per row, 8 to 128 adapters,
-    ``benchmarks/README.md``), so the batch shape does not switch it off. Elsewhere (gradients, other dtypes or
+    measured no slower than the gather at every shape tried (1 to 512 tokens per row, 2 to 128 adapters; 0.45-0.76x
+    at 256 rows of one token, 0.93-1.02x from 16 tokens per row on: ``benchmarks/README.md``, issue 19), so the
+    batch shape does not switch it off. Elsewhere (gradients, other dtypes or
     devices, no compiler) one gather of the rows' padded factors and two batched matmuls, which autograd
     differentiates.
     """
