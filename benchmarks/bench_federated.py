@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--dp-only", action="store_true", help="only the DP runs (on the first dataset)")
+    parser.add_argument("--strategies", nargs="*", default=[s for _, s in STRATEGIES], help="federated runs to do")
+    parser.add_argument("--no-centralised", action="store_true")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="merge these result files (parts run in parallel) into --out; runs nothing")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS / "federated.json")
@@ -287,12 +289,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"== {dataset}", flush=True)
             block: dict[str, list] = {"federated": [], "centralised": []}
             results["datasets"][dataset] = block
-            for name, strategy in STRATEGIES:
+            for name, strategy in (x for x in STRATEGIES if x[1] in args.strategies):
                 block["federated"].append(run(name, work / f"{dataset}-{strategy}", log, args.engine,
                                               strategy=strategy, r=ranks[strategy], **common, **extra))  # fmt: skip
                 partial()
             # centralised: one client holding the union, as many epochs over it as the federation had rounds
-            for name, strategy in (("LoRA", "fedavg"), ("LoRA-SB", "fedsb")):
+            for name, strategy in (("LoRA", "fedavg"), ("LoRA-SB", "fedsb")) if not args.no_centralised else ():
                 settings = {**common, "clients": 1, "rounds": 1, "local_epochs": args.rounds, "split": "iid"}
                 block["centralised"].append(run(name, work / f"{dataset}-central-{strategy}", log, args.engine,
                                                 strategy=strategy, r=ranks[strategy], **settings, **extra))  # fmt: skip
@@ -314,11 +316,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from parts run in parallel (their datasets and DP runs; each part's command and seconds)."""
+    """One result from parts run in parallel or again: their runs, a later part's run replacing an earlier one of
+    the same dataset, section and name (DP: and epsilon), in the order of the strategies; each part's command."""
     out = {k: v for k, v in parts[0].items() if k not in ("command", "seconds", "datasets", "dp")}
     out.update(parts=[{"command": p["command"], "seconds": p.get("seconds")} for p in parts], datasets={}, dp=[])
+    order = {name: i for i, (name, _) in enumerate(STRATEGIES)}
     for part in parts:
-        out["datasets"].update(part["datasets"])
+        for dataset, block in part["datasets"].items():
+            into = out["datasets"].setdefault(dataset, {"federated": [], "centralised": []})
+            for section, records in block.items():
+                names = {r["name"] for r in records}
+                kept = [r for r in into[section] if r["name"] not in names] + records
+                into[section] = sorted(kept, key=lambda r: order.get(r["name"], len(order)))
+        keys = {(r["dataset"], r["name"], r["privacy"]["epsilon"]) for r in part["dp"]}
+        out["dp"] = [r for r in out["dp"] if (r["dataset"], r["name"], r["privacy"]["epsilon"]) not in keys]
         out["dp"] += part["dp"]
     return out
 

@@ -54,8 +54,15 @@ def test_the_benchmark_at_toy_sizes(tmp_path: Path) -> None:
     assert set(dp) == {"Fed-SB", "FedAvg-LoRA"}
     assert all(0 < r["epsilon"][-1] <= 8.0 + 1e-6 for r in dp.values())
     assert not out.with_suffix(".partial.json").exists()
-    # parts run in parallel merge into one result (nothing is run again)
-    merged = bench.main(["--merge", str(out), str(out), "--out", str(tmp_path / "merged.json")])
-    assert merged["datasets"] == results["datasets"] and len(merged["dp"]) == 2 * len(results["dp"])
+    # parts merge into one result (nothing is run again); a later part's run replaces the same run of an earlier one
+    again = {**results, "datasets": {k: {"federated": v["federated"][3:], "centralised": []}
+                                     for k, v in results["datasets"].items()}}  # fmt: skip
+    again["datasets"][next(iter(again["datasets"]))]["federated"][0]["final_accuracy"] = -1.0
+    (tmp_path / "again.json").write_text(json.dumps(again))
+    merged = bench.main(["--merge", str(out), str(tmp_path / "again.json"), "--out", str(tmp_path / "merged.json")])
+    (block,) = merged["datasets"].values()
+    assert [r["name"] for r in block["federated"]] == ["Fed-SB", "FedAvg-LoRA", "FFA-LoRA", "FedEx-LoRA"]
+    assert block["federated"][3]["final_accuracy"] == -1.0 and len(block["centralised"]) == 2
+    assert merged["dp"] == results["dp"]
     table = (tmp_path / "merged.md").read_text()
-    assert table.count("| centralised LoRA (union") == 1 and table.count("| Fed-SB | 4 | 8 |") == 2
+    assert table.count("| centralised LoRA (union") == 1 and table.count("| Fed-SB | 4 | 8 |") == 1
