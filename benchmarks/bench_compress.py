@@ -7,8 +7,9 @@ causal-lm task's evaluation: exp of the mean next-token loss over blocks of ``--
 
 Sections (``--only a,b``; each updates its entry of ``results/compress.json``):
 
-* ``lord``: LoRD (budgeted per-layer ranks) vs plain truncated SVD with the same rank fraction everywhere
-  (``allocation="uniform"``), at several ratios of the projections' parameters removed.
+* ``lord``: LoRD (budgeted per-layer ranks; weight SVD, and the activation-aware ``feature`` mode) vs plain
+  truncated SVD with the same rank fraction everywhere (``allocation="uniform"``), at several ratios of the
+  projections' parameters removed.
 * ``pela``: PELA's low-rank model (its init is the uniform SVD) after a few distillation steps against the
   original (feature distillation + weight-perturbation regulariser + the LM loss).
 * ``eora``: HQQ 4-bit and 3-bit bases (``--eora-bases hqq4,hqq3,2:4`` adds 2:4 pruning): no compensation vs
@@ -116,12 +117,16 @@ def bench_lord(ctx: Context) -> dict[str, Any]:
 
     rows = []
     for ratio in ctx.args.ratios:
-        for allocation in ("budget", "uniform"):
+        for allocation in ("budget", "uniform", "feature"):
             model = ctx.fresh()
-            plan = lord(model, ratio=ratio, allocation=allocation)
+            if allocation == "feature":  # activation-aware factors (output covariance, AFM's), budgeted ranks
+                plan = lord(model, ratio=ratio, mode="feature", calibration=ctx.calibration)
+            else:
+                plan = lord(model, ratio=ratio, allocation=allocation)
             print(f"  LoRD {allocation} ratio {ratio}", flush=True)
             rows.append({
-                "method": "LoRD (budgeted ranks)" if allocation == "budget" else "plain SVD (uniform ranks)",
+                "method": {"budget": "LoRD (budgeted ranks)", "uniform": "plain SVD (uniform ranks)",
+                           "feature": "LoRD feature mode (budgeted)"}[allocation],
                 "ratio": ratio, "projection_params_kept": plan.params_after / plan.params_before,
                 "model_params_kept": _params(model) / ctx.total_params,
                 "dense_layers": sum(k is None for k in plan.ranks.values()), "perplexity": ctx.ppl(model),
