@@ -88,7 +88,9 @@ def compress(
     if method == "eora":
         from peftkit.compress.eora import eora
 
-        result = eora(model, batches, compress=compressor, rank=rank, ratio=ratio, tokenizer=tokenizer)
+        result = eora(
+            model, batches, compress=compressor, rank=rank, ratio=ratio, tokenizer=tokenizer, progress=progress
+        )
         before, after = result.report.before, result.report.after
         summary.update(compressor=compressor, rank=rank,
                        weighted_error_before=sum(before.values()) / max(len(before), 1),

@@ -109,6 +109,7 @@ def eora(
     tokenizer: Any = None,
     damp: float = DAMP,
     quantized: bool = False,
+    progress: bool = True,
 ) -> Result:
     """Compress ``model``'s Linears **in place** and add EoRA's compensation as LoRA adapter ``name``.
 
@@ -127,6 +128,7 @@ def eora(
         quantized: with an ``"hqqK"`` compressor, store the compressed base quantised: every target becomes
             hqq's ``HQQLinear`` (packed codes; :mod:`peftkit.core.quant` adapts it) and ``W_c`` is what that layer
             computes (its dequantised weight); otherwise the base keeps dense, dequantised weights.
+        progress: show a progress bar over the blocks.
 
     Raises:
         RatioError, RankError, CalibrationError, UnknownArchitectureError, CompressorError.
@@ -173,7 +175,7 @@ def eora(
         compensate(layers, stats, original)
     else:
         inputs = block_inputs(model, blocks[0][0], data) if data is not None else None
-        for block, group in tqdm(blocks, desc="EoRA", unit="block", leave=False):
+        for block, group in tqdm(blocks, desc="EoRA", unit="block", leave=False, disable=not progress):
             original = squeeze(group)
             stats = None
             if inputs is not None:

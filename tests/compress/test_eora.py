@@ -187,3 +187,10 @@ def test_quantized_base_is_stored_as_hqq_and_the_adapter_compensates_what_it_com
 def test_quantized_needs_an_hqq_compressor():
     with pytest.raises(CompressOptionError, match="hqq"):
         eora(_tiny.llama(layers=2), _tiny.batches(n=1), compress="2:4", rank=2, quantized=True)
+
+
+def test_the_block_progress_bar_follows_progress(capsys):
+    eora(_tiny.llama(layers=2), _tiny.batches(n=1), compress="2:4", rank=2, progress=False)
+    assert "EoRA" not in capsys.readouterr().err
+    eora(_tiny.llama(layers=2), _tiny.batches(n=1), compress="2:4", rank=2)
+    assert "EoRA" in capsys.readouterr().err
