@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quant import QuantizedViewMixin, is_quantized
+from .quant import QuantizedViewMixin
+from .quant_backends import is_quantized
 
 LayerKind = Literal["linear", "conv2d", "embedding", "module"]
 

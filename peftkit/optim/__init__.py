@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core.quant import import_backend
+from peftkit.core.quant_backends import import_backend
 from peftkit.optim.allora import ALLoRAAdamW, allora
 from peftkit.optim.errors import (
     GaLoreShapeError,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftkit.core.quant import import_backend
+from peftkit.core.quant_backends import import_backend
 from peftkit.optim.errors import GaLoreShapeError, OptimizerError
 from peftkit.optim.params import trainable
 
