@@ -1,6 +1,6 @@
 """LoRA on the real SmolLM2-135M-Instruct for Rotten Tomatoes sentiment as a chat task (``make demo-llm``), on
-CPU in about four minutes (measured: 0.650 -> 0.855 held-out accuracy, 235 s on 2 idle cores); then the adapter is served with ``peftkit serve`` and asked a question through the
-``openai`` client.
+CPU in about four minutes (measured: 0.650 -> 0.855 held-out accuracy, 235 s on 2 idle cores); then the adapter
+is served with ``peftkit serve`` and asked a question through the ``openai`` client.
 
 Steps:
 
