@@ -1,6 +1,6 @@
-"""``peftkit federate`` (peftkit/cli/federate.py): bad input is one line ``error: ...`` with exit code 1 before any training
-(unknown strategy, a split that leaves a client empty, an unreachable epsilon); slow: a 2-client, 1-round run
-through the command writes its folder and reports accuracy and bytes."""
+"""``peftkit federate`` (peftkit/cli/federate.py): bad input is one line ``error: ...`` with exit code 1 before any
+training (unknown strategy, a split that leaves a client empty, an unreachable epsilon); slow: a 2-client, 1-round
+run through the command writes its folder and reports accuracy and bytes."""
 
 from __future__ import annotations
 
