@@ -108,6 +108,13 @@ def train(
             "with --set, e.g. --set 'optim_options={\"rank\": 64}'."
         ),
     ] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            help="Store the base's linear layers quantised (QLoRA-style): nf4, fp4, int8 or hqq4 "
+            "(needs peftkit[quant]; the output head stays in full precision)."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -141,6 +148,7 @@ def train(
         "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
         "weight_decay": weight_decay, "warmup_ratio": warmup_ratio, "seed": seed, "max_steps": max_steps,
         "eval_every": eval_every, "save_every": save_every, "log_every": log_every, "optim": optim,
+        "quantize": quantize,
     }  # fmt: skip
     if optim is not None:
         from peftkit.optim import OptimizerError, check_optimizer
@@ -149,6 +157,13 @@ def train(
             check_optimizer(optim)
         except OptimizerError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--optim'") from None
+    if quantize is not None:
+        from peftkit.quantize import check_scheme
+
+        try:
+            check_scheme(quantize)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--quantize'") from None
     values = {k: v for k, v in values.items() if v is not None}
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise typer.BadParameter(f"the learning rate must be a positive number, got {lr}", param_hint="'--lr'")

@@ -20,6 +20,7 @@ from torch import nn
 
 from peftkit.core.config import AdapterConfig
 from peftkit.core.registry import get_method
+from peftkit.quantize import DEFAULT_SKIP, check_scheme, quantize
 from peftkit.train import causal_lm, classify
 from peftkit.train.data import Row, file_sha256, read_rows, split_rows
 from peftkit.train.errors import DataError
@@ -172,11 +173,16 @@ def load_base(spec: RunSpec, progress: bool = True, tokenizer: Any = None) -> tu
         raise ValueError(f"dtype {spec.dtype!r} is not a torch dtype (float32, bfloat16, float16)")
     if tokenizer is None:
         tokenizer, _ = load_tokenizer(spec, progress)
+    if spec.quantize is not None:
+        check_scheme(spec.quantize)  # before any weights are loaded
     with _loading(model_id, progress):
         if spec.task == classify.NAME:
             model, modules = classify.load_model(model_id, list(spec.task_options["labels"]), spec.seed, dtype)
-            return model, tokenizer, modules
-        return causal_lm.load_model(model_id, dtype), tokenizer, []
+        else:
+            model, modules = causal_lm.load_model(model_id, dtype), []
+    if spec.quantize is not None:
+        quantize(model, spec.quantize, skip=(*DEFAULT_SKIP, *(m.rsplit(".", 1)[-1] for m in modules)))
+    return model, tokenizer, modules
 
 
 def build(spec: RunSpec, *, eval_only: bool = False, progress: bool = True) -> Built:

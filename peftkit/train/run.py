@@ -56,7 +56,7 @@ NAMED = {
     "lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
     "weight_decay": "train.weight_decay", "warmup_ratio": "train.warmup_ratio", "max_steps": "train.max_steps",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "log_every": "train.log_every",
-    "optim": "train.optim",
+    "optim": "train.optim", "quantize": "quantize",
 }  # fmt: skip
 
 

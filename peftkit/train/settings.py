@@ -43,6 +43,8 @@ class RunSpec:
         max_train_samples: use at most this many training examples (built-in data: 3000).
         max_eval_samples: evaluate at most this many held-out examples (built-in data: 1000).
         dtype: the dtype the base model is loaded in.
+        quantize: store the base's linear layers quantised (``nf4``, ``fp4``, ``int8``, ``hqq4``; QLoRA-style,
+            :mod:`peftkit.quantize`), the output head excepted; ``None``: as loaded.
         device: ``"cpu"``, ``"cuda"`` ... (``None``: CUDA when available).
         method_options: fields of the method's config (``r``, ``alpha``, ``targets`` ...).
         train: fields of :class:`~peftkit.train.TrainConfig`.
@@ -59,6 +61,7 @@ class RunSpec:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     dtype: str = "float32"
+    quantize: str | None = None
     device: str | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
