@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import invoke as invoke_cli
+from _cli import runner
 from _tiny_lm import chat_rows, save, write_jsonl
-from typer.testing import CliRunner
 
 import peftkit as pk
 from peftkit.cli import app
@@ -18,7 +19,6 @@ from peftkit.compress import arch
 from peftkit.compress.saving import load_compressed
 
 pytest.importorskip("transformers")
-runner = CliRunner(env={"COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def invoke(*args: object) -> str:
-    result = runner.invoke(app, ["compress", *[str(a) for a in args]])
-    assert result.exit_code == 0, f"{args}: {result.output}\n{result.exception!r}"
-    return result.output
+    return invoke_cli("compress", *args)
 
 
 def _ids() -> torch.Tensor:

@@ -4,11 +4,12 @@ every generic check. A method gets all of this by registering; its ``exempt`` di
 from __future__ import annotations
 
 import pytest
-import torch
 from _harness import CHECKS, EXEMPTIONS, KINDS, Combo, combos
 from _throwaway_methods import THROWAWAY, registered
 
 import peftkit as pk
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COMBOS = [c for method in pk.list_methods() for c in combos(method)]
 
@@ -59,12 +60,3 @@ def test_new_method_gets_the_suite_by_registering(name: str, tmp_path) -> None:
     assert name not in pk.list_methods(), "the throwaway method leaked out of the registry"
     with pytest.raises(pk.errors.UnknownMethodError):
         pk.get_method(name)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread keeps the suite fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

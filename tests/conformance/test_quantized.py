@@ -23,6 +23,8 @@ from torch import nn
 
 import peftkit as pk
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 bnb = pytest.importorskip("bitsandbytes")
 
 QUANT_FACTOR = 3.0  # one merge: <= 1.0x measured (one rounding); merging a, then b rounds twice: <= 2.2x
@@ -249,11 +251,3 @@ def test_every_linear_method_runs_on_nf4() -> None:
     on_float = {c.method for m in pk.list_methods() for _, c in H.combos(m) if c.kind is FLOAT}
     on_nf4 = {c.method for _, c in COMBOS}
     assert on_float - on_nf4 == set()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _kernel_calls import count_kernel_calls
 from conftest import make_tiny_net
 
 import peftkit as pk
@@ -203,19 +204,6 @@ def test_static_adapters_skip_the_version_check_until_released() -> None:
 needs_kernel = pytest.mark.skipif(not bgmv.available(), reason=f"C++ kernel not built: {bgmv.status()}")
 
 
-def _count_kernel_calls(monkeypatch) -> list[tuple[int, int]]:
-    """Record (tokens, rows) of every call of the C++ kernel (the bank calls it through the module)."""
-    calls: list[tuple[int, int]] = []
-    original = bgmv.bgmv_
-
-    def counted(out, x, down, up, ids, slot_of_id, ranks) -> None:
-        calls.append((out.shape[0], ids.numel()))
-        original(out, x, down, up, ids, slot_of_id, ranks)
-
-    monkeypatch.setattr(bgmv, "bgmv_", counted)
-    return calls
-
-
 def _mlp_model(ranks: list[int]) -> pk.AdaptedModel:
     """Two Linear layers (24 -> 40 -> 24: widths that are not a multiple of the kernel's vector width), one LoRA
     adapter per rank, ``B`` non-zero."""
@@ -254,7 +242,7 @@ def test_decode_batch_runs_through_the_kernel_and_equals_each_rows_adapter(monke
     ids = [3, -1, 0, 1, 1, 4, 2, -1, 3, 3, 0, 1]
     shape = (len(ids), 24) if tokens == 1 else (len(ids), tokens, 24)
     x = torch.randn(shape, dtype=dtype)
-    calls = _count_kernel_calls(monkeypatch)
+    calls = count_kernel_calls(monkeypatch)
     with torch.no_grad():
         got = model(x, adapter_ids=ids)
         assert calls == [(len(ids) * tokens, len(ids))] * 2  # both layers, every token in one call
@@ -273,7 +261,7 @@ def test_kernel_follows_adapters_swapped_in_and_out(monkeypatch) -> None:
     """A server's bank: rows freed and reused by adapters of other ranks; the kernel reads each row only up to
     its current adapter's rank and stays exact."""
     model = _mlp_model([8, 2, 8])
-    calls = _count_kernel_calls(monkeypatch)
+    calls = count_kernel_calls(monkeypatch)
     x, ids = torch.randn(6, 24), [0, 1, 2, 2, 1, -1]
     with torch.no_grad():
         model(x, adapter_ids=ids)
@@ -297,7 +285,7 @@ def test_gradients_of_a_mixed_batch_equal_the_per_adapter_forward(monkeypatch) -
     ids = [1, 0, -1, 2, 1, 1]
     x = torch.randn(len(ids), 24)
     weights = torch.randn(len(ids), 24)
-    calls = _count_kernel_calls(monkeypatch)
+    calls = count_kernel_calls(monkeypatch)
     params = [p for n, p in model.named_parameters() if ".adapters." in n]
     for p in params:
         p.requires_grad_(True)
@@ -334,7 +322,7 @@ def test_generate_with_adapter_ids_decodes_through_the_kernel(monkeypatch) -> No
     model.eval()
     prompts = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(0))
     kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    calls = _count_kernel_calls(monkeypatch)
+    calls = count_kernel_calls(monkeypatch)
     out = model.generate(prompts, adapter_ids=["b", None, "a"], **kw)
     assert (3, 3) in calls  # a decode step: 3 rows of one token
     assert (15, 3) in calls  # the prompt: 3 rows of 5 tokens

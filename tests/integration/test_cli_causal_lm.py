@@ -12,20 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import invoke
 from _tiny_lm import chat_rows, save, write_jsonl
-from typer.testing import CliRunner
 
-from peftkit.cli import app
 from peftkit.train.run import load_trained
 
 pytest.importorskip("transformers")
-runner = CliRunner(env={"COLUMNS": "200"})
-
-
-def invoke(*args: str | Path) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, f"{args}: {result.output}\n{result.exception!r}"
-    return result.output
 
 
 @pytest.fixture(scope="module")

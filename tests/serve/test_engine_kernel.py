@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _kernel_calls import count_kernel_calls
 from serve_util import PROMPTS, check, merged_reference, setup_engine
 
 from peftkit.core import bgmv
@@ -14,14 +15,7 @@ from peftkit.serve.engine import Request, SamplingParams
 
 @pytest.mark.skipif(not bgmv.available(), reason=f"C++ kernel not built: {bgmv.status()}")
 def test_engine_decode_steps_run_through_the_kernel(tmp_path: Path, monkeypatch) -> None:
-    calls: list[tuple[int, int]] = []
-    original = bgmv.bgmv_
-
-    def counted(out, x, down, up, ids, slot_of_id, ranks) -> None:
-        calls.append((out.shape[0], ids.numel()))
-        original(out, x, down, up, ids, slot_of_id, ranks)
-
-    monkeypatch.setattr(bgmv, "bgmv_", counted)
+    calls = count_kernel_calls(monkeypatch)
     engine, paths, make = setup_engine(tmp_path, "llama")
     lora = [name for name in paths if name != "ad2"]  # ad2 is DoRA: no low-rank form, its layers run per group
     names = [*lora, None]

@@ -9,17 +9,11 @@ adapter, ``model.save``), ``RUN/checkpoints/step-<n>/`` (full checkpoints, each 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
-from serve_util import CharTokenizer, char_tokenizer_hf, random_adapter, tiny_llama
+from serve_util import CharTokenizer, char_tokenizer_hf, random_adapter, serve_cli, tiny_llama
 
 import peftkit as pk
 from peftkit.serve.cache import AdapterCache
@@ -149,28 +143,9 @@ def test_peftkit_serve_a_run_folder(tmp_path: Path) -> None:
     tiny_llama().save_pretrained(base)
     char_tokenizer_hf().save_pretrained(base)
     run = _run(tmp_path / "my-run", seed=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "peftkit.cli", "serve", "--base", str(base), "--adapters", str(run)]
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    with serve_cli("--base", str(base), "--adapters", str(run)) as (_, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["base", "my-run"]
         out = client.completions.create(model="my-run", prompt="hello", max_tokens=4, temperature=0)
         want = _logits(pk.load(tiny_llama(), run / "adapter"), "hello", 4).argmax(-1).tolist()
         assert out.choices[0].text == CharTokenizer().decode(want)
-    finally:
-        proc.terminate()
-        proc.wait(30)

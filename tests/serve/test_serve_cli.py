@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import tiny_gpt2
-from serve_util import char_tokenizer_hf, random_adapter
+from serve_util import char_tokenizer_hf, random_adapter, serve_cli
 
 import peftkit as pk
 
@@ -29,25 +23,9 @@ def test_peftkit_serve_command(tmp_path: Path) -> None:
     # starting, issue 12 item 21)
     outside = random_adapter(tiny_gpt2, pk.LoRAConfig(r=2, targets=["c_attn"]), tmp_path / "outside", seed=1)
     (tmp_path / "adapters" / "escape").symlink_to(outside, target_is_directory=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PEFTKIT_API_KEY": "k"}
-    cmd = [sys.executable, "-m", "peftkit.cli", "serve", "--base", str(base), "--adapters", str(tmp_path / "adapters")]
-    cmd += ["--embedder", "minilm", "--max-rank", "8"]
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+    args = ["--base", str(base), "--adapters", str(tmp_path / "adapters"), "--embedder", "minilm", "--max-rank", "8"]
+    with serve_cli(*args, env={"PEFTKIT_API_KEY": "k"}) as (proc, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["base", "demo", "embedding"]  # no "escape"
         vector = client.embeddings.create(model="embedding", input="hi").data[0].embedding
         assert len(vector) == 384 and abs(sum(v * v for v in vector) - 1) < 1e-4  # MiniLM, unit length
@@ -55,8 +33,5 @@ def test_peftkit_serve_command(tmp_path: Path) -> None:
         assert len(out.choices[0].text) == 4
         chat = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert chat.choices[0].finish_reason == "length"
-    finally:
-        proc.terminate()
-        proc.wait(30)
     output = proc.stdout.read().decode() if proc.stdout else ""
     assert "skipping adapter folder 'escape'" in output
