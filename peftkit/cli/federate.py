@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from peftkit.cli.app import Task, app, check_model, check_output_dir, log, metrics_line
+
+
+class Engine(str, Enum):
+    """Where ``peftkit federate`` runs its clients."""
+
+    simulation = "simulation"
+    inprocess = "inprocess"
 
 
 @app.command()
@@ -60,9 +68,13 @@ def federate(
         list[str] | None, typer.Option("--set", help="Any 'peftkit train' setting, KEY=VALUE (repeatable).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars while loading.")] = False,
+    engine: Annotated[
+        Engine,
+        typer.Option(help="simulation: Flower's simulation engine (Ray); inprocess: the same clients in this process."),
+    ] = Engine.simulation,
 ) -> None:
-    """Fine-tune an adapter with federated learning on Flower's simulation engine (one virtual client per data
-    shard) and report held-out accuracy per round and the bytes communicated."""
+    """Fine-tune an adapter with federated learning on Flower (one client per data shard, on its simulation
+    engine or in this process) and report held-out accuracy per round and the bytes communicated."""
     from peftkit.federated.privacy import PrivacySettings, UserPrivacy
     from peftkit.federated.run import ADAPTER_DIR, METRICS_FILE, SETTINGS_FILE
     from peftkit.federated.run import federate as run_federation
@@ -83,7 +95,8 @@ def federate(
     result = run_federation(
         output_dir, strategy=strategy, clients=clients, rounds=rounds, split=split, local_epochs=local_epochs,
         local_steps=local_steps, weighted=weighted, fraction=fraction, privacy=privacy, user_privacy=user,
-        overrides=set_ or None, progress=progress, log=log, **{k: v for k, v in options.items() if v is not None},
+        overrides=set_ or None, progress=progress, log=log, engine=engine.value,
+        **{k: v for k, v in options.items() if v is not None},
     )  # fmt: skip
     last = result.rounds[-1]
     typer.echo(f"{metrics_line(result.metrics, result.settings['num_eval'])} after {rounds} rounds; "

@@ -42,7 +42,16 @@ from flwr.serverapp import Grid, ServerApp
 from peftkit.core import io
 from peftkit.core.model import AdaptedModel
 from peftkit.core.version import __version__
-from peftkit.federated.client import ADAPTER, RESIDUAL, ClientJob, add_residual, heads, set_residual, split_state
+from peftkit.federated.client import (
+    ADAPTER,
+    RESIDUAL,
+    ClientJob,
+    add_residual,
+    freeze_for,
+    heads,
+    set_residual,
+    split_state,
+)
 from peftkit.federated.errors import FederatedOptionError
 from peftkit.federated.flower import PeftkitStrategy, client_app, from_record, to_record
 from peftkit.federated.privacy import PrivacySettings, UserPrivacy, client_delta, noise_multiplier, sample_rate
@@ -144,6 +153,7 @@ class Federation:
         scales = {p: float(modules[p].lowrank(self.model.base_view(p)).scale) for p in self.lowrank}
         if self.spec.folds_residual:
             add_residual(self.model, self.lowrank)
+        freeze_for(self.model, self.spec)  # so the log below counts what each client trains, not FedEx's residual
         sigmas = self._noise() if privacy is not None else None
         train = {k: v for k, v in self.built.spec.train.items() if k != "seed"}
         self.job = ClientJob(

@@ -50,3 +50,16 @@ def test_a_run_through_the_command(files, tmp_path: Path) -> None:
     assert "held-out accuracy:" in result.output and "bytes sent per client per round" in result.output
     settings = json.loads((tmp_path / "out" / "federation.json").read_text())
     assert settings["strategy"] == "fedsb" and settings["rounds"] == 1
+
+
+def test_a_run_through_the_command_in_process(files, tmp_path: Path) -> None:
+    result = federate(files, tmp_path / "out", "--engine", "inprocess", "--clients", "2", "--rounds", "1",
+                      "--split", "iid", "--lr", "1e-2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "held-out accuracy:" in result.output and "bytes sent per client per round" in result.output
+    assert (tmp_path / "out" / "adapter").is_dir()
+
+
+def test_an_unknown_engine_is_a_usage_error(files, tmp_path: Path) -> None:
+    result = federate(files, tmp_path / "out", "--engine", "ray")
+    assert result.exit_code == 2 and "'ray' is not one of" in result.output

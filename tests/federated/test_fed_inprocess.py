@@ -108,3 +108,13 @@ def test_user_level_dp_clips_each_update_and_noises_the_mean(files, tmp_path: Pa
     else:  # plus N(0, (σ·clip / clients)²) per value: its norm is about sqrt(n)·σ·clip/2
         n = sum(t.numel() for t in start.values())
         assert 0.5 * n**0.5 * sigma * clip / 2 < move < 1.5 * n**0.5 * sigma * clip / 2 + clip
+
+
+@pytest.mark.parametrize("strategy", ["fedex", "ffa"])
+def test_the_server_counts_what_a_client_trains(files, tmp_path: Path, strategy: str) -> None:
+    # FedEx-LoRA's frozen residual and FFA-LoRA's frozen A used to be counted as trainable in the run's log line
+    logged: list[str] = []
+    fed = Federation(tmp_path / "out", **settings(files, strategy=strategy, rounds=1, log=logged.append))
+    uploaded = sum(t.numel() for t in fed.trained.values())
+    assert fed.model.trainable_parameters().trainable == uploaded
+    assert f"trainable params: {uploaded:,}" in logged[-1]
