@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from peftkit.core.quant_backends import import_backend
-from peftkit.optim.errors import GaLoreShapeError, OptimizerError
+from peftkit.optim.errors import GaLoreShapeError, NoTrainableParametersError, OptimizerError
 from peftkit.optim.params import trainable
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -76,6 +76,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     Raises:
         GaLoreShapeError: a projected group holds a parameter that is not 2-D (the message names its shape).
+        NoTrainableParametersError: no parameter given, or none that requires gradients.
         OptimizerError: bad settings (rank < 1, unknown ``proj_type``, ``state_bits`` not 8 or 32).
     """
 
@@ -92,7 +93,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if state_bits not in (8, 32):
             raise OptimizerError(f"state_bits must be 8 or 32, got {state_bits}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
-        super().__init__(params, defaults)
+        params = list(params)
+        if params:
+            super().__init__(params, defaults)
+        if not params or not any(p.requires_grad for group in self.param_groups for p in group["params"]):
+            # (torch accepts frozen parameters and then never steps them: a run that trains nothing)
+            raise NoTrainableParametersError(
+                "GaLoreAdamW was given no trainable parameters: add and activate an adapter (pk.adapt / "
+                "set_adapter) or unfreeze the weights to train, and pass those (galore_groups(model) does)"
+            )
         self.state_bits = state_bits
         for group in self.param_groups:
             if "rank" not in group:
