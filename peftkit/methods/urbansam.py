@@ -69,13 +69,17 @@ from peftkit.core.api import (
 )
 from peftkit.methods._feature_maps import to_map
 
+#: The blocks of a SAM image encoder (bare: ``blocks.N`` / ``layers.N``; inside a SAM model: ``image_encoder.blocks.N``
+#: / ``vision_encoder.layers.N``), and not the mask decoder's ``transformer.layers.N``.
+SAM_BLOCKS = r"((.*\.)?(image_encoder|vision_encoder)\.)?(blocks|layers)\.\d+"
+
 
 @dataclass(kw_only=True)
 class UrbanSAMConfig(AdapterConfig):
     """Settings of UrbanSAM's adapters (all defaults inferred; the paper's code is not public).
 
     Attributes:
-        targets: default: the blocks of a SAM-style image encoder (``blocks.N`` / ``layers.N``), role ``"both"``
+        targets: default: the blocks of a SAM-style image encoder (:data:`SAM_BLOCKS`), role ``"both"``
             (the intended wiring, with the Uscaling-Adapter on the image, is :func:`urbansam_config`).
         hidden: ``c``, the width of the Uscaling features and of the attention.
         scales: ``L``, the number of dyadic pyramid levels (1, 1/2, 1/4, ...).
@@ -88,7 +92,7 @@ class UrbanSAMConfig(AdapterConfig):
         context: the key under which the Uscaling-Adapter publishes ``U`` (a fresh random key when empty).
     """
 
-    targets: list[str] | str = r"(.*\.)?(blocks|layers)\.\d+"
+    targets: list[str] | str = SAM_BLOCKS
     hidden: PositiveInt = 32
     scales: PositiveInt = 3
     heads: PositiveInt = 4
@@ -120,7 +124,7 @@ class UrbanSAMConfig(AdapterConfig):
 
 def urbansam_config(
     image_module: str = "patch_embed.projection",
-    block_pattern: str = r"(.*\.)?(blocks|layers)\.\d+",
+    block_pattern: str = SAM_BLOCKS,
     **fields: Any,
 ) -> UrbanSAMConfig:
     """The intended wiring: the Uscaling-Adapter on the patch-embedding conv (whose input is the image; HF SAM's
@@ -294,4 +298,4 @@ class UrbanSAM(Adapter[UrbanSAMConfig]):
         return {"both": uscaling + alignment, "uscaling": uscaling, "alignment": alignment}[config.role]
 
 
-__all__ = ["Alignment", "UrbanSAM", "UrbanSAMConfig", "Uscaling", "resample", "urbansam_config"]
+__all__ = ["SAM_BLOCKS", "Alignment", "UrbanSAM", "UrbanSAMConfig", "Uscaling", "resample", "urbansam_config"]

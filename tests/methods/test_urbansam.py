@@ -97,6 +97,25 @@ def test_identity_at_init_both_wirings() -> None:
             assert (model(x) - want).abs().max() > 1e-2 * want.abs().max(), "the trained adapter changes nothing"
 
 
+def test_default_targets_are_the_image_encoder_blocks_only() -> None:
+    """Inside a SAM-like model the wiring adapts the image encoder's patch conv and blocks, not the mask decoder's
+    ``transformer.layers.N`` (which the earlier pattern ``(.*\\.)?(blocks|layers)\\.\\d+`` also matched)."""
+
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = nn.Module()
+            self.transformer.layers = nn.ModuleList(Block(D) for _ in range(2))  # type: ignore[assignment]
+
+    sam = nn.Module()
+    sam.image_encoder = encoder()  # type: ignore[assignment]
+    sam.mask_decoder = Decoder()  # type: ignore[assignment]
+    paths = sorted(pk.adapt(sam, wired()).adapter_modules("default"))
+    assert paths == ["image_encoder.blocks.0", "image_encoder.blocks.1", "image_encoder.patch_embed.proj"]
+    paths = sorted(pk.adapt(sam, UrbanSAMConfig(hidden=8, heads=2)).adapter_modules("default"))
+    assert paths == ["image_encoder.blocks.0", "image_encoder.blocks.1"]
+
+
 def test_alignment_reads_the_uscaling_features() -> None:
     """The blocks' output depends on the image only through the trunk and U: perturbing U alone (through the
     Uscaling weights) changes the encoder output."""
