@@ -44,6 +44,11 @@ def quantize_linear(linear: nn.Linear, scheme: str) -> nn.Module:
         group = 64 if linear.in_features % 64 == 0 else linear.in_features
         config = hqq.BaseQuantizeConfig(nbits=4, group_size=group, axis=1)
         layer = hqq.HQQLinear(linear, config, compute_dtype=dtype, device=str(linear.weight.device), del_orig=False)
+        # del_orig=False leaves ``linear`` untouched (True would set its parameters to None) but keeps it as the
+        # submodule ``linear_layer``: the float weights would stay in the model next to the 4-bit codes (more
+        # memory than the float base, not less) and appear as an extra nn.Linear; hqq reads it only while
+        # quantising, in the constructor
+        layer.linear_layer = None
         if layer.bias is not None:  # hqq clones the bias with its autograd history; a frozen base holds a plain one
             layer.bias = layer.bias.detach()
         return layer
