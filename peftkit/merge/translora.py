@@ -88,7 +88,8 @@ def fit_discriminator(
     seed: int = 0,
 ) -> Callable[[Tensor], Tensor]:
     """Train adapter ``name`` of ``model`` as the real-vs-synthetic discriminator (``logits(model, x)`` ``[n, 2]``,
-    class 1 = real) and return ``p_real(x)`` (the adapter routed by ``adapter_ids``, no gradients).
+    class 1 = real) and return ``p_real(x)`` (no gradients; ``logits`` gets ``model`` with ``name`` as its only active
+    adapter, the active adapters and train mode restored afterwards).
 
     Raises:
         MergeOptionError: empty ``real`` / ``synthetic``, inputs of different shapes, ``steps`` or ``batch_size`` < 1.
@@ -113,26 +114,21 @@ def fit_discriminator(
     )
 
     def p_real(x: Tensor) -> Tensor:
-        was_training = model.training
+        # The discriminator is made the only active adapter while it scores (and the previous state restored), so
+        # ``logits`` gets the model itself, as in training: it may run other forward passes of other sizes (e.g.
+        # class-prompt embeddings), which fixed per-row ``adapter_ids`` would reject.
+        previous, was_training = model.active_adapters, model.training
+        model.set_adapter(name)
         model.eval()
         try:
             with torch.no_grad():
-                ids = [name] * len(x)
-                return torch.softmax(logits(_Routed(model, ids), x), -1)[:, 1]
+                return torch.softmax(logits(model, x), -1)[:, 1]
         finally:
             model.train(was_training)
+            if previous:
+                model.set_adapter(previous)
 
     return p_real
-
-
-class _Routed:
-    """``model`` called with fixed ``adapter_ids`` (what ``logits`` sees when the discriminator scores)."""
-
-    def __init__(self, model: AdaptedModel, ids: list[str]) -> None:
-        self.model, self.ids = model, ids
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, adapter_ids=self.ids, **kwargs)
 
 
 @dataclass

@@ -109,3 +109,33 @@ def test_bad_requests() -> None:
     with pytest.raises(MergeOptionError, match="no synthetic inputs"):
         trans_lora(disc, "t", pk.LoRAConfig(r=2, **CONFIG), empty, lambda v: v, _ce)
     assert "t" not in disc.adapter_names
+
+
+def test_discriminator_scores_with_a_logits_fn_that_runs_other_rows_too() -> None:
+    """``p_real`` hands ``logits`` the model with the discriminator active (as in training), so a ``logits`` that runs
+    more rows than ``x`` in one pass (the transfer benchmark embeds its class prompts with the texts) scores; the
+    model's active adapters are restored. (It used to call a proxy with ``adapter_ids`` for ``len(x)`` rows only.)"""
+    g = torch.Generator().manual_seed(0)
+    model = pk.adapt(make_tiny_net(0), pk.LoRAConfig(r=4, **CONFIG), "task")
+    randomize(model, "task", seed=11, scale=0.5)  # the task adapter changes the output: scoring must not use it
+    model.add_adapter("disc", pk.LoRAConfig(r=4, **CONFIG))
+    anchors = _real(2, torch.Generator().manual_seed(5))
+
+    def logits(m, x):
+        out = m(torch.cat([x, anchors]))
+        return out[: len(x), :2] - out[len(x) :, :2].mean(0)
+
+    p_real = fit_discriminator(model, "disc", _real(64, g), _generate(64, g), logits, steps=20)
+    x = _generate(16, torch.Generator().manual_seed(6))
+    model.train()
+    p = p_real(x)
+    assert model.active_adapters == ["task"] and model.training  # restored
+    model.set_adapter("disc")
+    model.eval()
+    with torch.no_grad():
+        want = torch.softmax(logits(model, x), -1)[:, 1]
+    torch.testing.assert_close(p, want, rtol=1e-6, atol=1e-7)
+    model.set_adapter("task")
+    with torch.no_grad():
+        with_task = torch.softmax(logits(model, x), -1)[:, 1]
+    assert float((p - with_task).abs().max()) > 0.05  # the task adapter active would score otherwise
