@@ -54,6 +54,53 @@ def test_mapsam_dora_full_improves() -> None:
     assert out["iou_after"] > out["iou_before"] + 0.4  # measured 0.018 -> 0.709
 
 
+# ------------------------------------------------------------------------------------------- ToonComposer
+def test_tooncomposer_spatial_lora_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    ex = load_example("tooncomposer_spatial_lora")
+    out = ex.main(["--quick", "--seed", "0"])
+    printed = capsys.readouterr().out
+    for key in ("source_mse", "mse_before", "mse_after", "mse_copy_last"):
+        assert math.isfinite(out[key]) and out[key] >= 0.0, key
+    # the preset adapts the four Linear layers of every block's spatial part, none of its temporal part
+    expected = [f"blocks.{i}.spatial.{n}" for i in range(3) for n in ("attn.proj", "attn.qkv", "mlp.0", "mlp.2")]
+    assert out["adapted_layers"] == sorted(expected)
+    # LoRA r=8: r(d_in + d_out) on qkv 64->192, proj 64->64, mlp.0 64->128, mlp.2 128->64, in 3 blocks
+    assert out["trainable"] == out["expected_trainable"] == 3 * 8 * (256 + 128 + 192 + 192) == 18432
+    assert out["total"] == n_params(ex.TinyVideoTransformer()) + out["trainable"]
+    # every temporal tensor (3 blocks x norm weight/bias, qkv weight/bias, proj weight/bias) bit-identical
+    assert out["temporal_identical"] is True and out["temporal_tensors"] == 18
+    assert f"trained parameters {out['trainable']:,} of {out['total']:,}" in printed
+    assert "bit-identical, no adapter" in printed
+
+
+def test_tooncomposer_temporal_layers_get_no_gradient() -> None:
+    """On the example's model, the preset leaves the temporal layers without adapter and without gradient."""
+    import peftkit as pk
+    from peftkit.methods.dera import spatial_only_lora
+
+    ex = load_example("tooncomposer_spatial_lora")
+    model = pk.adapt(ex.TinyVideoTransformer(), spatial_only_lora(ex.TinyVideoTransformer(), r=2, seed=0))
+    clips = ex.render(4, "cartoon", 0)
+    for adapter in model.adapter_modules("default").values():  # move B off zero so the update is not trivially 0
+        for p in adapter.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    ex.next_frame_loss(model, clips).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(".spatial." in n for n in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    temporal = [(n, p) for n, p in model.named_parameters() if ".temporal." in n]
+    assert len(temporal) == 18 and all(not p.requires_grad and p.grad is None for _, p in temporal)
+
+
+@pytest.mark.slow
+def test_tooncomposer_spatial_lora_full_improves() -> None:
+    out = load_example("tooncomposer_spatial_lora").main(["--seed", "0"])
+    assert out["source_mse"] < 0.8 * out["mse_copy_last"]  # the base model predicts motion
+    assert out["mse_after"] < 0.4 * out["mse_before"]  # measured 0.0565 -> 0.0113
+    assert out["mse_after"] < out["mse_copy_last"]  # still better than copying the last frame: motion kept
+    assert out["temporal_identical"] is True
+
+
 # ------------------------------------------------------------------------------------------- LoLA-SpecViT
 def test_lola_specvit_quick(capsys: pytest.CaptureFixture[str]) -> None:
     ex = load_example("lola_specvit")
