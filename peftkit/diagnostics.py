@@ -152,7 +152,9 @@ def lora_norm_bound(
     flag restored afterwards, and no tensor of the model is written. For each adapter ``a`` in ``adapters``
     (default: the active adapters) on each layer it targets, ``ΔW`` comes from the protocol: ``lowrank()`` when
     the adapter has one (``X ΔW`` is then computed as ``scale·(X downᵀ) upᵀ``, the low-rank chain the paper's
-    fast algorithms use), else ``delta_weight()``; see :class:`LayerNormBound` for each number.
+    fast algorithms use), else ``delta_weight()``; see :class:`LayerNormBound` for each number. For a LoRA with a
+    residual initialisation (PiSSA, LoRA-GA, LoKU) ``W⋆`` is the untouched base weight and ``ΔW = s(BA − B₀A₀)``
+    its change, so ``X (W⋆ + ΔW)`` is the product with the weight the forward uses.
 
     ``L`` is the size of the token axis: ``X.shape[-2]`` for a linear layer with a ``[batch, tokens, in]``
     input, ``H·W`` for a convolution, ``ids.shape[-1]`` for an embedding; a linear layer fed ``[rows, in]`` has no
@@ -205,7 +207,8 @@ def lora_norm_bound(
         for path, layer in layers:
             hook = _hook(path, layer, names, seq_len, rows)
             hooks.append(layer.base_layer.register_forward_hook(hook, with_kwargs=True))
-        model.eval()
+        if any(modes.values()):  # (eval() also drops the layers' cached mixed-batch banks: only when needed)
+            model.eval()
         with torch.no_grad():
             if isinstance(batch, Tensor):
                 model(batch)

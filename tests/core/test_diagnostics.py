@@ -227,3 +227,19 @@ def test_layer_the_batch_never_reaches() -> None:
     with pytest.raises(DiagnosticsError, match=r"never reached the adapted layer\(s\) \['unused'\]"):
         lora_norm_bound(model, _batch())
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_residual_init_adapted_product_is_the_forward() -> None:
+    """With PiSSA (frozen offset B₀A₀, ΔW = s(BA − B₀A₀) = 0 at init), ‖X (W⋆ + ΔW)‖_max is the largest entry of
+    what the adapted layer computes, less its bias."""
+    base = TinyAttn()
+    model = pk.adapt(base, pk.LoRAConfig(r=2, alpha=4, targets=["q"]), init="pissa").eval()
+    with torch.no_grad():
+        model.adapter_modules("default")["q"].B.add_(0.5)  # move away from the init
+        x = _batch()
+        xq = base.norm(x)
+        expected = (base.q(xq) - base.q.base_layer.bias).abs().max()
+    row = lora_norm_bound(model, x)["q", "default"]
+    assert row.delta_source == "lowrank"
+    _close(row.adapted_max, expected)
+    assert row.xdelta_max > 0
