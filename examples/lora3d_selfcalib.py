@@ -1,7 +1,7 @@
 """LoRA3D-style low-rank self-calibration of a small depth model on its own robust pseudo-labels.
 
-LoRA3D (Lu, Yang, Zhang, Jiang, Tomasi, Lewis, Lobo and Pavone, 2025, "LoRA3D: Low-Rank Self-Calibration of 3D
-Geometric Foundation Models", ICLR 2025) adapts a pre-trained 3-D geometric model (DUSt3R / MASt3R) to a new
+LoRA3D (Lu, Yang, Xu, Li, Ivanovic, Pavone and Wang, "LoRA3D: Low-Rank Self-Calibration of 3D Geometric
+Foundation Models", ICLR 2025) adapts a pre-trained 3-D geometric model (DUSt3R / MASt3R) to a new
 scene without any ground truth: it runs the model on the scene's images, aligns the per-view predictions into
 one reconstruction by a *robust global optimisation* that re-weights (calibrates) the model's own confidences,
 keeps the points whose calibrated confidence is high as pseudo-labels, and fine-tunes LoRA adapters on them
