@@ -4,7 +4,7 @@ import peftkit as pk
 model = pk.adapt(base_model, pk.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
 """
 
-from peftkit import assets, errors, init
+from peftkit import assets, diagnostics, errors, init
 from peftkit.core.config import AdapterConfig
 from peftkit.core.dense import FullConfig
 from peftkit.core.model import AdaptedModel, TrainableReport, adapt, load
@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "adapt",
     "assets",
+    "diagnostics",
     "errors",
     "export_peft",
     "get_config",
