@@ -38,6 +38,13 @@ METHOD_DEFAULTS: dict[str, Any] = {"r": 8, "alpha": 16.0}
 DEFAULT_TARGETS = (("query", "value"), ("q_proj", "v_proj"), ("q_lin", "v_lin"), ("c_attn",), ("query_key_value",))
 
 
+def labelled_tokens(batch: Mapping[str, Any]) -> int:
+    """The tokens a causal LM's mean loss averages over in ``batch``: labels other than -100 after the one-token
+    shift (Hugging Face's ``ForCausalLMLoss``). Processes holding different numbers of them weight their losses
+    by it (:meth:`peftkit.train.distributed.Distributed.reduce_loss`)."""
+    return int((batch["labels"][..., 1:] != -100).sum())
+
+
 def task_module(name: str) -> ModuleType:
     """The module of task ``name``; an unknown name is a ``ValueError`` listing the tasks."""
     if name not in TASKS:

@@ -42,9 +42,11 @@ from peftkit.core import io
 from peftkit.core.model import AdaptedModel
 from peftkit.optim import build_optimizer, trainable
 from peftkit.train import checkpoint as ckpt
+from peftkit.train import distributed as parallel
 from peftkit.train.config import TrainConfig, lr_factor
+from peftkit.train.distributed import LOCAL, Distributed
 from peftkit.train.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
-from peftkit.train.guards import DivergenceCheck, grad_norm, non_finite_gradients
+from peftkit.train.guards import DivergenceCheck, non_finite_gradients
 from peftkit.train.helpers import (
     SignalFlag,
     batch_size_of,
@@ -143,6 +145,12 @@ class Trainer:
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; by default the model's own ``loss`` output.
         callbacks: :class:`Callback` instances, called in order.
         log: where log lines go (default ``tqdm.write``, which keeps the progress bar intact).
+        distributed: this process's place in a ``torch.distributed`` group (:mod:`peftkit.train.distributed`):
+            the model is trained under DDP or FSDP2, ``batch_size`` is per process, each rank trains on its share
+            of every global batch, and only rank 0 logs and writes files; ``None``: one process.
+        loss_weight: ``loss_weight(batch)``: how many items ``loss_fn``'s mean is over (default: the rows), so that
+            processes holding different numbers of them weight their losses as one batch would (a causal LM's
+            loss averages over its labelled tokens).
     """
 
     def __init__(
@@ -156,8 +164,15 @@ class Trainer:
         loss_fn: LossFn = default_loss,
         callbacks: Sequence[Callback] = (),
         log: Callable[[str], None] | None = None,
+        distributed: Distributed | None = None,
+        loss_weight: Callable[[Batch], float] | None = None,
     ) -> None:
         self.model = model
+        self.dist = distributed or LOCAL
+        self.loss_weight = loss_weight or batch_size_of
+        # What the loss calls: a DDP wrapper, or the model sharded in place by FSDP2 (whose parameters become
+        # shards, so the optimizer is built after this).
+        self.train_model = self.dist.wrap(model)
         self.config = config
         self.train_data = train_data
         self.collate_fn = collate_fn or default_collate
@@ -202,7 +217,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the schedule
     def _micro_batches(self) -> int:
-        return math.ceil(len(self.train_data) / self.config.batch_size)  # type: ignore[arg-type]
+        global_batch = self.config.batch_size * self.dist.world_size
+        return math.ceil(len(self.train_data) / global_batch)  # type: ignore[arg-type]
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run (the length of the learning-rate schedule)."""
@@ -217,9 +233,12 @@ class Trainer:
         torch.empty((), dtype=torch.int64).random_(generator=self._generator)
         return torch.randperm(n, generator=self._generator).tolist() if self.config.shuffle else list(range(n))
 
-    def _batch(self, order: list[int], index: int) -> Batch:
-        size = self.config.batch_size
-        return self.collate_fn([self.train_data[i] for i in order[index * size : (index + 1) * size]])
+    def _batch(self, order: list[int], index: int) -> tuple[Batch, int, bool]:
+        """``(this process's batch, examples in the global batch, whether this process's share is empty)``."""
+        size = self.config.batch_size * self.dist.world_size
+        examples = [self.train_data[i] for i in order[index * size : (index + 1) * size]]
+        mine, empty = self.dist.share(examples)
+        return self.collate_fn(mine), len(examples), empty
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, root: str | Path | None = None) -> Path:
@@ -230,8 +249,14 @@ class Trainer:
         if pos.done >= self._micro_batches():  # the epoch is complete: the next one starts afresh
             pos = _Position(epoch=pos.epoch + 1)
         rng_values, tensors = ckpt.rng_state()
-        opt_values, opt_tensors = ckpt.optimizer_state(self.optimizer)
-        tensors.update(opt_tensors)
+        if self.dist.active:  # every rank's RNG states (rank r resumes with its own); the optimizer goes to dcp/
+            ranks = self.dist.gather((rng_values, tensors))
+            rng_values = {"ranks": [values for values, _ in ranks]}
+            tensors = {f"rank{r}.{k}": t for r, (_, ts) in enumerate(ranks) for k, t in ts.items()}
+            opt_values: dict[str, Any] = {"sharded": True}
+        else:
+            opt_values, opt_tensors = ckpt.optimizer_state(self.optimizer)
+            tensors.update(opt_tensors)
         tensors["data.generator"] = self._generator.get_state()
         if pos.order is not None:
             tensors["data.order"] = torch.tensor(pos.order, dtype=torch.int64)
@@ -247,16 +272,25 @@ class Trainer:
             "optimizer": opt_values,
             "rng": rng_values,
             "config": self.config.to_dict(),
+            "world_size": self.dist.world_size,
         }
 
-        def write(folder: Path) -> None:
-            ckpt.save_model(self.model, folder)
+        def write_state(folder: Path) -> None:
             if self.checkpoint_files:
                 io.write_files(folder, list(self.checkpoint_files.items()))
             ckpt.write_state(folder, state, tensors)
 
-        path = ckpt.write_checkpoint(root, self.global_step, write)
-        ckpt.prune(root, self.config.keep_checkpoints)
+        def write(folder: Path) -> None:
+            ckpt.save_model(self.model, folder)
+            write_state(folder)
+
+        if self.dist.active:
+            path = parallel.write_checkpoint(root, self.global_step, self.dist, self.train_model, self.optimizer,
+                                                ckpt.save_model, write_state)  # fmt: skip
+        else:
+            path = ckpt.write_checkpoint(root, self.global_step, write)
+        if self.dist.is_main:
+            ckpt.prune(root, self.config.keep_checkpoints)
         return path
 
     def _restore(self, folder: str | Path) -> None:
@@ -275,9 +309,21 @@ class Trainer:
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
             raise CheckpointError(f"{folder} was written with other training settings ({diffs})")
-        ckpt.load_model(self.model, folder)
-        ckpt.load_optimizer_state(self.optimizer, state["optimizer"], tensors, str(folder))
-        ckpt.set_rng_state(state["rng"], tensors)
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise CheckpointError(
+                f"{folder} was written by {state.get('world_size', 1)} process(es), this run has "
+                f"{self.dist.world_size}: the global batch (processes x batch_size) would differ; resume with "
+                f"--nproc {state.get('world_size', 1)}"
+            )
+        if self.dist.active:
+            parallel.load_sharded(folder / parallel.DCP_DIR, self.train_model, self.optimizer)
+            prefix = f"rank{self.dist.rank}."
+            mine = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+            ckpt.set_rng_state(state["rng"]["ranks"][self.dist.rank], mine)
+        else:
+            ckpt.load_model(self.model, folder)
+            ckpt.load_optimizer_state(self.optimizer, state["optimizer"], tensors, str(folder))
+            ckpt.set_rng_state(state["rng"], tensors)
         self._generator.set_state(tensors["data.generator"])
         order = tensors["data.order"].tolist() if "data.order" in tensors else None
         self._position = _Position(
@@ -291,6 +337,8 @@ class Trainer:
         """Print one log line and append it to ``metrics_file`` when this step is logged."""
         cfg = self.config
         step = int(logs["step"])
+        if not self.dist.is_main:
+            return
         due = force or (cfg.log_every is not None and (step % cfg.log_every == 0 or step == total))
         if not due:
             return
@@ -309,7 +357,7 @@ class Trainer:
         """Drop the lines of ``metrics_file`` logged after the checkpoint being resumed (they are logged again),
         so the file of a resumed run reads as that of an uninterrupted one."""
         path = self.config.metrics_file
-        if path is None or not Path(path).is_file():
+        if path is None or not self.dist.is_main or not Path(path).is_file():
             return
         kept = []
         for line in Path(path).read_text(encoding="utf-8").splitlines(keepends=True):
@@ -386,7 +434,7 @@ class Trainer:
             epoch_start = time.perf_counter()
             done_steps = math.ceil(pos.done / cfg.grad_accum)
             bar = tqdm(total=steps_per_epoch, initial=done_steps, desc=f"epoch {pos.epoch}/{cfg.epochs}",
-                       disable=not cfg.progress)  # fmt: skip
+                       disable=not (cfg.progress and self.dist.is_main))  # fmt: skip
             try:
                 last_logs = self._train_epoch(pos, micro_batches, total, adapted, bar, epoch_start, result)
             finally:
@@ -419,6 +467,8 @@ class Trainer:
 
     def _check_signal(self, result: TrainResult) -> None:
         name = self._signal.name
+        if self.dist.any(name is not None):  # a signal that reached one process stops them all, after one step
+            name = name or "SIGTERM"
         if name is None:
             return
         path = None
@@ -451,29 +501,32 @@ class Trainer:
             k = min(cfg.grad_accum, micro_batches - pos.done)
             step_loss = 0.0
             for i in range(k):
-                batch = to_device(self._batch(pos.order, pos.done + i), cfg.device)
-                loss = self.loss_fn(model, batch)
-                if not torch.isfinite(loss.detach()).all():
+                batch, count, empty = self._batch(pos.order, pos.done + i)
+                batch = to_device(batch, cfg.device)
+                loss = self.loss_fn(self.train_model, batch)
+                # One process: the loss as it is. Several: weighted as one global batch (distributed.reduce_loss).
+                weight = 0.0 if empty else (float(self.loss_weight(batch)) if self.dist.active else 1.0)
+                loss, value = self.dist.reduce_loss(loss, weight)
+                if not math.isfinite(value):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteLossError(
-                        f"training loss is {loss.item()} at step {self.global_step + 1} (epoch {pos.epoch}, "
+                        f"training loss is {value} at step {self.global_step + 1} (epoch {pos.epoch}, "
                         f"micro-batch {pos.done + i + 1} of {micro_batches}); stopped before this update. "
                         "Lower the learning rate, keep max_grad_norm set, or check the inputs."
                     )
                 (loss / k).backward()
-                step_loss += loss.item() / k
-                pos.samples += batch_size_of(batch)
+                step_loss += value / k
+                pos.samples += count if self.dist.active else batch_size_of(batch)
             # The loss can be finite while its gradients are not (sqrt or log at 0, float16 overflow): check the
             # norm before the step, so a NaN update never reaches the parameters.
-            norm = grad_norm(self.params)
+            norm = self.dist.grad_norm(self.params)
             if not math.isfinite(norm):
                 error = non_finite_gradients(model, self.params, norm, step_loss, self.global_step + 1, pos.epoch)
                 self.optimizer.zero_grad(set_to_none=True)
                 raise error
             if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
                 # As torch.nn.utils.clip_grad_norm_ (same coefficient), from the norm computed above.
-                grads = [p.grad for p in self.params if p.grad is not None]
-                torch._foreach_mul_(grads, cfg.max_grad_norm / (norm + 1e-6))
+                self.dist.clip(self.params, cfg.max_grad_norm / (norm + 1e-6))
             factor = lr_factor(self.global_step, total, cfg)
             lr = cfg.lr * factor
             for group in self.optimizer.param_groups:  # each group's own start (LoRA+'s B group: ratio · lr)
