@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"total time {seconds:.1f} s")
     return {
         "source_mse": src_mse,
+        "source_mse_copy_last": src_copy,
         "mse_before": before,
         "mse_after": after,
         "mse_copy_last": copy_last,

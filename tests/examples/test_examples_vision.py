@@ -59,7 +59,7 @@ def test_tooncomposer_spatial_lora_quick(capsys: pytest.CaptureFixture[str]) -> 
     ex = load_example("tooncomposer_spatial_lora")
     out = ex.main(["--quick", "--seed", "0"])
     printed = capsys.readouterr().out
-    for key in ("source_mse", "mse_before", "mse_after", "mse_copy_last"):
+    for key in ("source_mse", "source_mse_copy_last", "mse_before", "mse_after", "mse_copy_last"):
         assert math.isfinite(out[key]) and out[key] >= 0.0, key
     # the preset adapts the four Linear layers of every block's spatial part, none of its temporal part
     expected = [f"blocks.{i}.spatial.{n}" for i in range(3) for n in ("attn.proj", "attn.qkv", "mlp.0", "mlp.2")]
@@ -95,7 +95,7 @@ def test_tooncomposer_temporal_layers_get_no_gradient() -> None:
 @pytest.mark.slow
 def test_tooncomposer_spatial_lora_full_improves() -> None:
     out = load_example("tooncomposer_spatial_lora").main(["--seed", "0"])
-    assert out["source_mse"] < 0.8 * out["mse_copy_last"]  # the base model predicts motion
+    assert out["source_mse"] < 0.8 * out["source_mse_copy_last"]  # the base model predicts motion: 0.0120 vs 0.0206
     assert out["mse_after"] < 0.4 * out["mse_before"]  # measured 0.0565 -> 0.0113
     assert out["mse_after"] < out["mse_copy_last"]  # still better than copying the last frame: motion kept
     assert out["temporal_identical"] is True
