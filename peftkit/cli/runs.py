@@ -50,7 +50,12 @@ def train(
     ] = None,
     task: Annotated[Task, typer.Option(help="classify (text + label columns) or causal-lm (JSONL).")] = Task.classify,
     method: Annotated[str, typer.Option(help="Adapter method (see 'peftkit methods').")] = "lora",
-    r: Annotated[int | None, typer.Option(min=1, help="Rank, for methods that have one (default: 8).")] = None,
+    r: Annotated[
+        int | None,
+        typer.Option(
+            "--r", "--rank", min=1, help="Rank, for methods that have one (default: 8); --rank under torchrun."
+        ),
+    ] = None,
     alpha: Annotated[
         float | None, typer.Option(help="Scaling numerator: the update is scaled by alpha / r (default: 16).")
     ] = None,
@@ -134,9 +139,20 @@ def train(
             help="Continue RUN (or RUN/checkpoints/step-N) exactly, with its own settings.",
         ),
     ] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            help="Train in N processes (torchrun; gloo on CPU, NCCL on GPU): each takes --batch-size examples of "
+            "every global batch; only the first writes files. At most the CPU cores (GPUs with CUDA)."
+        ),
+    ] = None,
+    fsdp: Annotated[
+        bool, typer.Option("--fsdp", help="With --nproc N > 1: shard the model over the processes (FSDP2), not DDP.")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Fine-tune an adapter on your data (or the built-in sentiment demo) and report held-out metrics."""
+    from peftkit.train import distributed as parallel
     from peftkit.train.errors import TrainingInterrupted
     from peftkit.train.run import RUN_FILE
     from peftkit.train.run import resume as resume_run
@@ -165,6 +181,19 @@ def train(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'--quantize'") from None
     values = {k: v for k, v in values.items() if v is not None}
+    if not parallel.under_torchrun():
+        launch = _launch_processes(values, nproc, fsdp, resume)
+        if launch is not None:  # torchrun ran the N processes of this command
+            given = {"output_dir": output_dir, "task": task.value, "method": method, "set": set_, "config": config,
+                     "resume": resume, "progress": progress, "fsdp": fsdp}  # fmt: skip
+            raise typer.Exit(_run_torchrun(launch, values, given))
+    elif nproc is not None and nproc != parallel.env_world_size():
+        raise typer.BadParameter(
+            f"this torchrun group has {parallel.env_world_size()} processes; drop --nproc (torchrun sets it)",
+            param_hint="'--nproc'",
+        )
+    if fsdp and resume is None:
+        values["fsdp"] = True
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise typer.BadParameter(f"the learning rate must be a positive number, got {lr}", param_hint="'--lr'")
     if alpha is not None and not math.isfinite(alpha):
@@ -173,7 +202,7 @@ def train(
     start = time.perf_counter()
     try:
         if resume is not None:
-            given = [k for k in values if k != "model"] + ["set"] * bool(set_) + ["config"] * bool(config)
+            given = [k for k in values if k not in ("model", "fsdp")] + ["set"] * bool(set_) + ["config"] * bool(config)
             given += ["output_dir"] * bool(output_dir) + ["task"] * (task is not Task.classify)
             if given or method != "lora":
                 raise typer.BadParameter(
@@ -194,6 +223,8 @@ def train(
                 progress=progress, log=log, **values,
             )  # fmt: skip
     except TrainingInterrupted as stop:
+        if parallel.env_rank() != 0:
+            raise typer.Exit(SIGNAL_EXIT.get(stop.signal_name, 130)) from None
         run = resume if resume is not None else output_dir
         where = (
             f"checkpoint {stop.checkpoint}; continue with: peftkit train --resume {run}"
@@ -202,9 +233,53 @@ def train(
         )
         typer.echo(f"interrupted ({stop.signal_name}): {where}", err=True)
         raise typer.Exit(SIGNAL_EXIT.get(stop.signal_name, 130)) from None
+    if parallel.env_rank() != 0:
+        return
     typer.echo(metrics_line(result.metrics, result.num_eval))
     typer.echo(f"{result.train_result.global_step} steps, {time.perf_counter() - start:.0f} s; "
                f"adapter: {result.output_dir / 'adapter'}")  # fmt: skip
+
+
+def _launch_processes(values: dict[str, Any], nproc: int | None, fsdp: bool, resume: Path | None) -> int | None:
+    """The number of processes to start with torchrun (``None``: train in this process). A resumed run starts as
+    many as it was trained with.
+
+    Raises:
+        typer.BadParameter: more processes than the machine has, or ``--fsdp`` on one process.
+    """
+    from peftkit.train import distributed as parallel
+
+    if resume is not None and nproc is None:
+        from peftkit.train.run import recorded_processes
+
+        nproc, recorded_fsdp = recorded_processes(resume)
+        fsdp = fsdp or recorded_fsdp
+    try:
+        n = parallel.check_launch(nproc, fsdp, None)
+    except parallel.DistributedError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--nproc'" if nproc else "'--fsdp'") from None
+    return n if n > 1 else None
+
+
+def _run_torchrun(nproc: int, values: dict[str, Any], given: dict[str, Any]) -> int:
+    """Run this ``peftkit train`` command in ``nproc`` processes under torchrun; its exit code."""
+    import subprocess
+
+    from peftkit.train import distributed as parallel
+
+    args = ["train"]
+    for key, value in values.items():  # --rank, not --r: torchrun's parser reads --r as its own --rdzv-* / --role
+        args += ["--rank" if key == "r" else f"--{key.replace('_', '-')}", str(value)]
+    for key in ("output_dir", "config", "resume"):
+        if given[key] is not None:
+            args += [f"--{key.replace('_', '-')}", str(given[key])]
+    if given["resume"] is None:
+        args += ["--task", given["task"], "--method", given["method"]]
+    for item in given["set"] or []:
+        args += ["--set", item]
+    args += ["--fsdp"] * bool(given["fsdp"] and given["resume"] is None) + ["--no-progress"] * (not given["progress"])
+    log(f"starting {nproc} processes: torchrun --nproc-per-node {nproc} --standalone -m peftkit.cli {' '.join(args)}")
+    return subprocess.call(parallel.launch_command(nproc, args))
 
 
 @app.command("eval")

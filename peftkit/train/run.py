@@ -36,7 +36,8 @@ from peftkit.core import io
 from peftkit.core.model import AdaptedModel, adapt, load
 from peftkit.core.version import __version__
 from peftkit.train import checkpoint as ckpt
-from peftkit.train.build import Built, build, load_base, make_spec
+from peftkit.train import distributed as parallel
+from peftkit.train.build import Built, build, labelled_tokens, load_base, make_spec
 from peftkit.train.errors import CheckpointError
 from peftkit.train.settings import RunSpec, parse_assignments, read_config_file
 from peftkit.train.trainer import Trainer, TrainResult
@@ -56,7 +57,7 @@ NAMED = {
     "lr": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
     "weight_decay": "train.weight_decay", "warmup_ratio": "train.warmup_ratio", "max_steps": "train.max_steps",
     "eval_every": "train.eval_every", "save_every": "train.save_every", "log_every": "train.log_every",
-    "optim": "train.optim", "quantize": "quantize",
+    "optim": "train.optim", "quantize": "quantize", "nproc": "nproc", "fsdp": "fsdp",
 }  # fmt: skip
 
 
@@ -111,12 +112,13 @@ def train(
         TrainingInterrupted: SIGINT / SIGTERM; the checkpoint it names resumes with :func:`resume`.
     """
     spec = settings_from(config=config, overrides=overrides, **options)
+    _check_processes(spec)
     out = Path(output_dir)
     if (out / RUN_FILE).is_file() or ckpt.list_checkpoints(out / CHECKPOINTS_DIR):
         raise CheckpointError(
             f"{out} holds a run already: continue it with --resume {out}, or pick another --output-dir"
         )
-    log = log or _print
+    log, progress = _rank_output(log or _print, progress)
     built = build(spec, progress=progress)
     model = adapt(built.model, built.adapter_config)
     return _fit(out, built, model, None, progress, log)
@@ -132,7 +134,7 @@ def resume(path: str | Path, *, model: str | None = None, progress: bool = True,
         CheckpointError: no checkpoint, another base model, or data that changed since the run started.
     """
     path = Path(path)
-    log = log or _print
+    log, progress = _rank_output(log or _print, progress)
     if ckpt.is_checkpoint(path):
         folder, run_dir = path, path.parent.parent
     else:
@@ -143,6 +145,7 @@ def resume(path: str | Path, *, model: str | None = None, progress: bool = True,
             raise CheckpointError(f"{path} has no checkpoint to resume from ({path / CHECKPOINTS_DIR} holds none)")
         folder = found[-1][1]
     spec = _read_spec(folder)
+    _check_processes(spec)
     if model is not None and spec.model not in (model, str(Path(model).expanduser().resolve())):
         raise CheckpointError(
             f"{run_dir} was trained on {spec.model or 'the packaged all-MiniLM-L6-v2'}, not {model}: resuming on "
@@ -157,7 +160,7 @@ def resume(path: str | Path, *, model: str | None = None, progress: bool = True,
         )
     _check_digest(record, built, run_dir, "resuming would not continue the run")
     step = int(ckpt.read_state(folder)[0]["step"])
-    for later, stale in ckpt.list_checkpoints(run_dir / CHECKPOINTS_DIR):
+    for later, stale in ckpt.list_checkpoints(run_dir / CHECKPOINTS_DIR) if parallel.env_rank() == 0 else []:
         if later > step:
             shutil.rmtree(stale)
             log(f"removed {stale}: resuming from step {step} replaces what followed it")
@@ -166,10 +169,39 @@ def resume(path: str | Path, *, model: str | None = None, progress: bool = True,
     return _fit(run_dir, built, adapted, folder, progress, log)
 
 
+def _check_processes(spec: RunSpec) -> None:
+    """Under torchrun the run has its world size; outside it, one process (``peftkit train --nproc`` starts
+    torchrun)."""
+    if parallel.under_torchrun():
+        spec.nproc = parallel.env_world_size()
+    elif spec.nproc != 1:
+        raise parallel.DistributedError(
+            f"nproc={spec.nproc}: this process was not started by torchrun; run 'peftkit train --nproc "
+            f"{spec.nproc} ...' (which starts it) or 'torchrun --nproc-per-node {spec.nproc} -m peftkit.cli train ...'"
+        )
+    if spec.fsdp and spec.nproc < 2:
+        parallel.check_launch(spec.nproc, True, spec.device)  # the error naming the fix
+
+
+def _rank_output(log: Callable[[str], None], progress: bool) -> tuple[Callable[[str], None], bool]:
+    """Rank 0 logs and shows progress; the other processes of a torchrun group stay quiet."""
+    if parallel.env_rank() == 0:
+        return log, progress
+    return (lambda message: None), False
+
+
 def _fit(out: Path, built: Built, model: AdaptedModel, resume_from: Path | None, progress: bool,
          log: Callable[[str], None]) -> RunResult:  # fmt: skip
+    with parallel.session(built.spec.fsdp, built.spec.device) as group:
+        return _fit_in(out, built, model, resume_from, progress, log, group)
+
+
+def _fit_in(out: Path, built: Built, model: AdaptedModel, resume_from: Path | None, progress: bool,
+            log: Callable[[str], None], group: parallel.Distributed) -> RunResult:  # fmt: skip
     spec = built.spec
     device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if group.active:
+        device = str(group.device)
     model.to(device)
     for note in built.notes:
         log(note)
@@ -181,21 +213,25 @@ def _fit(out: Path, built: Built, model: AdaptedModel, resume_from: Path | None,
     record = _record(built)
     trainer = Trainer(
         model, config, built.train, collate_fn=built.collate,
-        eval_fn=(lambda m: built.evaluate(m)) if built.held_out else None, log=log,
+        eval_fn=(lambda m: built.evaluate(m)) if built.held_out else None, log=log, distributed=group,
+        loss_weight=labelled_tokens if spec.task == "causal-lm" else None,
     )  # fmt: skip
     optimizer = type(trainer.optimizer)
     record["optimizer"] = f"{optimizer.__module__}.{optimizer.__qualname__}"  # what train.optim resolved to
-    _write_run(out, record)
+    if group.is_main:
+        _write_run(out, record)
     trainer.checkpoint_files[RUN_FILE] = _run_bytes(record)
     result = trainer.fit(resume_from=resume_from)
-    model.save(out / ADAPTER_DIR)
+    parallel.save_adapter(trainer.train_model, out / ADAPTER_DIR, group, lambda m, folder: m.save(folder))
     metrics = {k: v for k, v in result.metrics.items() if k not in ("epoch", "seconds", "train_loss")}
     if not result.epochs and resume_from is not None:  # resumed at the very end: nothing left to train
         metrics = dict(_load_record(resume_from).get("metrics") or {})
     final = {**record, "status": "complete", "step": trainer.global_step, "metrics": metrics}
-    _write_run(out, final)
-    if result.checkpoints:  # the last checkpoint is the final state: let it carry the final metrics too
-        io.write_files(result.checkpoints[-1], [(RUN_FILE, _run_bytes(final))])
+    if group.is_main:
+        _write_run(out, final)
+        if result.checkpoints:  # the last checkpoint is the final state: let it carry the final metrics too
+            io.write_files(result.checkpoints[-1], [(RUN_FILE, _run_bytes(final))])
+    group.barrier()  # the run folder is complete before any process returns
     return RunResult(out, model, built.tokenizer, metrics, result, spec, len(built.held_out), built.notes)
 
 
@@ -258,6 +294,17 @@ def _read_spec(folder: Path) -> RunSpec:
     record = _load_record(folder)
     names = set(RunSpec.__dataclass_fields__)
     return RunSpec.from_dict({k: v for k, v in record.items() if k in names})
+
+
+def recorded_processes(path: str | Path) -> tuple[int, bool]:
+    """``(nproc, fsdp)`` a run (or one of its checkpoints) was trained with: ``--resume`` starts as many
+    processes. A folder that is not a run gives ``(1, False)`` (resuming it reports the problem)."""
+    path = Path(path)
+    try:
+        record = _load_record(path if (path / RUN_FILE).is_file() else path.parent.parent)
+    except CheckpointError:
+        return 1, False
+    return int(record.get("nproc") or 1), bool(record.get("fsdp"))
 
 
 def locate(path: str | Path) -> tuple[Path, Path]:

@@ -46,6 +46,9 @@ class RunSpec:
         quantize: store the base's linear layers quantised (``nf4``, ``fp4``, ``int8``, ``hqq4``; QLoRA-style,
             :mod:`peftkit.quantize`), the output head excepted; ``None``: as loaded.
         device: ``"cpu"``, ``"cuda"`` ... (``None``: CUDA when available).
+        nproc: processes training together (``torchrun``; :mod:`peftkit.train.distributed`); ``train.batch_size``
+            is per process, so the global batch is ``nproc`` times it. Set from ``WORLD_SIZE`` under torchrun.
+        fsdp: shard the model over the processes with FSDP2 (else DDP: each process holds the whole model).
         method_options: fields of the method's config (``r``, ``alpha``, ``targets`` ...).
         train: fields of :class:`~peftkit.train.TrainConfig`.
         task_options: fields of the task's ``Options``.
@@ -63,6 +66,8 @@ class RunSpec:
     dtype: str = "float32"
     quantize: str | None = None
     device: str | None = None
+    nproc: int = 1
+    fsdp: bool = False
     method_options: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
