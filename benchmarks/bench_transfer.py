@@ -131,8 +131,11 @@ def _balanced(pos: list[str], neg: list[str], n: int, rng: random.Random) -> lis
     return rows
 
 
-def build_tasks(n_train: int, n_eval: int, quick: bool = False, seed: int = 0) -> tuple[list[Task], dict[str, Any]]:
-    """The task bank and the Trans-LoRA generator's pool (see the module docstring)."""
+def build_tasks(
+    n_train: int, n_eval: int, quick: bool = False, seed: int = 0, n_eval_transfer: int | None = None
+) -> tuple[list[Task], dict[str, Any]]:
+    """The task bank, the Trans-LoRA generator's pool, the real RT training reviews (the discriminator's class 1)
+    and ``n_eval_transfer`` RT held-out reviews (Trans-LoRA's test set; default ``n_eval``)."""
     rng = random.Random(seed)
     rt = rotten_tomatoes(seed=seed)
     rt_train, rt_held = rt.train[:n_train], rt.held_out[:n_eval]
@@ -172,7 +175,8 @@ def build_tasks(n_train: int, n_eval: int, quick: bool = False, seed: int = 0) -
                           _balanced(plots_held, reviews_held, n_eval, rng)))  # fmt: skip
     pool = [s for _, _, sents in bbc_train for s in sents] + plots_train
     rng.shuffle(pool)
-    return tasks, {"pool": pool, "real": [t for t, _ in rt_train]}
+    held = rt.held_out[: n_eval_transfer or n_eval]
+    return tasks, {"pool": pool, "real": [t for t, _ in rt_train], "rt_held_out": held}
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -336,7 +340,7 @@ def translora_run(
     def generate(n: int, g: torch.Generator) -> torch.Tensor:
         return pool_ids[torch.randint(0, len(pool_ids), (n,), generator=g)]
 
-    out: dict[str, Any] = {"task": task.name}
+    out: dict[str, Any] = {"task": task.name, "held_out": len(task.held_out)}
     with source.adapters_disabled():
         out["source_base"] = acc(source)
     source.set_adapter(teacher_name)
@@ -383,9 +387,13 @@ def translora_run(
     target.set_adapter("_copied")
     out["target_with_copied_source_lora"] = acc(target)
     start = time.perf_counter()
-    train_adapter(target, enc, "_real", task, steps, lr, seed=seed)
+    losses = train_adapter(target, enc, "_real", task, steps, lr, seed=seed)
     out["target_trained_on_real_data_s"] = time.perf_counter() - start
     out["target_trained_on_real_data"] = acc(target)
+    out["target_real_loss_first_last10"] = [losses[0], sum(losses[-10:]) / len(losses[-10:])]
+    out["target_real_train_accuracy"] = accuracy(target, enc, task.prompts, task.train)
+    source.set_adapter(teacher_name)
+    out["source_train_accuracy"] = accuracy(source, enc, task.prompts, task.train)
     source.delete_adapter("_disc")
     return out
 
@@ -402,14 +410,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads_flag = "" if args.threads == 2 else f" --threads {args.threads}"
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    if args.quick:
-        n_train, n_eval, steps, sg_steps, disc_steps, count, rounds = 64, 40, 6, 40, 6, 32, 2
-    else:
-        n_train, n_eval, steps, sg_steps, disc_steps, count, rounds = 320, 150, 30, 200, 30, 320, 20
+    # (train, held-out per task, Trans-LoRA held-out, steps, SG-LoRA steps, discriminator steps, synthetic count,
+    # rounds of 64 candidates)
+    sizes = (64, 40, 60, 6, 40, 6, 32, 2) if args.quick else (320, 150, 500, 30, 200, 30, 320, 20)
+    n_train, n_eval, n_eval_transfer, steps, sg_steps, disc_steps, count, rounds = sizes
     lr = 3e-3
     stem = "bench_transfer_quick" if args.quick else "bench_transfer"
     args.out.mkdir(parents=True, exist_ok=True)
-    tasks, gen = build_tasks(n_train, n_eval, quick=args.quick)
+    tasks, gen = build_tasks(n_train, n_eval, quick=args.quick, n_eval_transfer=n_eval_transfer)
     base, tokenizer = load_minilm()
     enc = Encoder(tokenizer, max_length=32)
     descriptions = embed_descriptions(base, enc, [t.description for t in tasks])
@@ -422,13 +430,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print({k: v for k, v in folds[-1].items() if k != "bank"}, flush=True)
         (args.out / f"{stem}_partial.json").write_text(json.dumps(folds, indent=2))  # removed at the end
     t_sg = time.perf_counter() - t0
-    rt = tasks[0]
+    rt = Task(tasks[0].name, tasks[0].description, tasks[0].prompts, tasks[0].train, gen["rt_held_out"])
     transfer = translora_run(model, rt.name, truncated_minilm(3), enc, rt, gen["pool"], gen["real"], steps=steps,
                              lr=lr, disc_steps=disc_steps, count=count, per_round=64, max_rounds=rounds)  # fmt: skip
     print(transfer, flush=True)
     setting = {
         "train_per_task": n_train,
         "held_out_per_task": n_eval,
+        "translora_held_out": n_eval_transfer,
         "steps": steps,
         "batch": 16,
         "lr": lr,
@@ -495,6 +504,10 @@ def markdown(record: dict[str, Any]) -> str:
               f"| target + Trans-LoRA (unfiltered, {tr['unfiltered']['kept']}) | {tr['unfiltered']['accuracy']:.3f} |",
               f"| target trained on the real labelled data (upper bound) | {t['target_trained_on_real_data']:.3f} "
               "|"]  # fmt: skip
+    lines += ["", f"Trans-LoRA test set: {t['held_out']} RT held-out reviews. Training-set accuracy: source + LoRA "
+              f"{t['source_train_accuracy']:.3f}, target + real-data LoRA {t['target_real_train_accuracy']:.3f} "
+              f"(its loss {t['target_real_loss_first_last10'][0]:.3f} -> {t['target_real_loss_first_last10'][1]:.3f}, "
+              "mean of the last 10 steps)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
