@@ -27,8 +27,10 @@ against the total.
 
     python examples/lola_specvit.py [--seed 0] [--quick]
 
-Full run (``time``, one torch thread, on a 2-core machine shared with other jobs): 34 s wall, 18 s CPU;
-held-out target-sensor accuracy 0.502 → 0.998 (source accuracy 1.000). ``--quick`` (8 + 8 steps, for the
+Full run: held-out target-sensor accuracy 0.502 → 0.998 (source accuracy 1.000). Time, measured with ``time``
+on a 2-core machine shared with other jobs (load average 5-7): one torch thread 34 s wall, 18 s CPU; two
+threads 268 s wall, 130 s CPU (the threads contend with the other jobs); on an idle 2-core machine an
+estimate from the one-thread CPU time: under 30 s (not measured there). ``--quick`` (8 + 8 steps, for the
 smoke test): a few seconds, no improvement promised.
 """
 

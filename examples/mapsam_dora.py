@@ -26,8 +26,10 @@ count against the total (DoRA: ``r·(d_in + d_out) + d_out`` per adapted layer).
 
     python examples/mapsam_dora.py [--seed 0] [--quick]
 
-Full run (``time``, one torch thread, on a 2-core machine shared with other jobs, load ≈ 6): 95 s wall,
-39 s CPU; held-out IoU 0.018 → 0.709, Dice 0.035 → 0.827. ``--quick`` (8 + 8 steps, for the smoke test):
+Full run: held-out IoU 0.018 → 0.709, Dice 0.035 → 0.827. Time, measured with ``time`` on a 2-core machine
+shared with other jobs (load average 5-7), one torch thread: 95 s wall, 39 s CPU (49 s as the slow test); a
+two-thread run there is slower still (the threads contend with the other jobs), so the 2-core figure for an
+idle machine is an estimate from the CPU time: under a minute. ``--quick`` (8 + 8 steps, for the smoke test):
 a few seconds, no improvement promised.
 """
 

@@ -27,10 +27,11 @@ bit-identical to the pre-trained one and carries no adapter.
 
     python examples/tooncomposer_spatial_lora.py [--seed 0] [--quick]
 
-Full run (``time``, one torch thread, on a 2-core machine shared with other jobs): 131 s wall, 55 s CPU;
-held-out new-style next-frame MSE 0.0565 → 0.0113 (copying the last frame: 0.0145; on the source style the
-base model reaches 0.0120 against 0.0206 for copying). ``--quick`` (8 + 8 steps, for the smoke test): a few
-seconds, no improvement promised.
+Full run: held-out new-style next-frame MSE 0.0565 → 0.0113 (copying the last frame: 0.0145; on the source
+style the base model reaches 0.0120 against 0.0206 for copying). Time, measured with ``time`` on a 2-core
+machine shared with other jobs (load average 5-7), one torch thread: 131 s wall, 55 s CPU; on an idle 2-core
+machine an estimate from the CPU time: about a minute (not measured there). ``--quick`` (8 + 8 steps, for
+the smoke test): a few seconds, no improvement promised.
 
 ToonComposer's released code adds its own spatial low-rank attention branch instead (DeRA, registered in
 peftkit as ``"dera"``); this example uses the plain spatial-only LoRA preset that the spec offers beside it.
