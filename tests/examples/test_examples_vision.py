@@ -71,6 +71,8 @@ def test_tooncomposer_spatial_lora_quick(capsys: pytest.CaptureFixture[str]) -> 
     assert out["temporal_identical"] is True and out["temporal_tensors"] == 18
     assert f"trained parameters {out['trainable']:,} of {out['total']:,}" in printed
     assert "bit-identical, no adapter" in printed
+    # even 8 LoRA steps learn most of the new palette and background (measured 0.1027 -> 0.0345)
+    assert out["mse_after"] < 0.6 * out["mse_before"]
 
 
 def test_tooncomposer_temporal_layers_get_no_gradient() -> None:
