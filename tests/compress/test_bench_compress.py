@@ -4,20 +4,17 @@ quantises each weight once and returns what the compressor returns."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_compress", ROOT / "benchmarks" / "bench_compress.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_compress.py")
 
 
 def test_committed_results_render_with_every_section_and_a_failed_one_is_reported(tmp_path):

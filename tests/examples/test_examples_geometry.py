@@ -5,45 +5,26 @@ Florence-2's box tokens) are checked on their own; the full runs (``slow``) must
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from _scripts import load_script, parameter_count
 from torch import Tensor, nn
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` as a module (the examples folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ------------------------------------------------------------------------------------------------- LoRA3D
 def test_lora3d_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    ex = load_example("lora3d_selfcalib")
+    ex = load_script("examples/lora3d_selfcalib.py")
     out = ex.main(["--quick", "--seed", "0"])
     printed = capsys.readouterr().out
     for key in ("scene_before", "scene_after", "held_out_before", "held_out_after", "pseudo_label_error"):
         assert math.isfinite(out[key]) and out[key] >= 0, key
     # LoRA r=8 on fc1 (256->512), fc2 and fc3 (512->512), head (512->512): r(d_in + d_out) each
     assert out["trainable"] == 8 * ((256 + 512) + 3 * (512 + 512)) == 30720
-    assert out["total"] == n_params(ex.DepthMLP()) + out["trainable"]
+    assert out["total"] == parameter_count(ex.DepthMLP()) + out["trainable"]
     assert f"trainable parameters: {out['trainable']:,} of {out['total']:,}" in printed
     assert "before" in printed and "after" in printed
 
@@ -63,7 +44,7 @@ def test_lora3d_robust_fusion_outvotes_the_biased_border() -> None:
     """Predictions with the target camera's error model (true depth + the vignetting's ``−ln V / k`` bias, up
     to ~1.8 in the corners, + noise): the Geman–McClure fusion's pseudo-labels are close to the truth on the
     kept pixels, the border pixels included, and it never reads the ground truth."""
-    ex = load_example("lora3d_selfcalib")
+    ex = load_script("examples/lora3d_selfcalib.py")
     g = torch.Generator().manual_seed(0)
     z, tex = ex.scenes(1, g)
     views = ex.scene_views(z[0], tex[0], "target", g)
@@ -84,7 +65,7 @@ def test_lora3d_robust_fusion_outvotes_the_biased_border() -> None:
 
 # ---------------------------------------------------------------------------------------------- Florence-2
 def test_florence2_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    ex = load_example("florence2_detection")
+    ex = load_script("examples/florence2_detection.py")
     out = ex.main(["--quick", "--seed", "0"])
     printed = capsys.readouterr().out
     for key in ("miou_before", "miou_after", "ap50_before", "ap50_after", "class_acc_before", "class_acc_after"):
@@ -93,7 +74,7 @@ def test_florence2_quick(capsys: pytest.CaptureFixture[str]) -> None:
     # 1 vision + 1 encoder block (4 projections), 2 decoder blocks (8: self- and cross-attention)
     per_block = lambda projections: 8 * (projections * 128 + 2 * 192)  # noqa: E731
     assert out["trainable"] == 2 * per_block(4) + 2 * per_block(8) == 36864
-    assert out["total"] == n_params(ex.TinyFlorence()) + out["trainable"]
+    assert out["total"] == parameter_count(ex.TinyFlorence()) + out["trainable"]
     assert f"trainable parameters: {out['trainable']:,} of {out['total']:,}" in printed
     assert "before" in printed and "after LoRA" in printed
 
@@ -101,7 +82,7 @@ def test_florence2_quick(capsys: pytest.CaptureFixture[str]) -> None:
 def test_florence2_box_tokens() -> None:
     """Answers are ``label <loc_x1> <loc_y1> <loc_x2> <loc_y2> </s>`` with one location bin per pixel; decoding
     reads location tokens back to pixel boxes."""
-    ex = load_example("florence2_detection")
+    ex = load_script("examples/florence2_detection.py")
     images, boxes = ex.render(16, "ring", seed=0)
     assert images.shape == (16, 1, ex.SIZE, ex.SIZE)
     assert bool(((boxes >= 0) & (boxes <= ex.SIZE)).all()) and bool((boxes[:, 2:] > boxes[:, :2]).all())
@@ -121,7 +102,7 @@ def test_florence2_box_tokens() -> None:
 # ------------------------------------------------------------------------------------------------ full runs
 @pytest.mark.slow
 def test_lora3d_full_improves() -> None:
-    out = load_example("lora3d_selfcalib").main(["--seed", "0"])
+    out = load_script("examples/lora3d_selfcalib.py").main(["--seed", "0"])
     assert out["pseudo_label_error"] < 0.6 * out["scene_before"]  # the robust fusion beats the raw predictions
     assert out["scene_after"] < 0.6 * out["scene_before"]  # measured 0.290 -> 0.127
     assert out["held_out_after"] < 0.6 * out["held_out_before"]  # measured 0.319 -> 0.143
@@ -129,7 +110,7 @@ def test_lora3d_full_improves() -> None:
 
 @pytest.mark.slow
 def test_florence2_full_improves() -> None:
-    out = load_example("florence2_detection").main(["--seed", "0"])
+    out = load_script("examples/florence2_detection.py").main(["--seed", "0"])
     assert out["source_miou"] > 0.7  # the pre-training worked on its own object kind
     assert out["class_acc_before"] == 0.0  # it never names the new kind
     assert out["miou_after"] > out["miou_before"] + 0.2

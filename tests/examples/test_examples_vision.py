@@ -4,51 +4,32 @@ exact trained-parameter count; the full runs (``slow``) must improve the metric 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from _scripts import load_script, parameter_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` as a module (the examples folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def n_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ------------------------------------------------------------------------------------------------- MapSAM
 def test_mapsam_dora_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    ex = load_example("mapsam_dora")
+    ex = load_script("examples/mapsam_dora.py")
     out = ex.main(["--quick", "--seed", "0"])
     printed = capsys.readouterr().out
     for key in ("source_iou", "iou_before", "iou_after", "dice_before", "dice_after"):
         assert math.isfinite(out[key]) and 0.0 <= out[key] <= 1.0, key
     # DoRA on 4 blocks x (qkv 64->192, proj 64->64) at r=4: r(d_in + d_out) + d_out each
     assert out["trainable"] == out["expected_trainable"] == 4 * (4 * 256 + 192 + 4 * 128 + 64) == 7168
-    assert out["total"] == n_params(ex.TinySAM()) + out["trainable"]
+    assert out["total"] == parameter_count(ex.TinySAM()) + out["trainable"]
     assert f"trained parameters {out['trainable']:,} of {out['total']:,}" in printed
     assert "IoU  before" in printed and "after" in printed
 
 
 @pytest.mark.slow
 def test_mapsam_dora_full_improves() -> None:
-    out = load_example("mapsam_dora").main(["--seed", "0"])
+    out = load_script("examples/mapsam_dora.py").main(["--seed", "0"])
     assert out["source_iou"] > 0.9  # the pre-training worked on its own distribution
     assert out["iou_before"] < 0.2  # the shift breaks it
     assert out["iou_after"] > out["iou_before"] + 0.4  # measured 0.018 -> 0.709
@@ -56,7 +37,7 @@ def test_mapsam_dora_full_improves() -> None:
 
 # ------------------------------------------------------------------------------------------- ToonComposer
 def test_tooncomposer_spatial_lora_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    ex = load_example("tooncomposer_spatial_lora")
+    ex = load_script("examples/tooncomposer_spatial_lora.py")
     out = ex.main(["--quick", "--seed", "0"])
     printed = capsys.readouterr().out
     for key in ("source_mse", "source_mse_copy_last", "mse_before", "mse_after", "mse_copy_last"):
@@ -66,7 +47,7 @@ def test_tooncomposer_spatial_lora_quick(capsys: pytest.CaptureFixture[str]) -> 
     assert out["adapted_layers"] == sorted(expected)
     # LoRA r=8: r(d_in + d_out) on qkv 64->192, proj 64->64, mlp.0 64->128, mlp.2 128->64, in 3 blocks
     assert out["trainable"] == out["expected_trainable"] == 3 * 8 * (256 + 128 + 192 + 192) == 18432
-    assert out["total"] == n_params(ex.TinyVideoTransformer()) + out["trainable"]
+    assert out["total"] == parameter_count(ex.TinyVideoTransformer()) + out["trainable"]
     # every temporal tensor (3 blocks x norm weight/bias, qkv weight/bias, proj weight/bias) bit-identical
     assert out["temporal_identical"] is True and out["temporal_tensors"] == 18
     assert f"trained parameters {out['trainable']:,} of {out['total']:,}" in printed
@@ -80,7 +61,7 @@ def test_tooncomposer_temporal_layers_get_no_gradient() -> None:
     import peftkit as pk
     from peftkit.methods.dera import spatial_only_lora
 
-    ex = load_example("tooncomposer_spatial_lora")
+    ex = load_script("examples/tooncomposer_spatial_lora.py")
     model = pk.adapt(ex.TinyVideoTransformer(), spatial_only_lora(ex.TinyVideoTransformer(), r=2, seed=0))
     clips = ex.render(4, "cartoon", 0)
     for adapter in model.adapter_modules("default").values():  # move B off zero so the update is not trivially 0
@@ -96,7 +77,7 @@ def test_tooncomposer_temporal_layers_get_no_gradient() -> None:
 
 @pytest.mark.slow
 def test_tooncomposer_spatial_lora_full_improves() -> None:
-    out = load_example("tooncomposer_spatial_lora").main(["--seed", "0"])
+    out = load_script("examples/tooncomposer_spatial_lora.py").main(["--seed", "0"])
     assert out["source_mse"] < 0.8 * out["source_mse_copy_last"]  # the base model predicts motion: 0.0120 vs 0.0206
     assert out["mse_after"] < 0.4 * out["mse_before"]  # measured 0.0565 -> 0.0113
     assert out["mse_after"] < out["mse_copy_last"]  # still better than copying the last frame: motion kept
@@ -105,14 +86,14 @@ def test_tooncomposer_spatial_lora_full_improves() -> None:
 
 # ------------------------------------------------------------------------------------------- LoLA-SpecViT
 def test_lola_specvit_quick(capsys: pytest.CaptureFixture[str]) -> None:
-    ex = load_example("lola_specvit")
+    ex = load_script("examples/lola_specvit.py")
     out = ex.main(["--quick", "--seed", "0"])
     printed = capsys.readouterr().out
     for key in ("source_accuracy", "accuracy_before", "accuracy_after"):
         assert math.isfinite(out[key]) and 0.0 <= out[key] <= 1.0, key
     # LoRA r=4 on 2 blocks x (qkv 48->144, proj 48->48, w1 / w3 48->96, w2 96->48): r(d_in + d_out) each
     assert out["trainable"] == out["expected_trainable"] == 2 * 4 * (192 + 96 + 3 * 144) == 5760
-    assert out["total"] == n_params(ex.SpecViT()) + out["trainable"]
+    assert out["total"] == parameter_count(ex.SpecViT()) + out["trainable"]
     assert f"trained parameters {out['trainable']:,} of {out['total']:,}" in printed
     assert "accuracy before" in printed
 
@@ -120,7 +101,7 @@ def test_lola_specvit_quick(capsys: pytest.CaptureFixture[str]) -> None:
 def test_lola_specvit_sensor_shift() -> None:
     """The target sensor reads 3 bands further, with a gain curve and an offset: the same material measures
     differently (what the adaptation has to undo)."""
-    ex = load_example("lola_specvit")
+    ex = load_script("examples/lola_specvit.py")
     sigs = ex.signatures(0)
     source, target = ex.sensor(sigs, "source"), ex.sensor(sigs, "target")
     assert source.shape == target.shape == (ex.CLASSES, ex.BANDS)
@@ -130,7 +111,7 @@ def test_lola_specvit_sensor_shift() -> None:
 
 @pytest.mark.slow
 def test_lola_specvit_full_improves() -> None:
-    out = load_example("lola_specvit").main(["--seed", "0"])
+    out = load_script("examples/lola_specvit.py").main(["--seed", "0"])
     assert out["source_accuracy"] > 0.95
     assert out["accuracy_before"] < 0.7  # the new sensor breaks it
     assert out["accuracy_after"] > out["accuracy_before"] + 0.3  # measured 0.502 -> 0.998

@@ -5,13 +5,13 @@ whole script, centralised runs and one DP run per strategy included, JSON / tabl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from _fed_data import tiny_setup
+from _scripts import load_script
 
 pytest.importorskip("flwr")
 
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_federated", ROOT / "benchmarks" / "bench_federated.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_federated.py")
 
 
 def toy_argv(bert: Path, data: Path, out: Path, *extra: str) -> list[str]:

@@ -13,16 +13,13 @@ from typing import Any
 
 import pytest
 import torch
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_llm", ROOT / "benchmarks" / "bench_llm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_llm.py")
 
 
 bench = load_bench()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from _scripts import load_script
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,11 +25,7 @@ TEMPLATE = (
 
 
 def load_demo() -> Any:
-    spec = importlib.util.spec_from_file_location("demo_llm", ROOT / "examples" / "demo_llm.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/demo_llm.py")
 
 
 demo = load_demo()
