@@ -49,6 +49,8 @@ from peftkit.core.errors import PeftkitError
 from peftkit.train.guards import grad_norm as local_grad_norm
 
 DCP_DIR = "dcp"
+# Optimizers whose update is elementwise (AdamW; LoRA+ is AdamW with two learning rates): exact on FSDP2 shards.
+FSDP_OPTIMIZERS = ("adamw", "loraplus")
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # torchao's NF4Tensor: 64 values per quantisation block, the blocks' scales quantised in blocks of 256.
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
@@ -151,11 +153,22 @@ class Distributed:
             dist.barrier()
 
     # -------------------------------------------------------------------------------------- the model
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, optim: str = "adamw") -> nn.Module:
         """The module to call in training: ``model`` under DDP (a wrapper), or ``model`` itself sharded in place
-        by FSDP2 (its parameters become ``DTensor`` shards: build the optimizer afterwards)."""
+        by FSDP2 (its parameters become ``DTensor`` shards: build the optimizer afterwards).
+
+        Raises:
+            DistributedError: FSDP2 with an optimizer that needs whole matrices (``optim`` other than
+                :data:`FSDP_OPTIMIZERS`), or NF4 weights the world size cannot shard.
+        """
         if not self.active:
             return model
+        if self.fsdp and optim not in FSDP_OPTIMIZERS:
+            raise DistributedError(
+                f"optimizer {optim!r} works on whole matrices (projections, SVDs, 8-bit blocks), which FSDP2 "
+                f"splits over the processes: use {' or '.join(FSDP_OPTIMIZERS)} with --fsdp, or drop --fsdp (DDP "
+                "keeps whole parameters on every process)"
+            )
         if self.fsdp:
             shard_model(model, self.world_size)
             return model

@@ -172,7 +172,7 @@ class Trainer:
         self.loss_weight = loss_weight or batch_size_of
         # What the loss calls: a DDP wrapper, or the model sharded in place by FSDP2 (whose parameters become
         # shards, so the optimizer is built after this).
-        self.train_model = self.dist.wrap(model)
+        self.train_model = self.dist.wrap(model, config.optim)
         self.config = config
         self.train_data = train_data
         self.collate_fn = collate_fn or default_collate

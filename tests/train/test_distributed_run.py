@@ -50,6 +50,14 @@ def test_nproc_in_python_outside_torchrun_names_the_command(tmp_path: Path) -> N
         train(tmp_path / "run", nproc=2, progress=False, log=lambda m: None)
 
 
+def test_fsdp2_with_an_optimizer_on_whole_matrices_is_refused() -> None:
+    from peftkit.train.distributed import Distributed
+
+    group = Distributed(rank=0, world_size=2, fsdp=True)  # refused before any collective: no group needed
+    with pytest.raises(DistributedError, match=r"optimizer 'galore' works on whole matrices.*use adamw or loraplus"):
+        group.wrap(nn.Linear(4, 4), "galore")
+
+
 def nf4_linear(out_features: int, in_features: int) -> nn.Linear:
     pytest.importorskip("torchao")
     from torchao.quantization import to_nf4
