@@ -54,7 +54,7 @@ def test_cvae_reconstructs_each_expert_from_its_description_and_is_deterministic
         model.load_tensors(f"gen{e}", model.configs[name], tensors)  # loads as an ordinary, mergeable LoRA
         for path in TARGETS:
             assert rel(delta(model, f"gen{e}", path), delta(model, name, path)) < 0.12  # measured <= 0.085
-    assert max(errors) < 0.06, errors  # measured 0.025-0.036 (800 steps)
+    assert max(errors) < 0.06, errors  # measured 0.025-0.040 (800 steps)
     # the nearest other expert is far: the generator tells experts apart
     vectors = torch.stack([layout.flatten(model.adapter_state_dict(n)) for n in NAMES])
     assert min(rel(vectors[0], vectors[j]) for j in range(1, 4)) > 1.0
@@ -120,3 +120,19 @@ def test_experts_sharing_most_values_are_reconstructed_at_a_short_budget() -> No
     # deviation; with one scalar mean 0.72-0.74 and 7.7-8.7 (the shared part not yet learned, the rest swamped)
     assert max(total) < 0.12, total
     assert max(own) < 1.5, own
+
+
+def test_descriptions_sharing_a_large_common_part_still_condition_the_generator() -> None:
+    """Real description embeddings share a large common part (MiniLM's of "Is this BBC news article about X?" for
+    several X). The condition is centred and rescaled over the experts, so the small differences still select the
+    expert. Uncentred, the CVAE ignored them and returned the library mean for every description (on the MiniLM
+    benchmark: relative error 0.60 on its own experts, each 0.60 from the mean)."""
+    model, _ = _library()
+    g = torch.Generator().manual_seed(3)
+    descriptions = torch.randn(16, generator=g) + 0.05 * torch.randn(4, 16, generator=g)
+    cvae = fit_sglora(model, NAMES, descriptions, chunk=64, latent=16, hidden=128, steps=400, lr=3e-3, seed=0)
+    layout = cvae.layout
+    vectors = torch.stack([layout.flatten(model.adapter_state_dict(n)) for n in NAMES])
+    mean = vectors.mean(0)
+    own = [rel(layout.flatten(cvae.generate(descriptions[e])[1]) - mean, vectors[e] - mean) for e in range(4)]
+    assert max(own) < 0.2, own  # measured 0.042-0.098 (uncentred: 0.95-1.02, the library mean)
