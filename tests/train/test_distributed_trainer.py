@@ -1,5 +1,6 @@
 """Multi-process training with 2 CPU processes (gloo): DDP and FSDP2 follow the single-process run at the same
-global batch, and a run resumed from a DCP checkpoint follows the uninterrupted one.
+global batch, a run resumed from a DCP checkpoint follows the uninterrupted one (both), and rank 0 alone writes
+the metrics.
 
 Every process trains a tiny causal LM (built in code) with LoRA, dropout off (each rank draws its own dropout masks,
 which cannot equal one process's draws over the whole batch). The examples have different lengths and prompts
@@ -116,13 +117,13 @@ def trained_state(model: Any) -> dict[str, list[float]]:
     return {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def fit(group: Any, output_dir: Path | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+def fit(group: Any, output_dir: Path | None = None, resume_from: Path | None = None, **extra: Any) -> dict[str, Any]:
     from peftkit.train import Trainer
     from peftkit.train.build import labelled_tokens
     from peftkit.train.distributed import full_parameters
 
     model = adapted_model()
-    trainer = Trainer(model, config(PER_RANK, output_dir), examples(), collate_fn=collate, distributed=group,
+    trainer = Trainer(model, config(PER_RANK, output_dir, **extra), examples(), collate_fn=collate, distributed=group,
                       loss_weight=labelled_tokens, log=lambda m: None)  # fmt: skip
     result = trainer.fit(resume_from=resume_from)
     with full_parameters(model) if group.fsdp else torch.no_grad():
@@ -141,7 +142,10 @@ def worker(rank: int, port: int, out: str) -> None:
     root = Path(out)
     results: dict[str, Any] = {}
     with session(fsdp=False) as group:  # one group for all three runs (joining twice on one port can hang)
-        results["ddp"] = fit(group)
+        results["ddp"] = fit(group, root / "ddp-ckpt", metrics_file=root / "ddp-metrics.jsonl", log_every=1)
+        ddp_resume = root / "ddp-ckpt" / f"step-{STEPS_BEFORE}"
+        results["ddp_resumed"] = fit(group, root / "ddp-ckpt", ddp_resume, metrics_file=root / "ddp-metrics.jsonl",
+                                     log_every=1)  # fmt: skip
         sharded = dataclasses.replace(group, fsdp=True)
         results["fsdp"] = fit(sharded, root / "fsdp-ckpt")
         results["fsdp_resumed"] = fit(sharded, root / "fsdp-ckpt", root / "fsdp-ckpt" / f"step-{STEPS_BEFORE}")
@@ -197,11 +201,19 @@ def test_fsdp2_loss_curve_equals_one_process_at_the_global_batch(runs: dict[str,
         assert_same_run(rank["fsdp"], runs["single"])
 
 
-def test_fsdp2_resumed_from_dcp_checkpoint_equals_the_uninterrupted_run(runs: dict[str, Any]) -> None:
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_resumed_from_dcp_checkpoint_equals_the_uninterrupted_run(runs: dict[str, Any], kind: str) -> None:
     for rank in runs["ranks"]:
-        whole, resumed = rank["fsdp"], rank["fsdp_resumed"]
+        whole, resumed = rank[kind], rank[f"{kind}_resumed"]
         assert resumed["loss"] == whole["loss"][STEPS_BEFORE:]  # bit-identical: same shards, same order
         assert resumed["state"] == whole["state"]
+
+
+def test_rank_0_alone_writes_the_metrics(runs: dict[str, Any]) -> None:
+    lines = [json.loads(x) for x in (runs["out"] / "ddp-metrics.jsonl").read_text().splitlines()]
+    # each step once (two writers would log every step twice); the resumed run rewrote steps 5-8
+    assert [x["step"] for x in lines] == list(range(1, 9))
+    assert [x["loss"] for x in lines] == runs["ranks"][0]["ddp"]["loss"]
 
 
 def test_dcp_checkpoint_holds_only_the_trainable_parameters(runs: dict[str, Any]) -> None:
