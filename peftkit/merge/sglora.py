@@ -13,8 +13,8 @@ The official code was not readable; every detail below except the pipeline's str
    split into chunks of ``chunk`` values (the last zero-padded), each with a learned position
    embedding. The condition is centred on the experts' conditions and divided by one scalar std (inferred: real
    description embeddings share a large common part, e.g. MiniLM's of "Is this BBC news article about X?" for
-   several X, and uncentred the CVAE ignored the small differences: on the benchmark it returned the library mean
-   for every description). Encoder ``q(z | θ_j, c, p_j)``, decoder ``θ̂_j = Dec(z, c, p_j)`` (two-layer MLPs).
+   several X; uncentred, descriptions differing by 5 % of their common part left the CVAE generating the library
+   mean for every one of them). Encoder ``q(z | θ_j, c, p_j)``, decoder ``θ̂_j = Dec(z, c, p_j)`` (two-layer MLPs).
    Trained on the experts, each conditioned on its own description's ``c`` (its ``π`` concentrates on itself), with
    ``‖θ − θ̂‖² + β KL(q ‖ N(0, I))``; ``noise`` adds Gaussian copies of the experts (augmentation).
 3. **Generation** (:meth:`SGLoRA.generate`): ``z = 0`` (the prior's mean; deterministic) or ``z ~ N(0, I)``,

@@ -125,8 +125,7 @@ def test_experts_sharing_most_values_are_reconstructed_at_a_short_budget() -> No
 def test_descriptions_sharing_a_large_common_part_still_condition_the_generator() -> None:
     """Real description embeddings share a large common part (MiniLM's of "Is this BBC news article about X?" for
     several X). The condition is centred and rescaled over the experts, so the small differences still select the
-    expert. Uncentred, the CVAE ignored them and returned the library mean for every description (on the MiniLM
-    benchmark: relative error 0.60 on its own experts, each 0.60 from the mean)."""
+    expert. Uncentred, the CVAE ignored them and returned the library mean for every description."""
     model, _ = _library()
     g = torch.Generator().manual_seed(3)
     descriptions = torch.randn(16, generator=g) + 0.05 * torch.randn(4, 16, generator=g)
