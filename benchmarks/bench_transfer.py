@@ -305,13 +305,17 @@ def sglora_fold(
     layout = cvae.layout
     gen = layout.flatten(tensors)
     vectors = {n: layout.flatten(model.adapter_state_dict(n)) for n in [*bank, task.name]}
+    library_mean = torch.stack([vectors[n] for n in bank]).mean(0)
     row["gen_rel_dist"] = {
+        "library_mean": _rel(gen, library_mean),
         "nearest": _rel(gen, vectors[nearest]),
         "pi_average": _rel(gen, sum(float(pi[bank.index(n)]) * vectors[n] for n in top)),
         "held_out_task": _rel(gen, vectors[task.name]),
     }
     recon = [_rel(layout.flatten(cvae.generate(bank_desc[e])[1]), vectors[n]) for e, n in enumerate(bank)]
     row["bank_recon_rel_error_max"] = max(recon)
+    # what reconstructing every expert as the library mean would score (the decoder having learned no condition)
+    row["bank_rel_dist_to_mean_max"] = max(_rel(library_mean, vectors[n]) for n in bank)
     for n in ("_generated", "_uniform", "_semantic"):
         model.delete_adapter(n)
     return row
