@@ -76,7 +76,7 @@ def write_checkpoint(root: str | Path, step: int, write: Any) -> Path:
     renamed into place (replacing an older checkpoint of the same step). Returns the final folder."""
     root = Path(root)
     io.prepare_folder(root)
-    _remove_dead_temporaries(root)
+    remove_dead_temporaries(root)
     final = root / checkpoint_name(step)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = root / f".{final.name}.tmp-{tag}"
@@ -109,10 +109,13 @@ def prune(root: str | Path, keep: int | None) -> list[Path]:
     return removed
 
 
-def _remove_dead_temporaries(root: Path) -> None:
-    """Hidden folders of checkpoint writers that died (their pid is gone) before renaming them into place."""
+def remove_dead_temporaries(root: Path, kinds: tuple[str, ...] = ("tmp", "old")) -> None:
+    """Hidden folders ``.step-<n>.<kind>-<pid>-<tag>`` of checkpoint writers that died (their pid is gone, or is
+    this process: an earlier write of its own failed) before renaming them into place. Kinds: ``tmp`` and ``old``
+    of :func:`write_checkpoint`, ``staging`` of the multi-process writer (which cleans its own kind)."""
+    pattern = re.compile(rf"\.(?:{'|'.join(kinds)})-(\d+)-")
     for entry in root.glob(".step-*"):
-        pid = re.search(r"\.(?:tmp|old)-(\d+)-", entry.name)
+        pid = pattern.search(entry.name)
         if entry.is_dir() and pid and io.stale_writer(int(pid.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 

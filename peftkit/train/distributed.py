@@ -473,7 +473,8 @@ def write_checkpoint(
     staging = None
     if group.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        staging = root / f".staging-{ckpt.checkpoint_name(step)}-{secrets.token_hex(4)}"
+        ckpt.remove_dead_temporaries(root, kinds=("staging",))  # left by a killed earlier write
+        staging = root / f".{ckpt.checkpoint_name(step)}.staging-{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir()
     staging = group.broadcast(staging)
     assert staging is not None

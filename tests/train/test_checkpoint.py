@@ -5,6 +5,7 @@ are atomic, pruned, free of pickle, and refuse a model, data or settings they we
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +142,23 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path: Path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4"]  # no temporary folder left
 
 
-def test_dead_writers_temporary_folders_are_removed(tmp_path: Path) -> None:
-    dead = tmp_path / ".step-7.tmp-999999999-abcd"
+@pytest.mark.parametrize("kind", ["tmp", "old"])
+def test_dead_writers_temporary_folders_are_removed(tmp_path: Path, kind: str) -> None:
+    dead = tmp_path / f".step-7.{kind}-999999999-abcd"
     dead.mkdir()
     (dead / "trainer.json").write_text("{}")
     ckpt.write_checkpoint(tmp_path, 8, lambda folder: (folder / "trainer.json").write_text("{}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-8"]
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [8]
+
+
+def test_dead_staging_folders_of_the_multi_process_writer_are_removed(tmp_path: Path) -> None:
+    # a killed multi-process checkpoint write left its staging folder (DCP shards) behind: it was never cleaned
+    dead, live = tmp_path / ".step-7.staging-999999999-abcd", tmp_path / f".step-8.staging-{os.getppid()}-abcd"
+    for folder in (dead, live):
+        (folder / "dcp").mkdir(parents=True)
+    ckpt.remove_dead_temporaries(tmp_path, kinds=("staging",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]  # a running writer's folder stays
 
 
 def test_resume_refuses_other_data_settings_or_model(uninterrupted, tmp_path: Path) -> None:
