@@ -1,8 +1,8 @@
 """SG-LoRA and Trans-LoRA on real tasks (issue 16 item 5): MiniLM LoRAs trained here on tasks built from the
 packaged Rotten Tomatoes and BBC News data.
 
-    python benchmarks/bench_transfer.py            # ~10 min on 2 idle cores (see the README for the committed run)
-    python benchmarks/bench_transfer.py --quick    # ~1-2 min on 2 idle cores: 4 tasks, few steps, small splits
+    python benchmarks/bench_transfer.py --threads 1   # committed run: 551 s on the shared 2-core CPU at load 3-6
+    python benchmarks/bench_transfer.py --quick       # smoke run (4 tasks, 6 steps): 210 s, 2 threads, load ~4
 
 Writes ``benchmarks/results/bench_transfer.{json,md,png}`` (``bench_transfer_quick.*`` with ``--quick``).
 
