@@ -124,6 +124,12 @@ class BaseView:
     def kernel_size(self) -> tuple[int, ...]:
         return tuple(self.weight_shape[2:])
 
+    def weight_version(self) -> tuple[object, ...]:
+        """A key that changes whenever the stored weight does (merge, unmerge, in-place writes, ``.to()``): what an
+        adapter compares to keep values computed from :attr:`weight` cached (DoRA's frozen column norms)."""
+        w = self.module.weight
+        return (w.data_ptr(), w._version, w.dtype, w.device)
+
     def __call__(self, x: Tensor) -> Tensor:
         """The base module's own forward."""
         return self.module(x)

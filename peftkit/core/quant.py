@@ -104,6 +104,7 @@ class QuantizedViewMixin:
         self.weight_shape = (self.out_features, self.in_features)
         self.merge_error = None
         self._merged: list[_Merged] = []
+        self._writes = 0  # merges and take-backs so far: re-quantising writes the backend's inner tensors in place
 
     # ----------------------------------------------------------------------------------------------- reading
     @property
@@ -127,6 +128,11 @@ class QuantizedViewMixin:
     @property
     def kernel_size(self) -> tuple[int, ...]:
         return ()
+
+    def weight_version(self) -> tuple[object, ...]:
+        """Changes with every merge and unmerge (the backends' own tensors do not bump a version peftkit can
+        read: torchao re-quantises into its inner tensors, hqq has no ``weight``), and with ``.to()``."""
+        return (id(self.module), self._writes, self.dtype, self.device)
 
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """``F.linear(x, weight, bias)``: the base operation with another (float) weight."""
@@ -175,6 +181,7 @@ class QuantizedViewMixin:
         saved = backend.snapshot(module)
         target = backend.dequantize(module).float() + delta.float()
         backend.requantize(module, target.to(self.dtype))
+        self._writes += 1
         err = backend.dequantize(module).float() - target
         lost = float(err.norm())
         self.merge_error = MergeError(
@@ -206,6 +213,7 @@ class QuantizedViewMixin:
         entry, later = self._merged[at], self._merged[at + 1 :]
         del self._merged[at:]
         self.backend.restore(self.module, entry.saved)
+        self._writes += 1
         if entry.bias is not None:
             self.bias.copy_(entry.bias)  # type: ignore[union-attr]
         for m in later:  # merges made after this one, re-applied on top (deterministic: same bytes as before)

@@ -283,9 +283,18 @@ class _HQQ(Backend):
     def requantize(self, module: Any, weight: Tensor) -> None:
         w_q = module.W_q
         config = {k: module.quant_config[k] for k in ("weight_quant_params", "scale_quant_params", "zero_quant_params")}
-        module.quantize(weight.to(module.compute_dtype), **config)  # sets a new W_q and meta
+        # quantize() assigns W_q a plain tensor, which nn.Module refuses while W_q is a registered Parameter (as it
+        # is after HQQLinear's own construction): unregistered meanwhile, the original parameter put back after
+        registered = module._parameters.pop("W_q", None)
+        try:
+            module.quantize(weight.to(module.compute_dtype), **config)  # sets a new W_q and meta
+            codes = module.W_q
+        finally:
+            module.__dict__.pop("W_q", None)
+            if registered is not None:
+                module._parameters["W_q"] = registered
         with torch.no_grad():
-            w_q.copy_(module.W_q)
+            w_q.copy_(codes)
         module.W_q = w_q  # the original parameter, now holding the new codes
 
     def snapshot(self, module: Any) -> Any:

@@ -65,14 +65,13 @@ class DoRA(LoRA):
 
         Computed without materialising ``W + s·BA`` (in float32/float64):
         ``||W_i||² + 2s·(W Aᵀ)_i·B_i + s²·(B A Aᵀ)_i·B_i``, with the frozen ``||W_i||²`` cached until the base
-        weight changes (merge/unmerge bump its version). Other dtypes take the direct route.
+        weight changes (``base.weight_version()``). Other dtypes take the direct route.
         """
         w = base.weight.reshape(base.out_features, -1)
         if w.dtype not in (torch.float32, torch.float64):
             adapted = base.weight + self.delta_lora(base)
             return adapted.reshape(adapted.shape[0], -1).norm(dim=1)
-        stored = base.module.weight
-        key = (stored.data_ptr(), stored._version, stored.dtype, stored.device)
+        key = base.weight_version()
         cache = self.__dict__.get("_w_sq")
         if cache is None or cache[0] != key:
             cache = (key, w.pow(2).sum(dim=1))

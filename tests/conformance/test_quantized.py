@@ -9,8 +9,11 @@ vs the same weights quantised and dequantised). Unmerge
 is exact (the stored bytes come back: ``RESTORE_ATOL`` unchanged), as are identity at init, disabling, mixed
 batches and save/load (their tolerances are the float suite's).
 
+LoRA's whole suite also runs on the other backends (bnb fp4 and int8, torchao NF4 and int8, hqq 4-bit), and DoRA's
+cached column norms are checked to follow merges on each.
+
 A method whose checks cannot pass on a quantised base must be refused when the adapter is built
-(``test_quantized_refusals``): none is today.
+(tested in ``tests/optim/test_optim_refusals.py``): none is today.
 """
 
 from __future__ import annotations
@@ -235,6 +238,25 @@ def forward_rounding(kind: H.Kind) -> float:
 @pytest.mark.parametrize("check", list(H.CHECKS))
 @pytest.mark.parametrize("combo", [c for _, c in COMBOS], ids=[i for i, _ in COMBOS])
 def test_conformance_nf4(combo: H.Combo, check: str, tmp_path, monkeypatch) -> None:
+    run_check(combo, check, tmp_path, monkeypatch)
+
+
+# LoRA's whole suite on every other backend (all methods on every backend would multiply the suite by six; the
+# backends differ only in the view's dequantise / re-quantise, which every method reaches the same way)
+LORA_ELSEWHERE = [
+    (f"lora-{kind.id}", H.Combo("lora", pk.get_method("lora").config_class.tiny_variants()[0], kind))
+    for kind in QKINDS.values()
+    if kind is not NF4
+]
+
+
+@pytest.mark.parametrize("check", list(H.CHECKS))
+@pytest.mark.parametrize("combo", [c for _, c in LORA_ELSEWHERE], ids=[i for i, _ in LORA_ELSEWHERE])
+def test_conformance_lora_on_every_backend(combo: H.Combo, check: str, tmp_path, monkeypatch) -> None:
+    run_check(combo, check, tmp_path, monkeypatch)
+
+
+def run_check(combo: H.Combo, check: str, tmp_path, monkeypatch) -> None:
     if check.startswith(("merge", "unmerge")) and combo.mergeable:
         monkeypatch.setattr(H, "MERGE_ATOL", max(H.MERGE_ATOL, QUANT_FACTOR * requantisation_scale(combo)))
     if check == "unmerge_restores_base":  # SNELL's sparse delta at the suite's 0.1 noise rounds away in nf4 (no
@@ -251,3 +273,25 @@ def test_every_linear_method_runs_on_nf4() -> None:
     on_float = {c.method for m in pk.list_methods() for _, c in H.combos(m) if c.kind is FLOAT}
     on_nf4 = {c.method for _, c in COMBOS}
     assert on_float - on_nf4 == set()
+
+
+@pytest.mark.parametrize("backend", list(QKINDS))
+def test_dora_norms_follow_merges_into_every_quantised_base(backend: str) -> None:
+    # DoRA cached ||W||² keyed on module.weight's version: hqq has no weight (adapt failed) and torchao re-quantises
+    # into its inner tensors without bumping that version (stale norms, NaN outputs after merging another adapter)
+    kind = QKINDS[backend]
+    model = pk.adapt(kind.base(), pk.DoRAConfig(r=2, targets=list(kind.targets)), name="dora")
+    model.add_adapter("other", pk.LoRAConfig(r=2, targets=list(kind.targets)))
+    H.randomise(model, "dora")
+    H.randomise(model, "other", seed=1, std=1.0)
+    model.set_adapter("dora")
+    with torch.no_grad():
+        model(**kind.inputs())  # fills the cache
+        model.merge("other", unload=False)
+        assert torch.isfinite(H.output(model(**kind.inputs()))).all()
+        for path, adapter in model.adapter_modules("dora").items():
+            base = model.base_view(path)
+            direct = (base.weight.float() + adapter.delta_lora(base).float()).norm(dim=1)
+            torch.testing.assert_close(
+                adapter.weight_norm(base).float(), direct, rtol=1e-5, atol=1e-6 * float(direct.abs().max())
+            )
