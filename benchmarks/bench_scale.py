@@ -45,7 +45,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -53,7 +52,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 import warnings
@@ -61,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from demo_task import reset_peak_rss, run_worker, status_kib, trim_heap
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -87,24 +86,14 @@ class LMSetting:
 
 
 # ------------------------------------------------------------------------------------------- measurement
-def status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def trim() -> None:
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so reusing it counts as growth
-    except OSError:
-        pass
+    trim_heap()
 
 
 def reset_peak() -> None:
-    trim()
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM <- current RSS
+    gc.collect()
+    reset_peak_rss()
 
 
 def quiet() -> None:
@@ -206,15 +195,7 @@ def spawn_memory(scheme: str, setting: LMSetting, timeout: float) -> dict[str, A
     # a fixed mmap threshold: glibc otherwise raises it after large frees, and freed tensors then stay in the heap
     # (counted in RSS) instead of going back to the OS
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"status": "error", "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"[:400]}
+    return run_worker(cmd, env, timeout, error_chars=400)
 
 
 def memory(setting: LMSetting, timeout: float) -> dict[str, Any]:

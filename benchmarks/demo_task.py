@@ -165,18 +165,23 @@ def adapt_accepts_init() -> bool:
 
 
 # ----------------------------------------------------------------------------------------- measurement
-def _status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
+    """A ``/proc/self/status`` figure in KiB (``VmRSS``, ``VmHWM``, ...)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> None:
+def trim_heap() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so reuse of it counts as growth
     except OSError:
         pass
+
+
+def reset_peak_rss() -> None:
+    trim_heap()
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
 
 
@@ -191,16 +196,16 @@ class StepTimer(Callback):
         self.rss_base_kib = 0
 
     def on_train_begin(self, trainer: Trainer) -> None:
-        _reset_peak_rss()
-        self.rss_base_kib = _status_kib("VmRSS")
+        reset_peak_rss()
+        self.rss_base_kib = status_kib("VmRSS")
         self.last = time.perf_counter()
 
     def on_step_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         now = time.perf_counter()
         self.times.append(now - self.last)
         if len(self.times) == self.warmup:
-            _reset_peak_rss()
-            self.rss_base_kib = _status_kib("VmRSS")
+            reset_peak_rss()
+            self.rss_base_kib = status_kib("VmRSS")
         self.last = time.perf_counter()  # the measurement above is not part of the next step
 
 
@@ -262,7 +267,7 @@ def run_one(run: Run, budget: Budget) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"loss_fn": run.loss(model, ctx)} if run.loss else {}
     trainer = Trainer(model, ctx.train_config, ctx.train, collate_fn=ctx.collate, callbacks=callbacks, **kwargs)
     result = trainer.fit()
-    rss_peak = _status_kib("VmHWM")
+    rss_peak = status_kib("VmHWM")
     rss_before = timer.rss_base_kib
     steps = timer.times[budget.warmup_steps :] or timer.times
     out: dict[str, Any] = {
@@ -381,6 +386,12 @@ def spawn(script: str, label: str, budget: Budget, timeout: float, threads: int 
         str(threads),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
+    return run_worker(cmd, env, timeout)
+
+
+def run_worker(cmd: list[str], env: dict[str, str], timeout: float, error_chars: int = 300) -> dict[str, Any]:
+    """Run a worker process; its result is the JSON of its last ``RESULT ...`` line on stdout, else an error row
+    with the tail of its output."""
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -389,7 +400,7 @@ def spawn(script: str, label: str, budget: Budget, timeout: float, threads: int 
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"status": "error", "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"[:300]}
+    return {"status": "error", "error": f"worker exited {proc.returncode}: {' | '.join(tail)}"[:error_chars]}
 
 
 def add_ratios(results: list[dict[str, Any]], reference: str) -> None:
