@@ -37,6 +37,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -181,11 +182,14 @@ def run_engine(engine: Engine, work: list, clients: int) -> dict[str, float]:
         req.wait(600)
         return len(req.output_ids) if req.finish_reason == "length" else None
 
+    steps = engine.metrics["decode_steps"]
     engine.start()
     try:
-        return closed_loop(submit, work, clients)
+        result = closed_loop(submit, work, clients)
     finally:
         engine.stop()
+    # the same workload can take a different number of steps when requests arrive at different times
+    return {**result, "decode_steps": engine.metrics["decode_steps"] - steps}
 
 
 def run_server(engine: Engine, work: list, clients: int, tok: Any) -> dict[str, float]:
@@ -362,10 +366,30 @@ def main() -> None:
             print(
                 f"{system:>12} N={n:<5} {popularity:<8} {result['tokens_per_s']:7.1f} tok/s "
                 f"({result['tokens_per_cpu_s']:6.1f}/cpu-s)  "
-                f"p50 {result['p50_latency_s']:.2f}s p99 {result['p99_latency_s']:.2f}s  failed {result['failed']}",
+                f"p50 {result['p50_latency_s']:.2f}s p99 {result['p99_latency_s']:.2f}s  failed {result['failed']}"
+                + (
+                    f"  per-round base/ours {result['paired_base_over_peftkit']:.3f}"
+                    if "paired_base_over_peftkit" in result
+                    else ""
+                ),
                 flush=True,
             )
             return result
+
+        def paired(ours: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+            # The runs of one round follow each other, so each round's ratio compares runs under the same load;
+            # the median of those is steadier than the ratio of the two medians (runs spread by ~30% here).
+            per_round = {
+                key: [b[key] / o[key] for b, o in zip(base, ours)] for key in ("tokens_per_s", "tokens_per_cpu_s")
+            }
+            return {
+                "rounds_base_over_peftkit": per_round["tokens_per_s"],
+                "paired_base_over_peftkit": statistics.median(per_round["tokens_per_s"]),
+                "paired_base_over_peftkit_p10_p90": [
+                    mixed_decode.quantile(per_round["tokens_per_s"], q) for q in (0.1, 0.9)
+                ],
+                "paired_base_over_peftkit_cpu_time": statistics.median(per_round["tokens_per_cpu_s"]),
+            }
 
         def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
             mid = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
@@ -388,7 +412,8 @@ def main() -> None:
                 for key, work in plans.items():
                     runs[key].append(run_engine(engine, work, args.clients))
             for (system, popularity), results in runs.items():
-                record(system, n, popularity, median(results))
+                extra = paired(results, runs["base", "-"]) if system == "peftkit" else {}
+                record(system, n, popularity, {**median(results), **extra})
             uniform = workload(args.requests, n, "uniform", n)
             if n <= args.peft_max:
                 names = [f"a{i}" for i in range(n)]
@@ -420,6 +445,8 @@ def main() -> None:
         for n in counts:
             base, ours = tps("base", n, "-", key), tps("peftkit", n, "uniform", key)
             entry: dict[str, Any] = {"adapters": n, "base_over_peftkit": base / ours if base and ours else None}
+            if key == "tokens_per_s" and (p := tps("peftkit", n, "uniform", "paired_base_over_peftkit")):
+                entry["paired_base_over_peftkit"] = p  # the median of per-round ratios (see paired())
             if (z := tps("peftkit", n, "zipf", key)) and base:
                 entry["base_over_peftkit_zipf"] = base / z
             if (p := tps("peft_mixed", n, "uniform", key)) and ours:

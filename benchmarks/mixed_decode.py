@@ -59,7 +59,7 @@ def rounds(
     return wall, cpu
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
@@ -73,8 +73,8 @@ def ratios(times: dict[str, list[float]], ref: str = "base") -> dict[str, dict[s
         per_round = [v / r for v, r in zip(values, times[ref])]
         out[key] = {
             "median": statistics.median(per_round),
-            "p10": _quantile(per_round, 0.1),
-            "p90": _quantile(per_round, 0.9),
+            "p10": quantile(per_round, 0.1),
+            "p90": quantile(per_round, 0.9),
         }
     return out
 

@@ -147,11 +147,12 @@ def forward_bank(x: Tensor, base_out: Tensor, ids: Tensor, bank: Bank, base: Bas
     assert bank.packed is not None and bank.slot_by_id is not None
     d_in, d_out = base.in_features, base.out_features
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or bank.packed.requires_grad)
-    if KERNEL and not wants_grad and ids.device.type == "cpu" and bgmv.usable(x, base_out, bank.packed):
+    if KERNEL and not wants_grad and ids.is_cpu and bgmv.usable(x, base_out, bank.packed):
         assert bank.down is not None and bank.up is not None and bank.ranks is not None
-        out = base_out.reshape(-1, d_out).contiguous()  # base_out is this layer's own fresh tensor: in place
+        # base_out is this layer's own fresh tensor: written in place (a contiguous one needs no copy back)
+        out = base_out.view(-1, d_out) if base_out.is_contiguous() else base_out.reshape(-1, d_out).contiguous()
         bgmv.bgmv_(out, x.reshape(-1, d_in).contiguous(), bank.down, bank.up, ids, bank.slot_by_id, bank.ranks)
-        return out.view(base_out.shape)
+        return base_out if out.data_ptr() == base_out.data_ptr() else out.view(base_out.shape)
     slots = bank.slot_by_id[ids.to(bank.slot_by_id.device)]  # id -1 picks row 0, the zero row
     rows, rank = x.shape[0], bank.rank
     sel = bank.packed.index_select(0, slots)

@@ -134,22 +134,22 @@ def _load() -> dict[str, object]:
         except OSError:  # a damaged file in the cache (a full disk, a killed copy): built again, once
             _build(path)
             torch.ops.load_library(str(path))
-        torch.ops.peftkit.bgmv_  # noqa: B018  (the op registered: raises if the library did not register it)
+        op = torch.ops.peftkit.bgmv_.default  # raises if the library did not register the op
     except Exception as exc:  # any failure to build or load leaves the PyTorch path, with the reason logged
         return {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-    return {"ok": True, "reason": "", "path": str(path)}
+    return {"ok": True, "reason": "", "path": str(path), "op": op}
 
 
 def status() -> dict[str, object]:
     """``{"ok": bool, "reason": str, "path": str}`` of the last load (``{}`` before the first)."""
-    return dict(_state)
+    return {k: v for k, v in _state.items() if k != "op"}
 
 
 def usable(*tensors: Tensor) -> bool:
     """Whether the C++ op can run on these tensors (all on the CPU, one dtype, float32 or float64) and is
     available."""
     dtype = tensors[0].dtype
-    return dtype in DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and available()
+    return dtype in DTYPES and all(t.is_cpu and t.dtype == dtype for t in tensors) and available()
 
 
 def bgmv_(out: Tensor, x: Tensor, down: Tensor, up: Tensor, ids: Tensor, slot_of_id: Tensor, ranks: Tensor) -> None:
@@ -157,4 +157,4 @@ def bgmv_(out: Tensor, x: Tensor, down: Tensor, up: Tensor, ids: Tensor, slot_of
     per row; id ``-1`` takes the last entry of ``slot_of_id``), reading only the first ``ranks[s]`` rows of each
     slot; slots of rank 0 add nothing. ``out [T, N]``, ``x [T, K]``, ``down [S, R, K]``, ``up [S, R, N]``
     (the last dimension contiguous), ``ids``, ``slot_of_id``, ``ranks``: int64. Call only where :func:`usable`."""
-    torch.ops.peftkit.bgmv_(out, x, down, up, ids, slot_of_id, ranks)
+    _state["op"](out, x, down, up, ids, slot_of_id, ranks)  # type: ignore[operator]  # the op's overload: no lookup

@@ -353,4 +353,4 @@ def test_compiled_model_runs_the_kernel_inside_its_graph() -> None:
             x = torch.randn(len(ids), 24)
             want = model(x, adapter_ids=ids)
             torch.testing.assert_close(compiled(x, adapter_ids=ids), want, rtol=0, atol=1e-6 * float(want.abs().max()))
-    assert "peftkit.bgmv_" in ops
+    assert any(op.split(".")[:2] == ["peftkit", "bgmv_"] for op in ops), ops
