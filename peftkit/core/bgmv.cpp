@@ -12,7 +12,8 @@
 // the factors reads them once per row. At one token per row the call is bound by reading the factors from memory
 // (a decode step reads every distinct adapter's factors once); while one slot computes, the next slot's factors are
 // requested with software prefetches (measured in the serving Llama's decode step, 29 distinct adapters on all
-// seven linears: 3.0-3.3 ms of kernel time per step without, 2.5-2.9 ms with; benchmarks/README.md).
+// seven linears: 3.1-3.3 ms of kernel time per step without, 2.5-2.7 ms with; on the 6 x Linear(1024) MLP, whose
+// factors mostly stay in cache, no difference beyond noise; benchmarks/README.md).
 //
 // Built at first use by peftkit/core/bgmv.py with the system C++ compiler and torch.utils.cpp_extension's include
 // and library paths; no Python binding: the op is registered with the dispatcher as peftkit::bgmv_.

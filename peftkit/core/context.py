@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import AdapterIdsError
+from .errors import AdapterIdsError, ForwardContextError
 
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 PEFT_BASE_ROW = "__base__"  # PEFT's adapter_names entry for rows that run the base model alone
@@ -42,6 +42,26 @@ class ForwardContext:
     shared_id: int | None = None
     task_ids: Tensor | None = None
     state: dict[str, Any] = field(default_factory=dict)
+
+    def publish(self, key: str, value: Tensor) -> None:
+        """Hand ``value`` (first dimension: the batch rows) to the adapters that run later in this forward."""
+        self.state[key] = value
+
+    def published(self, key: str, rows: int, producer: str) -> Tensor:
+        """What an earlier adapter of this forward published under ``key``, for a batch of ``rows`` rows.
+
+        Raises:
+            ForwardContextError: nothing is published under ``key`` in this forward, or it has another number of
+                rows; ``producer`` (the module that must run first) goes into the message.
+        """
+        value = self.state.get(key)
+        if value is None or value.shape[0] != rows:
+            found = "nothing" if value is None else f"a value for {value.shape[0]} rows"
+            raise ForwardContextError(
+                f"found {found} under {key!r} for this batch of {rows} rows: {producer} must run earlier in the "
+                "same forward"
+            )
+        return value
 
     def for_rows(self, rows: Tensor | None) -> ForwardContext:
         """This context as the adapter running on batch rows ``rows`` (all rows: ``None``) sees it."""

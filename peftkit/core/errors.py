@@ -19,6 +19,7 @@ __all__ = [
     "BaseModelMismatch",
     "ExportError",
     "FormatVersionError",
+    "ForwardContextError",
     "InvalidConfigError",
     "NoAdaptersError",
     "NotMergeableError",
@@ -103,6 +104,11 @@ class AlreadyAdaptedError(PeftkitError, TypeError):
 
 class AdapterIdsError(PeftkitError, ValueError):
     """``adapter_ids`` of the wrong length, dtype or range for a mixed batch."""
+
+
+class ForwardContextError(PeftkitError, RuntimeError):
+    """An adapter needs a value an earlier adapter of the same forward should have handed it (its image
+    features, say) and none is there for this batch: the producing module did not run first."""
 
 
 class BaseModelMismatch(PeftkitError, ValueError):

@@ -192,21 +192,17 @@ class CloudAdapter(Adapter[CloudAdapterConfig]):
                 m.reset_parameters()
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView, context: ForwardContext) -> Tensor:
-        cfg, state = self.config, context.state
+        cfg = self.config
         key = f"cloud_adapter:{cfg.context}"
         if self.perception is not None:
             image, _ = to_map(x, prefix_tokens=cfg.prefix_tokens if self.interaction is not None else 0)
             ctx = self.perception(image)
             if self.interaction is None:
-                state[key] = ctx
+                context.publish(key, ctx)
                 return base_out
         else:
-            ctx = state.get(key)
-            if ctx is None or ctx.shape[0] != base_out.shape[0]:
-                raise RuntimeError(
-                    "Cloud-Adapter interaction found no image context for this batch: the perception module "
-                    "(role='perception', e.g. the patch-embedding conv) must run earlier in the same forward"
-                )
+            producer = "the Cloud-Adapter perception module (role='perception', e.g. the patch-embedding conv)"
+            ctx = context.published(key, base_out.shape[0], producer)
         assert self.interaction is not None
         fmap, back = to_map(base_out, prefix_tokens=cfg.prefix_tokens, grid=cfg.grid)
         new = self.interaction(fmap, ctx)

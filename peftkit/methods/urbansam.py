@@ -266,20 +266,16 @@ class UrbanSAM(Adapter[UrbanSAMConfig]):
         return m.transpose(1, 2).reshape(features.shape[0], 1, *features.shape[-2:])
 
     def forward(self, x: Tensor, base_out: Tensor, base: BaseView, context: ForwardContext) -> Tensor:
-        cfg, state = self.config, context.state
+        cfg = self.config
         key = f"urbansam:{cfg.context}"
         if self.uscaling is not None:
             features = self.features(x)
             if self.alignment is None:
-                state[key] = features
+                context.publish(key, features)
                 return base_out
         else:
-            features = state.get(key)
-            if features is None or features.shape[0] != base_out.shape[0]:
-                raise RuntimeError(
-                    "UrbanSAM alignment found no Uscaling features for this batch: the Uscaling-Adapter "
-                    "(role='uscaling', on the patch-embedding conv) must run earlier in the same forward"
-                )
+            producer = "UrbanSAM's Uscaling-Adapter (role='uscaling', on the patch-embedding conv)"
+            features = context.published(key, base_out.shape[0], producer)
         assert self.alignment is not None
         layout = self._layout(base_out)
         if base_out.dim() == 3:  # a token sequence: the prefix tokens pass unchanged

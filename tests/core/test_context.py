@@ -16,7 +16,7 @@ from peftkit.core.config import AdapterConfig
 from peftkit.core.context import ForwardContext
 from peftkit.core.protocol import Adapter
 from peftkit.core.registry import register, unregister
-from peftkit.errors import AdapterIdsError
+from peftkit.errors import AdapterIdsError, ForwardContextError
 
 
 @dataclass(kw_only=True)
@@ -135,3 +135,18 @@ def test_bad_task_ids_leave_no_adapter_ids_behind(token_batch) -> None:
     with pytest.raises(pk.errors.AdapterIdsError):
         model(token_batch, adapter_ids=[0] * token_batch.shape[0], task_ids=[-1] * token_batch.shape[0])
     assert model.routing.call.adapter_ids is None and model.routing.call.task_ids is None
+
+
+def test_published_values_reach_later_adapters_of_the_same_forward_only() -> None:
+    """``publish`` / ``published``: the hand-off between adapters of one forward (UrbanSAM, Cloud-Adapter), shared
+    by the contexts of a mixed batch's row groups; a missing value or one for another batch size is refused with
+    the producer named."""
+    context = ForwardContext()
+    features = torch.randn(4, 3)
+    context.for_rows(torch.tensor([0, 2])).publish("features", features)  # a row group's view shares the state
+    assert context.published("features", 4, "the encoder adapter") is features
+    with pytest.raises(ForwardContextError, match="a value for 4 rows under 'features' for this batch of 2 rows"):
+        context.published("features", 2, "the encoder adapter")
+    with pytest.raises(ForwardContextError, match=r"nothing under 'other'.*the encoder adapter must run earlier"):
+        context.published("other", 4, "the encoder adapter")
+    assert ForwardContext().state == {}  # one state per forward

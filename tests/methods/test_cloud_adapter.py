@@ -10,7 +10,7 @@ from test_bottleneck import tiny_vit
 from torch import nn
 
 import peftkit as pk
-from peftkit.core.errors import InvalidConfigError
+from peftkit.core.errors import ForwardContextError, InvalidConfigError
 from peftkit.methods.cloud_adapter import CloudAdapter, CloudAdapterConfig, cloud_adapter_config
 
 G = torch.Generator().manual_seed(0)
@@ -68,7 +68,7 @@ def test_official_wiring_on_vit(tmp_path) -> None:
 def test_interaction_without_perception_fails_clearly() -> None:
     config = CloudAdapterConfig(targets=["layers.1"], role="interaction", hidden=4, prefix_tokens=1)
     model = pk.adapt(tiny_vit(), config)
-    with pytest.raises(RuntimeError, match="perception"):
+    with pytest.raises(ForwardContextError, match="perception"):
         model(pixel_values=IMAGE_1)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import peftkit as pk
-from peftkit.errors import InvalidConfigError, UnsupportedLayerError
+from peftkit.errors import ForwardContextError, InvalidConfigError, UnsupportedLayerError
 from peftkit.methods.urbansam import UrbanSAM, UrbanSAMConfig, resample, urbansam_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -276,7 +276,7 @@ def test_errors_name_the_problem() -> None:
         pk.adapt(WithEmbedding(), UrbanSAMConfig(targets=["emb"]))
     # alignment with no Uscaling-Adapter in the forward
     model = pk.adapt(encoder(), UrbanSAMConfig(targets=["blocks.0"], role="alignment", hidden=8, heads=2))
-    with pytest.raises(RuntimeError, match="Uscaling-Adapter"):
+    with pytest.raises(ForwardContextError, match="Uscaling-Adapter"):
         model(images())
     # a Linear applied to flat vectors has no map to build a pyramid from
     flat = pk.adapt(nn.Sequential(nn.Linear(8, 8)), UrbanSAMConfig(targets=["0"], hidden=4, heads=2))
