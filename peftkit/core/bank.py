@@ -48,6 +48,7 @@ class Bank:
     up: Tensor | None = None
     tensors: list[Tensor] = field(default_factory=list)  # every slot's sources, flat: one freshness check
     versions: list[int] = field(default_factory=list)
+    kernel: bool = False  # the C++ op can run on this bank (decided once: CPU, float32 / float64, op built)
 
     def __post_init__(self) -> None:
         sources = [pair for slot in self.slots.values() for pair in slot.sources]
@@ -130,7 +131,17 @@ def update_bank(bank: Bank | None, adapters: dict[str, Adapter], order: tuple[st
     ranks = torch.zeros(len(packed), dtype=torch.long)
     if slots:
         ranks[torch.tensor([s.row for s in slots.values()])] = torch.tensor([s.rank for s in slots.values()])
-    return Bank(order, {n: slots[n] for n in names}, packed, rank, slot_by_id, ranks=ranks, down=down, up=up_t)
+    return Bank(
+        order,
+        {n: slots[n] for n in names},
+        packed,
+        rank,
+        slot_by_id,
+        ranks=ranks,
+        down=down,
+        up=up_t,
+        kernel=bgmv.usable(packed),
+    )
 
 
 def forward_bank(x: Tensor, base_out: Tensor, ids: Tensor, bank: Bank, base: BaseView) -> Tensor:
@@ -144,15 +155,17 @@ def forward_bank(x: Tensor, base_out: Tensor, ids: Tensor, bank: Bank, base: Bas
     devices, no compiler) one gather of the rows' padded factors and two batched matmuls, which autograd
     differentiates.
     """
-    assert bank.packed is not None and bank.slot_by_id is not None
+    packed = bank.packed
+    assert packed is not None and bank.slot_by_id is not None
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or packed.requires_grad)
+    # One call per adapted module per decode step: the checks are kept to a few attribute reads (what the bank
+    # allows is decided when it is built; the op flattens the leading dimensions itself).
+    if KERNEL and bank.kernel and not wants_grad and ids.is_cpu and x.dtype == base_out.dtype == packed.dtype:
+        if not base_out.is_contiguous():
+            base_out = base_out.contiguous()  # written in place: base_out is this layer's own fresh tensor
+        bgmv.bgmv_(base_out, x, bank.down, bank.up, ids, bank.slot_by_id, bank.ranks)  # type: ignore[arg-type]
+        return base_out
     d_in, d_out = base.in_features, base.out_features
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad or bank.packed.requires_grad)
-    if KERNEL and not wants_grad and ids.is_cpu and bgmv.usable(x, base_out, bank.packed):
-        assert bank.down is not None and bank.up is not None and bank.ranks is not None
-        # base_out is this layer's own fresh tensor: written in place (a contiguous one needs no copy back)
-        out = base_out.view(-1, d_out) if base_out.is_contiguous() else base_out.reshape(-1, d_out).contiguous()
-        bgmv.bgmv_(out, x.reshape(-1, d_in).contiguous(), bank.down, bank.up, ids, bank.slot_by_id, bank.ranks)
-        return base_out if out.data_ptr() == base_out.data_ptr() else out.view(base_out.shape)
     slots = bank.slot_by_id[ids.to(bank.slot_by_id.device)]  # id -1 picks row 0, the zero row
     rows, rank = x.shape[0], bank.rank
     sel = bank.packed.index_select(0, slots)

@@ -4,6 +4,9 @@
 //
 //   out[t] += (x[t] · down[s]ᵀ) · up[s],   s = slot_of_id[ids[t / L]]   (L = tokens per row = T / ids.numel())
 //
+// out [..., N] and x [..., K] with the same leading dimensions, T tokens in all (out is written in place, so it must
+// be viewable as [T, N]);
+//
 // down: [S, R, K], up: [S, R, N] (last dimension contiguous; the first two strided, so both may be views of one
 // packed bank); only the first ranks[s] <= R rows of slot s are read, and tokens of a slot of rank 0 (the base-only
 // row, id -1) are skipped. An id of -1 takes the last entry of slot_of_id. Tokens are visited grouped by slot (a
@@ -200,10 +203,15 @@ void run(at::Tensor& out, const at::Tensor& x, const at::Tensor& down, const at:
   });
 }
 
-void bgmv_(at::Tensor out, const at::Tensor& x, const at::Tensor& down, const at::Tensor& up, const at::Tensor& ids,
-           const at::Tensor& slot_of_id, const at::Tensor& ranks) {
-  TORCH_CHECK(out.dim() == 2 && x.dim() == 2 && down.dim() == 3 && up.dim() == 3,
-              "bgmv_: out [T, N], x [T, K], down [S, R, K], up [S, R, N]");
+void bgmv_(at::Tensor out_nd, const at::Tensor& x_nd, const at::Tensor& down, const at::Tensor& up,
+           const at::Tensor& ids, const at::Tensor& slot_of_id, const at::Tensor& ranks) {
+  TORCH_CHECK(out_nd.dim() >= 1 && x_nd.dim() >= 1 && down.dim() == 3 && up.dim() == 3,
+              "bgmv_: out [..., N], x [..., K], down [S, R, K], up [S, R, N]");
+  // Leading dimensions flattened here rather than by the caller (a layer's [B, L, N] output is written in place
+  // through the view): one call per adapted module per step, so Python-side reshapes would cost more than the op.
+  at::Tensor out = out_nd.dim() == 2 ? out_nd : out_nd.view({-1, out_nd.size(-1)});
+  at::Tensor x = x_nd.reshape({-1, x_nd.size(-1)});
+  if (x.stride(1) != 1) x = x.contiguous();
   TORCH_CHECK(out.device().is_cpu() && x.device().is_cpu() && down.device().is_cpu() && up.device().is_cpu(),
               "bgmv_: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == out.scalar_type() && down.scalar_type() == out.scalar_type() &&

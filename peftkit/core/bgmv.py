@@ -155,6 +155,7 @@ def usable(*tensors: Tensor) -> bool:
 def bgmv_(out: Tensor, x: Tensor, down: Tensor, up: Tensor, ids: Tensor, slot_of_id: Tensor, ranks: Tensor) -> None:
     """``out[t] += (x[t] down[s]ᵀ) up[s]`` in place, ``s = slot_of_id[ids[t // L]]`` (``L = T / len(ids)`` tokens
     per row; id ``-1`` takes the last entry of ``slot_of_id``), reading only the first ``ranks[s]`` rows of each
-    slot; slots of rank 0 add nothing. ``out [T, N]``, ``x [T, K]``, ``down [S, R, K]``, ``up [S, R, N]``
-    (the last dimension contiguous), ``ids``, ``slot_of_id``, ``ranks``: int64. Call only where :func:`usable`."""
+    slot; slots of rank 0 add nothing. ``out [..., N]`` (viewable as ``[T, N]``, e.g. contiguous), ``x [..., K]``
+    (``T`` tokens in all), ``down [S, R, K]``, ``up [S, R, N]`` (the last dimension contiguous), ``ids``,
+    ``slot_of_id``, ``ranks``: int64. Call only where :func:`usable`."""
     _state["op"](out, x, down, up, ids, slot_of_id, ranks)  # type: ignore[operator]  # the op's overload: no lookup

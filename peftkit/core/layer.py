@@ -65,6 +65,9 @@ class AdaptedLayer(nn.Module):
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks fall through to the base module, so model code that reads a wrapped
         layer's attributes keeps working (HF ViT reads ``patch_embeddings.projection.weight.dtype``)."""
+        modules = self.__dict__.get("_modules")
+        if modules is not None and name in modules:  # base_layer / adapters, read on every forward: the short way
+            return modules[name]
         try:
             return super().__getattr__(name)
         except AttributeError:

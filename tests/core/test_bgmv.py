@@ -92,15 +92,35 @@ def test_kernel_handles_empty_and_base_only_batches() -> None:
         ({"x": torch.randn(2, 37, dtype=torch.float64)}, "share one dtype"),
         ({"x": torch.randn(3, 37)}, "out has 2 tokens, x 3"),
         ({"ids": torch.tensor([0, 0], dtype=torch.int32)}, "int64"),
-        ({"x": torch.randn(37, 2).T}, "contiguous"),
+        ({"out": torch.zeros(45, 2).T}, "contiguous"),  # written in place: never copied
+        ({"out": torch.zeros(3, 2, 45).transpose(0, 1)}, "view"),  # [2, 3, 45] not viewable as [6, 45]
+        ({"out": torch.zeros(1, 2, 45).transpose(0, 1)[..., :44]}, "do not match"),
     ],
 )
 def test_kernel_rejects_bad_input(change, message) -> None:
     down, up, ranks = _bank(torch.float32)
     args = {"ids": torch.tensor([0, 0]), "slot_of_id": torch.tensor([1, 0]), "ranks": ranks, "x": torch.randn(2, 37)}
+    args["out"] = torch.zeros(2, 45)
     args.update(change)
     with pytest.raises(RuntimeError, match=message):
-        bgmv.bgmv_(torch.zeros(2, 45), args["x"], down, up, args["ids"], args["slot_of_id"], args["ranks"])
+        bgmv.bgmv_(args["out"], args["x"], down, up, args["ids"], args["slot_of_id"], args["ranks"])
+
+
+@needs_kernel
+def test_kernel_flattens_leading_dimensions_and_reads_strided_inputs() -> None:
+    """A layer's ``[B, L, N]`` output is written in place through the op's own view, and an ``x`` that is not
+    contiguous is read as its values: the same result as the flat 2-D call."""
+    down, up, ranks = _bank(torch.float32)
+    ids, slot_of_id = torch.tensor([0, -1, 0]), torch.tensor([1, 0])
+    x = torch.randn(3, 2, 37)
+    flat = torch.randn(6, 45)
+    want = flat.clone()
+    bgmv.bgmv_(want, x.reshape(6, 37), down, up, ids, slot_of_id, ranks)
+    out = flat.clone().view(3, 2, 45)
+    strided_x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, leading strides swapped
+    bgmv.bgmv_(out, strided_x, down, up, ids, slot_of_id, ranks)
+    assert torch.equal(out.view(6, 45), want)
+    assert not torch.equal(want, flat)  # the adapter rows changed something
 
 
 def test_kernel_is_used_only_for_cpu_tensors_of_one_dtype_float32_or_float64() -> None:
