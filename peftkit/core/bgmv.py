@@ -158,4 +158,7 @@ def bgmv_(out: Tensor, x: Tensor, down: Tensor, up: Tensor, ids: Tensor, slot_of
     slot; slots of rank 0 add nothing. ``out [..., N]`` (viewable as ``[T, N]``, e.g. contiguous), ``x [..., K]``
     (``T`` tokens in all), ``down [S, R, K]``, ``up [S, R, N]`` (the last dimension contiguous), ``ids``,
     ``slot_of_id``, ``ranks``: int64. Call only where :func:`usable`."""
-    _state["op"](out, x, down, up, ids, slot_of_id, ranks)  # type: ignore[operator]  # the op's overload: no lookup
+    op = _state.get("op")  # the op's overload, kept at load: no lookup per call
+    if op is None:
+        raise RuntimeError(f"the C++ mixed-batch kernel is not loaded ({status() or 'never tried'}); check usable()")
+    op(out, x, down, up, ids, slot_of_id, ranks)  # type: ignore[operator]

@@ -263,3 +263,11 @@ def test_compiled_with_dynamic_shapes_equals_eager() -> None:
         x, out = torch.randn(rows, down.shape[2]), torch.randn(rows, up.shape[2])
         want = step(out, x, ids)
         torch.testing.assert_close(compiled(out, x, ids), want, rtol=0, atol=1e-6 * float(want.abs().max()))
+
+
+def test_calling_the_op_when_it_is_not_loaded_says_so(monkeypatch) -> None:
+    """``bgmv_`` without a loaded library (callers check ``usable()`` first) names the reason, not a KeyError."""
+    monkeypatch.setattr(bgmv, "_state", {"ok": False, "reason": "PEFTKIT_KERNELS=0"})
+    x = torch.zeros(1, 4)
+    with pytest.raises(RuntimeError, match=r"not loaded .*PEFTKIT_KERNELS=0"):
+        bgmv.bgmv_(x, x, torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), torch.zeros(1, dtype=torch.long), x, x)
