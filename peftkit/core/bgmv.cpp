@@ -5,7 +5,7 @@
 //   out[t] += (x[t] · down[s]ᵀ) · up[s],   s = slot_of_id[ids[t / L]]   (L = tokens per row = T / ids.numel())
 //
 // out [..., N] and x [..., K] with the same leading dimensions, T tokens in all (out is written in place, so it must
-// be viewable as [T, N]);
+// be viewable as [T, N]).
 //
 // down: [S, R, K], up: [S, R, N] (last dimension contiguous; the first two strided, so both may be views of one
 // packed bank); only the first ranks[s] <= R rows of slot s are read, and tokens of a slot of rank 0 (the base-only
@@ -64,6 +64,14 @@ struct Prefetcher {
   const char* u = nullptr;
   int64_t a_row = 0, u_row = 0, a_bytes = 0, u_bytes = 0, rank = 0;
   int64_t row = 0, offset = 0;  // position: rows 0..rank-1 of down, then rank..2 rank-1 of up
+
+  // Request rank rows of `row_bytes_a` bytes from `down` (row stride `stride_a`), then rank rows from `up`.
+  inline void start(const char* down, int64_t stride_a, int64_t row_bytes_a, const char* up, int64_t stride_u,
+                    int64_t row_bytes_u, int64_t rows) {
+    a = rows > 0 ? down : nullptr, u = up;
+    a_row = stride_a, u_row = stride_u, a_bytes = row_bytes_a, u_bytes = row_bytes_u, rank = rows;
+    row = 0, offset = 0;
+  }
 
   inline void next(int64_t lines) {
     while (lines-- > 0 && a != nullptr) {
@@ -169,24 +177,19 @@ void run(at::Tensor& out, const at::Tensor& x, const at::Tensor& down, const at:
     T* ys[TB];
     int64_t j = begin;
     Prefetcher pf;
-    int64_t requested = -1;  // the slot pf is (or was last) requesting
+    int64_t current = -1;  // the slot being computed (its successor's factors are what pf requests)
     while (j < end) {
       const int64_t s = order_slot[j];
       int64_t nt = 1;  // tokens of slot s from j on, at most TB
       while (nt < TB && j + nt < end && order_slot[j + nt] == s) ++nt;
-      if (s != requested) {  // a new slot: request the next one's factors meanwhile
+      if (s != current) {  // a new slot: request the next one's factors meanwhile (none after the last)
         int64_t next = j + nt;
         while (next < end && order_slot[next] == s) ++next;
-        if (next < end) {
-          const int64_t q = order_slot[next];
-          pf.a = reinterpret_cast<const char*>(down_p + q * d_s0);
-          pf.u = reinterpret_cast<const char*>(up_p + q * u_s0);
-          pf.a_row = d_s1 * sizeof(T), pf.u_row = u_s1 * sizeof(T);
-          pf.a_bytes = k * sizeof(T), pf.u_bytes = n * sizeof(T);
-          pf.rank = ranks[q], pf.row = 0, pf.offset = 0;
-          if (pf.rank == 0) pf.a = nullptr;
-        }
-        requested = s;
+        const int64_t q = next < end ? order_slot[next] : s;
+        pf.start(reinterpret_cast<const char*>(down_p + q * d_s0), d_s1 * sizeof(T), k * sizeof(T),
+                 reinterpret_cast<const char*>(up_p + q * u_s0), u_s1 * sizeof(T), n * sizeof(T),
+                 next < end ? ranks[q] : 0);
+        current = s;
       }
       for (int64_t i = 0; i < nt; ++i) xs[i] = x_p + order[j + i] * x_s, ys[i] = out_p + order[j + i] * out_s;
       const T* a = down_p + s * d_s0;
